@@ -1,0 +1,201 @@
+// Package app is prozess's wiring: the commands, their configuration, the
+// shared clients, and the machinery every participant runs on (the consumer
+// loop, the outbox relay, the embedded broker, the HTTP server).
+package app
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/prozess/prozess/schema"
+	"github.com/prozess/prozess/seed"
+)
+
+// Main runs the prozess command line and returns the process exit code.
+func Main(args []string) int {
+	cmd := NewRootCommand()
+	cmd.SetArgs(args)
+	if err := cmd.Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "prozess:", err)
+		return 1
+	}
+	return 0
+}
+
+// NewRootCommand builds the command tree.
+func NewRootCommand() *cobra.Command {
+	cfg := DefaultConfig()
+	root := &cobra.Command{
+		Use:   "prozess",
+		Short: "An order-processing saga over one Kafka topic, with exactly-once effects",
+		Long: `prozess takes orders over HTTP and drives them through a choreographed saga
+(inventory, payment, delivery, status) over one Kafka topic. PostgreSQL is the
+source of truth; Redis is a fast path. Every flag has a PROZESS_ environment
+variable as fallback, e.g. --database-url and PROZESS_DATABASE_URL.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			return envFallback(cmd)
+		},
+	}
+	cfg.logFlags(root.PersistentFlags())
+	root.AddCommand(serveCommand(&cfg), brokerCommand(&cfg), migrateCommand(&cfg), seedCommand(&cfg))
+	return root
+}
+
+func serveCommand(cfg *Config) *cobra.Command {
+	var fault string
+	cmd := &cobra.Command{
+		Use:   "serve PARTICIPANT... | all",
+		Short: "Run saga participants (api, inventory, payment, delivery, status, or all)",
+		Long: `Run the named participants as actors in one process. They talk only through
+the Kafka topic, so 'serve all' on a laptop and one 'serve payment' per
+container run the same code. With no --kafka-brokers, an embedded broker is
+started on --broker-addr with its data in --data-dir.`,
+		Example: "  prozess serve all\n  prozess serve payment --kafka-brokers 127.0.0.1:9092",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			names, err := ParseParticipants(args)
+			if err != nil {
+				return err
+			}
+			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
+			if err != nil {
+				return err
+			}
+			if fault != "" {
+				if cfg.Fault, err = exitAtFault(fault, log); err != nil {
+					return err
+				}
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			sys, err := NewSystem(ctx, *cfg, names, log)
+			if err != nil {
+				return err
+			}
+			return sys.Run(ctx)
+		},
+	}
+	cfg.connectionFlags(cmd.Flags())
+	cfg.serveFlags(cmd.Flags())
+	cfg.brokerFlags(cmd.Flags(), "broker-addr")
+	cmd.Flags().StringVar(&fault, "fault", "", "PARTICIPANT:POINT: exit abruptly at that fault point (for crash tests)")
+	_ = cmd.Flags().MarkHidden("fault")
+	return cmd
+}
+
+// exitAtFault makes a fault point end the process at once, like SIGKILL:
+// no deferred cleanup, no offset commit.
+func exitAtFault(spec string, log *slog.Logger) (FaultFunc, error) {
+	who, point, ok := strings.Cut(spec, ":")
+	if !ok || (point != FaultAfterDBCommit && point != FaultBeforeCommit) {
+		return nil, fmt.Errorf("--fault %q: want PARTICIPANT:%s or PARTICIPANT:%s", spec, FaultAfterDBCommit, FaultBeforeCommit)
+	}
+	return func(participant, p string) error {
+		if participant == who && p == point {
+			log.Warn("fault injected: exiting", "participant", participant, "point", p)
+			os.Exit(86)
+		}
+		return nil
+	}, nil
+}
+
+func brokerCommand(cfg *Config) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "broker",
+		Short: "Run the Kafka-compatible development broker (franz-go's kfake)",
+		Long: `Run a Kafka-protocol broker with its data in --data-dir, so participants in
+separate processes can share it without Docker and a restart loses nothing.
+For development and tests; production uses real Kafka.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
+			if err != nil {
+				return err
+			}
+			b, err := StartBroker(cfg.BrokerAddr, cfg.DataDir, log)
+			if err != nil {
+				return err
+			}
+			fmt.Println(b.ListenAddrs()[0])
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			<-ctx.Done()
+			log.Info("broker shutting down")
+			b.Close()
+			return nil
+		},
+	}
+	cfg.brokerFlags(cmd.Flags(), "addr")
+	return cmd
+}
+
+func migrateCommand(cfg *Config) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "migrate",
+		Short: "Apply the embedded database schema",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
+			if err != nil {
+				return err
+			}
+			pool, err := OpenDB(cmd.Context(), cfg.DatabaseURL, log)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			res, err := schema.Migrate(cmd.Context(), pool)
+			if err != nil {
+				return err
+			}
+			for _, r := range res {
+				log.Info("migration applied", "source", r.Source.Path, "duration", r.Duration)
+			}
+			if len(res) == 0 {
+				log.Info("schema up to date")
+			}
+			return nil
+		},
+	}
+	cfg.connectionFlags(cmd.Flags())
+	return cmd
+}
+
+func seedCommand(cfg *Config) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "seed",
+		Short: "Load the demo catalogue (adds missing products; never changes existing stock)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			pool, err := OpenDB(ctx, cfg.DatabaseURL, log)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			if _, err := schema.Migrate(ctx, pool); err != nil {
+				return err
+			}
+			n, err := seed.Load(ctx, pool)
+			if err != nil {
+				return err
+			}
+			log.Info("demo catalogue loaded", "products_added", n)
+			return nil
+		},
+	}
+	cfg.connectionFlags(cmd.Flags())
+	return cmd
+}
+

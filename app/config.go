@@ -1,0 +1,137 @@
+package app
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+)
+
+// Config is everything a prozess process is told at start. Flags are
+// canonical; each has a PROZESS_ environment variable as fallback.
+type Config struct {
+	DatabaseURL        string
+	RedisAddr          string
+	RedisPrefix        string
+	KafkaBrokers       []string
+	Topic              string
+	Partitions         int32
+	HTTPAddr           string
+	PaymentDeclineRate float64
+	BrokerAddr         string // embedded broker, when KafkaBrokers is empty
+	DataDir            string // embedded broker's data
+	Seed               bool
+	ShutdownTimeout    time.Duration
+	LogLevel           string
+	LogFormat          string
+
+	// Fault, when set, is called at the consumers' fault points (tests).
+	Fault FaultFunc
+}
+
+// DefaultConfig returns the defaults, which work on a fresh machine with
+// PostgreSQL and Redis on their standard local ports.
+func DefaultConfig() Config {
+	return Config{
+		DatabaseURL:        "postgres://postgres@127.0.0.1:5432/prozess?sslmode=disable",
+		RedisAddr:          "127.0.0.1:6379",
+		RedisPrefix:        "prozess:",
+		Topic:              "order-events",
+		Partitions:         6,
+		HTTPAddr:           ":8080",
+		PaymentDeclineRate: 0.15,
+		BrokerAddr:         "127.0.0.1:9092",
+		DataDir:            ".prozess/kafka",
+		Seed:               true,
+		ShutdownTimeout:    15 * time.Second,
+		LogLevel:           "info",
+		LogFormat:          "text",
+	}
+}
+
+// DLQTopic is where records that can never be processed go.
+func (c Config) DLQTopic() string { return c.Topic + ".dlq" }
+
+func (c *Config) connectionFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&c.DatabaseURL, "database-url", c.DatabaseURL, "PostgreSQL connection URL (the database is created if missing)")
+	fs.StringVar(&c.RedisAddr, "redis-addr", c.RedisAddr, "Redis address, host:port")
+	fs.StringVar(&c.RedisPrefix, "redis-prefix", c.RedisPrefix, "prefix of every Redis key, so deployments can share one Redis")
+	fs.StringSliceVar(&c.KafkaBrokers, "kafka-brokers", c.KafkaBrokers, "Kafka bootstrap brokers, comma-separated; empty starts the embedded broker")
+	fs.StringVar(&c.Topic, "topic", c.Topic, "the saga's topic (dead letters go to <topic>.dlq)")
+}
+
+func (c *Config) logFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn, error")
+	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "log format: text or json")
+}
+
+func (c *Config) brokerFlags(fs *pflag.FlagSet, addrName string) {
+	fs.StringVar(&c.BrokerAddr, addrName, c.BrokerAddr, "listen address of the embedded Kafka broker")
+	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for the embedded broker's data, kept across restarts")
+}
+
+func (c *Config) serveFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&c.HTTPAddr, "http-addr", c.HTTPAddr, "listen address of the HTTP API (api participant)")
+	fs.Float64Var(&c.PaymentDeclineRate, "payment-decline-rate", c.PaymentDeclineRate, "share of simulated payments declined, 0 to 1")
+	fs.Int32Var(&c.Partitions, "partitions", c.Partitions, "partitions of the saga topic when it is created")
+	fs.BoolVar(&c.Seed, "seed", c.Seed, "load the demo catalogue at start (adds missing products only)")
+	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long in-flight work may take to finish at shutdown")
+}
+
+func (c Config) validate() error {
+	if c.PaymentDeclineRate < 0 || c.PaymentDeclineRate > 1 || c.PaymentDeclineRate != c.PaymentDeclineRate {
+		return fmt.Errorf("--payment-decline-rate %v: must be between 0 and 1", c.PaymentDeclineRate)
+	}
+	if c.Partitions < 1 || c.Partitions > 1000 {
+		return fmt.Errorf("--partitions %d: must be between 1 and 1000", c.Partitions)
+	}
+	if c.Topic == "" || strings.ContainsAny(c.Topic, " /\\") || len(c.Topic) > 200 {
+		return fmt.Errorf("--topic %q: must be a valid Kafka topic name", c.Topic)
+	}
+	return nil
+}
+
+// envFallback sets every flag the user did not give from its PROZESS_
+// variable (--kafka-brokers from PROZESS_KAFKA_BROKERS).
+func envFallback(cmd *cobra.Command) error {
+	var err error
+	cmd.Flags().VisitAll(func(f *pflag.Flag) {
+		if err != nil || f.Changed {
+			return
+		}
+		name := EnvName(f.Name)
+		v, ok := os.LookupEnv(name)
+		if !ok {
+			return
+		}
+		if e := f.Value.Set(v); e != nil {
+			err = fmt.Errorf("%s=%q (for --%s): %w", name, v, f.Name, e)
+		}
+	})
+	return err
+}
+
+// EnvName is the environment variable behind a flag.
+func EnvName(flag string) string {
+	return "PROZESS_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
+}
+
+// NewLogger builds the process's one logger.
+func NewLogger(level, format string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: l}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}

@@ -1,0 +1,345 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strconv"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/prozess/prozess/modules/event"
+)
+
+// Handler is what a saga participant gives the consumer loop.
+type Handler interface {
+	// Handles reports whether the participant acts on events of type t;
+	// other records are skipped without touching the database.
+	Handles(t event.Type) bool
+	// Handle applies one event inside tx and returns the events it emits.
+	// An error wrapping event.ErrInvalid dead-letters the record; any other
+	// error is transient and the batch is retried.
+	Handle(ctx context.Context, tx pgx.Tx, ev event.Event) ([]event.Event, error)
+}
+
+// afterCommitter is implemented by participants with work that must follow
+// a committed batch (the status cache).
+type afterCommitter interface {
+	AfterCommit(ctx context.Context, applied []event.Event)
+}
+
+// Fault points where a test can crash a participant at the worst moments.
+const (
+	FaultAfterDBCommit = "after-db-commit" // effects committed, offsets not
+	FaultBeforeCommit  = "before-db-commit"
+)
+
+// FaultFunc is called at each fault point; a non-nil error makes the
+// consumer stop at once, as a crash would, without committing offsets.
+type FaultFunc func(participant, point string) error
+
+// Consumer runs one participant: poll a batch, apply it in one PostgreSQL
+// transaction (inbox dedup, effects, outbox), commit, then commit offsets.
+type Consumer struct {
+	name     string
+	log      *slog.Logger
+	client   *kgo.Client
+	pool     *pgxpool.Pool
+	handler  Handler
+	topic    string
+	dlqTopic string
+	maxBatch int
+	fault    FaultFunc
+}
+
+// ConsumerConfig holds what NewConsumer needs beyond the handler.
+type ConsumerConfig struct {
+	Brokers  []string
+	Topic    string
+	DLQTopic string
+	MaxBatch int
+	Fault    FaultFunc
+}
+
+// NewConsumer creates the Kafka client for participant name, in consumer
+// group prozess-<name>, with manual offset commits.
+func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, cfg ConsumerConfig) (*Consumer, error) {
+	if cfg.MaxBatch <= 0 {
+		cfg.MaxBatch = 500
+	}
+	client, err := kgo.NewClient(
+		kgo.SeedBrokers(cfg.Brokers...),
+		kgo.ClientID("prozess-"+name),
+		kgo.ConsumerGroup("prozess-"+name),
+		kgo.ConsumeTopics(cfg.Topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
+		kgo.DisableAutoCommit(),
+		kgo.BlockRebalanceOnPoll(),
+		kgo.FetchMaxWait(time.Second),
+		// Everything polled has been committed before a rebalance can run
+		// (BlockRebalanceOnPoll); this covers a revoke after a failed commit.
+		kgo.OnPartitionsRevoked(func(ctx context.Context, cl *kgo.Client, _ map[string][]int32) {
+			if err := cl.CommitUncommittedOffsets(ctx); err != nil {
+				log.Warn("committing offsets on revoke", "err", err)
+			}
+		}),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
+	}
+	return &Consumer{name: name, log: log, client: client, pool: pool, handler: h,
+		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault}, nil
+}
+
+// Close leaves the group and closes the client.
+func (c *Consumer) Close() { c.client.Close() }
+
+// Run consumes until ctx is cancelled. A batch in flight when that happens
+// is finished and its offsets committed; a batch that cannot be applied is
+// retried with capped backoff and never skipped.
+func (c *Consumer) Run(ctx context.Context) error {
+	for {
+		fetches := c.client.PollRecords(ctx, c.maxBatch)
+		if fetches.IsClientClosed() || ctx.Err() != nil {
+			c.client.AllowRebalance()
+			return nil
+		}
+		fetches.EachError(func(t string, p int32, err error) {
+			c.log.Warn("fetch failed", "topic", t, "partition", p, "err", err)
+		})
+		recs := fetches.Records()
+		if len(recs) == 0 {
+			c.client.AllowRebalance()
+			continue
+		}
+		if err := c.process(ctx, recs); err != nil {
+			c.client.AllowRebalance()
+			if errors.Is(err, context.Canceled) {
+				return nil
+			}
+			return err
+		}
+		c.commitOffsets()
+		c.client.AllowRebalance()
+	}
+}
+
+// commitOffsets commits what was just applied. If it fails, the records are
+// delivered again later and the inbox skips them.
+func (c *Consumer) commitOffsets() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c.client.CommitUncommittedOffsets(ctx); err != nil {
+		c.log.Warn("committing offsets failed; records will be redelivered and skipped", "err", err)
+	}
+}
+
+// process applies a batch, retrying transient failures. A record found
+// poisonous is dead-lettered and the batch applied again without it.
+func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) error {
+	b := c.decode(recs)
+	// Once started, a batch finishes even if shutdown begins: only waiting
+	// between retries watches ctx.
+	work := context.WithoutCancel(ctx)
+	for attempt := 0; ; attempt++ {
+		err := c.apply(work, b)
+		if err == nil {
+			return nil
+		}
+		var p *poisonError
+		if errors.As(err, &p) {
+			b.poison[p.index] = p.err.Error()
+			c.log.Warn("dead-lettering record", "order_id", b.evs[p.index].OrderID, "reason", p.err)
+			continue
+		}
+		var crash *crashError
+		if errors.As(err, &crash) {
+			return err
+		}
+		wait := backoff(attempt)
+		c.log.Warn("batch failed, retrying", "records", len(recs), "attempt", attempt+1, "in", wait, "err", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+	}
+}
+
+type batch struct {
+	recs   []*kgo.Record
+	evs    []event.Event
+	ids    []uuid.UUID    // inbox key per record
+	skip   []bool         // not handled by this participant
+	poison map[int]string // record index -> reason
+}
+
+// decode reads every record once. Records the participant does not handle
+// are skipped; undecodable ones it does handle are poison.
+func (c *Consumer) decode(recs []*kgo.Record) *batch {
+	b := &batch{recs: recs, evs: make([]event.Event, len(recs)), ids: make([]uuid.UUID, len(recs)),
+		skip: make([]bool, len(recs)), poison: map[int]string{}}
+	for i, r := range recs {
+		if !c.handler.Handles(recordType(r)) {
+			b.skip[i] = true
+			continue
+		}
+		ev, err := event.FromRecord(r)
+		if err != nil {
+			b.poison[i] = err.Error()
+			// A poison record has no trustworthy id; its position is its
+			// identity, so a redelivery is dead-lettered only once.
+			b.ids[i] = uuid.NewSHA1(uuid.NameSpaceURL, []byte(fmt.Sprintf("kafka:%s/%d/%d", r.Topic, r.Partition, r.Offset)))
+			c.log.Warn("undecodable record", "partition", r.Partition, "offset", r.Offset, "err", err)
+			continue
+		}
+		b.evs[i], b.ids[i] = ev, ev.ID
+	}
+	return b
+}
+
+func recordType(r *kgo.Record) event.Type {
+	for _, h := range r.Headers {
+		if h.Key == "ce_type" {
+			return event.Type(h.Value)
+		}
+	}
+	return ""
+}
+
+type poisonError struct {
+	index int
+	err   error
+}
+
+func (e *poisonError) Error() string { return e.err.Error() }
+
+type crashError struct{ point string }
+
+func (e *crashError) Error() string { return "fault injected at " + e.point }
+
+// apply is one attempt at a batch: one transaction for every record in it.
+func (c *Consumer) apply(ctx context.Context, b *batch) error {
+	var ids []uuid.UUID
+	for i := range b.recs {
+		if !b.skip[i] {
+			ids = append(ids, b.ids[i])
+		}
+	}
+	if len(ids) == 0 {
+		return nil
+	}
+	tx, err := c.pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("beginning transaction: %w", err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // after Commit it is a no-op
+
+	fresh, err := claim(ctx, tx, c.name, ids)
+	if err != nil {
+		return err
+	}
+	var emits, applied []event.Event
+	var dead []*kgo.Record
+	for i, r := range b.recs {
+		if b.skip[i] || !fresh[b.ids[i]] {
+			continue
+		}
+		delete(fresh, b.ids[i]) // the same event twice in one batch: once
+		if reason, bad := b.poison[i]; bad {
+			dead = append(dead, c.deadLetter(r, reason))
+			continue
+		}
+		out, err := c.handler.Handle(ctx, tx, b.evs[i])
+		if errors.Is(err, event.ErrInvalid) {
+			return &poisonError{index: i, err: err}
+		}
+		if err != nil {
+			return err
+		}
+		emits = append(emits, out...)
+		applied = append(applied, b.evs[i])
+	}
+	if err := event.Emit(ctx, tx, c.topic, emits...); err != nil {
+		return err
+	}
+	if err := event.WriteOutbox(ctx, tx, dead...); err != nil {
+		return err
+	}
+	if err := c.faultAt(FaultBeforeCommit); err != nil {
+		return err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("committing batch: %w", err)
+	}
+	if err := c.faultAt(FaultAfterDBCommit); err != nil {
+		return err
+	}
+	if ac, ok := c.handler.(afterCommitter); ok && len(applied) > 0 {
+		ac.AfterCommit(ctx, applied)
+	}
+	return nil
+}
+
+func (c *Consumer) faultAt(point string) error {
+	if c.fault == nil {
+		return nil
+	}
+	if err := c.fault(c.name, point); err != nil {
+		return &crashError{point: point}
+	}
+	return nil
+}
+
+// claim inserts the batch's event ids into the inbox and returns those not
+// seen before: only they get an effect.
+func claim(ctx context.Context, tx pgx.Tx, consumer string, ids []uuid.UUID) (map[uuid.UUID]bool, error) {
+	rows, err := tx.Query(ctx, `
+		INSERT INTO inbox (consumer, event_id) SELECT $1, unnest($2::uuid[])
+		ON CONFLICT DO NOTHING RETURNING event_id`, consumer, ids)
+	if err != nil {
+		return nil, fmt.Errorf("claiming inbox: %w", err)
+	}
+	fresh := make(map[uuid.UUID]bool, len(ids))
+	var id uuid.UUID
+	if _, err := pgx.ForEachRow(rows, []any{&id}, func() error { fresh[id] = true; return nil }); err != nil {
+		return nil, fmt.Errorf("claiming inbox: %w", err)
+	}
+	return fresh, nil
+}
+
+// Dead-letter headers, beside the original record's own.
+const (
+	HeaderDLQReason      = "prozess_dlq_reason"
+	HeaderDLQParticipant = "prozess_dlq_participant"
+	HeaderDLQTopic       = "prozess_dlq_topic"
+	HeaderDLQPartition   = "prozess_dlq_partition"
+	HeaderDLQOffset      = "prozess_dlq_offset"
+	HeaderDLQTime        = "prozess_dlq_time"
+)
+
+func (c *Consumer) deadLetter(r *kgo.Record, reason string) *kgo.Record {
+	hs := append([]kgo.RecordHeader(nil), r.Headers...)
+	hs = append(hs,
+		kgo.RecordHeader{Key: HeaderDLQReason, Value: []byte(reason)},
+		kgo.RecordHeader{Key: HeaderDLQParticipant, Value: []byte(c.name)},
+		kgo.RecordHeader{Key: HeaderDLQTopic, Value: []byte(r.Topic)},
+		kgo.RecordHeader{Key: HeaderDLQPartition, Value: []byte(strconv.Itoa(int(r.Partition)))},
+		kgo.RecordHeader{Key: HeaderDLQOffset, Value: []byte(strconv.FormatInt(r.Offset, 10))},
+		kgo.RecordHeader{Key: HeaderDLQTime, Value: []byte(time.Now().UTC().Format(time.RFC3339Nano))},
+	)
+	return &kgo.Record{Topic: c.dlqTopic, Key: r.Key, Value: r.Value, Headers: hs}
+}
+
+// backoff is capped exponential backoff with jitter: 100ms, 200ms, ... 5s.
+func backoff(attempt int) time.Duration {
+	d := 100 * time.Millisecond << min(attempt, 6)
+	d = min(d, 5*time.Second)
+	return d/2 + rand.N(d/2+1)
+}

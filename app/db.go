@@ -1,0 +1,59 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// OpenDB connects to PostgreSQL, creating the database first if it is
+// missing (and saying so), so a fresh machine needs no manual step.
+func OpenDB(ctx context.Context, url string, log *slog.Logger) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return nil, fmt.Errorf("--database-url: %w", err)
+	}
+	where := fmt.Sprintf("%s:%d", cfg.ConnConfig.Host, cfg.ConnConfig.Port)
+	if err := ensureDatabase(ctx, cfg.ConnConfig, log); err != nil {
+		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %w", where, err)
+	}
+	cfg.MaxConns = max(cfg.MaxConns, 16)
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %w", where, err)
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %w", where, err)
+	}
+	return pool, nil
+}
+
+func ensureDatabase(ctx context.Context, cc *pgx.ConnConfig, log *slog.Logger) error {
+	conn, err := pgx.ConnectConfig(ctx, cc)
+	if err == nil {
+		return conn.Close(ctx)
+	}
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "3D000" { // invalid_catalog_name
+		return err
+	}
+	admin := cc.Copy()
+	admin.Database = "postgres"
+	conn, err = pgx.ConnectConfig(ctx, admin)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(ctx)
+	_, err = conn.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{cc.Database}.Sanitize())
+	if err != nil && !errors.As(err, &pgErr) || err != nil && pgErr.Code != "42P04" { // duplicate_database: created by a racing process
+		return fmt.Errorf("creating database %s: %w", cc.Database, err)
+	}
+	log.Info("created database", "database", cc.Database)
+	return nil
+}

@@ -1,0 +1,152 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/prozess/prozess/modules/event"
+)
+
+// relayLockID is the advisory lock that elects the one active relay among
+// all prozess processes on a database: one publisher keeps the outbox's
+// order, and standbys take over within a second if it dies.
+const relayLockID = 0x70726f7a // "proz"
+
+// Relay publishes outbox rows to Kafka in id order with the idempotent
+// producer and deletes them once acknowledged. A crash between the
+// acknowledgement and the delete publishes a row twice; consumers' inboxes
+// skip the second copy.
+type Relay struct {
+	log      *slog.Logger
+	pool     *pgxpool.Pool
+	producer *kgo.Client
+	batch    int
+	poll     time.Duration
+}
+
+// NewRelay creates the relay and its producer.
+func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string) (*Relay, error) {
+	producer, err := kgo.NewClient(
+		kgo.SeedBrokers(brokers...),
+		kgo.ClientID("prozess-relay"),
+		// The relay hands over whole batches; lingering only adds latency.
+		kgo.ProducerLinger(0),
+		kgo.RequiredAcks(kgo.AllISRAcks()),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("creating relay kafka client: %w", err)
+	}
+	return &Relay{log: log, pool: pool, producer: producer, batch: 1000, poll: time.Second}, nil
+}
+
+// Close flushes nothing (every publish is synchronous) and closes the client.
+func (r *Relay) Close() { r.producer.Close() }
+
+// Run relays until ctx is cancelled, reconnecting after any failure.
+func (r *Relay) Run(ctx context.Context) error {
+	for attempt := 0; ; attempt++ {
+		err := r.lead(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		wait := backoff(attempt)
+		r.log.Warn("outbox relay interrupted, retrying", "in", wait, "err", err)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+	}
+}
+
+// lead takes the relay lock on a dedicated connection (the lock lives as long
+// as the session) and relays while holding it.
+func (r *Relay) lead(ctx context.Context) error {
+	conn, err := pgx.ConnectConfig(ctx, r.pool.Config().ConnConfig.Copy())
+	if err != nil {
+		return fmt.Errorf("connecting: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	for {
+		var got bool
+		if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, relayLockID).Scan(&got); err != nil {
+			return fmt.Errorf("taking relay lock: %w", err)
+		}
+		if got {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+	r.log.Debug("outbox relay active")
+	if _, err := conn.Exec(ctx, `LISTEN prozess_outbox`); err != nil {
+		return fmt.Errorf("listening for outbox notifications: %w", err)
+	}
+	for {
+		n, err := r.publish(ctx, conn)
+		if err != nil {
+			return err
+		}
+		if n == r.batch {
+			continue // more waiting
+		}
+		wctx, cancel := context.WithTimeout(ctx, r.poll)
+		_, err = conn.WaitForNotification(wctx)
+		cancel()
+		if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("waiting for outbox notification: %w", err)
+		}
+	}
+}
+
+// publish sends one batch of outbox rows and deletes them once every record
+// is acknowledged. It deletes by id, never by range: a transaction that took
+// a lower id may commit later, and its row must stay until published.
+func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
+	rows, err := conn.Query(ctx, `SELECT id, topic, key, value, headers FROM outbox ORDER BY id LIMIT $1`, r.batch)
+	if err != nil {
+		return 0, fmt.Errorf("reading outbox: %w", err)
+	}
+	var ids []int64
+	var recs []*kgo.Record
+	var id int64
+	var topic string
+	var key, value, headers []byte
+	_, err = pgx.ForEachRow(rows, []any{&id, &topic, &key, &value, &headers}, func() error {
+		hs, err := event.Headers(headers)
+		if err != nil {
+			return fmt.Errorf("outbox row %d: %w", id, err)
+		}
+		ids = append(ids, id)
+		recs = append(recs, &kgo.Record{Topic: topic, Key: key, Value: value, Headers: hs})
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("reading outbox: %w", err)
+	}
+	if len(recs) == 0 {
+		return 0, nil
+	}
+	pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := r.producer.ProduceSync(pctx, recs...).FirstErr(); err != nil {
+		return 0, fmt.Errorf("publishing %d outbox records: %w", len(recs), err)
+	}
+	if _, err := conn.Exec(ctx, `DELETE FROM outbox WHERE id = ANY($1)`, ids); err != nil {
+		return 0, fmt.Errorf("deleting published outbox rows: %w", err)
+	}
+	return len(recs), nil
+}

@@ -1,0 +1,279 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
+	"github.com/oklog/run"
+	"github.com/redis/rueidis"
+
+	"github.com/prozess/prozess/modules/api"
+	"github.com/prozess/prozess/modules/delivery"
+	"github.com/prozess/prozess/modules/inventory"
+	"github.com/prozess/prozess/modules/payment"
+	"github.com/prozess/prozess/modules/status"
+	"github.com/prozess/prozess/modules/statuscache"
+	"github.com/prozess/prozess/schema"
+	"github.com/prozess/prozess/seed"
+)
+
+// Participants lists every participant `serve` can run, in saga order; `all`
+// is just a name for this list.
+func Participants() []string {
+	return []string{api.Name, inventory.Name, payment.Name, delivery.Name, status.Name}
+}
+
+// deps are the shared clients participants are built from.
+type deps struct {
+	cfg  Config
+	log  *slog.Logger
+	pool *pgxpool.Pool
+	rdb  rueidis.Client
+}
+
+// consumers is the table of consumer participants: name and constructor.
+func consumers() []struct {
+	name  string
+	build func(d deps) (Handler, error)
+} {
+	return []struct {
+		name  string
+		build func(d deps) (Handler, error)
+	}{
+		{inventory.Name, func(d deps) (Handler, error) { return inventory.New(d.log), nil }},
+		{payment.Name, func(d deps) (Handler, error) {
+			return payment.New(d.log, d.cfg.PaymentDeclineRate, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
+		}},
+		{delivery.Name, func(d deps) (Handler, error) { return delivery.New(d.log), nil }},
+		{status.Name, func(d deps) (Handler, error) {
+			return status.New(d.log, statuscache.New(d.rdb, d.cfg.RedisPrefix)), nil
+		}},
+	}
+}
+
+// ParseParticipants expands `all` and rejects unknown names.
+func ParseParticipants(args []string) ([]string, error) {
+	all := Participants()
+	if len(args) == 0 {
+		return nil, fmt.Errorf("name at least one participant (%s) or all", strings.Join(all, ", "))
+	}
+	var out []string
+	for _, a := range args {
+		if a == "all" {
+			return all, nil
+		}
+		if !slices.Contains(all, a) {
+			return nil, fmt.Errorf("unknown participant %q: want %s or all", a, strings.Join(all, ", "))
+		}
+		if !slices.Contains(out, a) {
+			out = append(out, a)
+		}
+	}
+	return out, nil
+}
+
+// System is a running set of participants in one process.
+type System struct {
+	log      *slog.Logger
+	cfg      Config
+	group    run.Group
+	closers  []func() // in creation order; closed in reverse
+	httpAddr string
+	brokers  []string
+}
+
+// HTTPAddr is where the api listens (empty when it is not served).
+func (s *System) HTTPAddr() string { return s.httpAddr }
+
+// Brokers are the Kafka brokers the system talks to.
+func (s *System) Brokers() []string { return s.brokers }
+
+// NewSystem connects every client the participants need, prepares the
+// database and topics, and builds the participants' actors. Every client is
+// pinged here, so an unreachable dependency fails the start with one clear
+// line.
+func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger) (_ *System, err error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	s := &System{log: log, cfg: cfg}
+	defer func() {
+		if err != nil {
+			s.close()
+		}
+	}()
+	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+
+	pool, err := OpenDB(startCtx, cfg.DatabaseURL, log)
+	if err != nil {
+		return nil, err
+	}
+	s.closers = append(s.closers, pool.Close)
+	if _, err := schema.Migrate(startCtx, pool); err != nil {
+		return nil, err
+	}
+	if cfg.Seed {
+		n, err := seed.Load(startCtx, pool)
+		if err != nil {
+			return nil, err
+		}
+		if n > 0 {
+			log.Info("demo catalogue loaded", "products", n)
+		}
+	}
+	d := deps{cfg: cfg, log: log, pool: pool}
+	if slices.Contains(names, api.Name) || slices.Contains(names, status.Name) {
+		if d.rdb, err = OpenRedis(cfg.RedisAddr); err != nil {
+			return nil, err
+		}
+		s.closers = append(s.closers, d.rdb.Close)
+	}
+
+	s.brokers = cfg.KafkaBrokers
+	if len(s.brokers) == 0 {
+		b, err := StartBroker(cfg.BrokerAddr, cfg.DataDir, log)
+		if err != nil {
+			return nil, err
+		}
+		s.closers = append(s.closers, b.Close)
+		s.brokers = b.ListenAddrs()
+	}
+	if err := EnsureTopics(startCtx, s.brokers, cfg.Partitions, cfg.Topic, cfg.DLQTopic()); err != nil {
+		return nil, err
+	}
+
+	relay, err := NewRelay(log.With("participant", "relay"), pool, s.brokers)
+	if err != nil {
+		return nil, err
+	}
+	s.closers = append(s.closers, relay.Close)
+	s.addActor(relay.Run)
+
+	if slices.Contains(names, api.Name) {
+		if err := s.addHTTP(api.New(log.With("participant", api.Name), pool, d.rdb, cfg.RedisPrefix, cfg.Topic)); err != nil {
+			return nil, err
+		}
+	}
+	for _, p := range consumers() {
+		if !slices.Contains(names, p.name) {
+			continue
+		}
+		plog := log.With("participant", p.name)
+		h, err := p.build(deps{cfg: cfg, log: plog, pool: pool, rdb: d.rdb})
+		if err != nil {
+			return nil, fmt.Errorf("building %s: %w", p.name, err)
+		}
+		c, err := NewConsumer(p.name, plog, pool, h, ConsumerConfig{
+			Brokers: s.brokers, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault,
+		})
+		if err != nil {
+			return nil, err
+		}
+		s.closers = append(s.closers, c.Close)
+		s.addActor(c.Run)
+	}
+	log.Info("prozess ready", "participants", names, "http", s.httpAddr, "kafka", s.brokers, "topic", cfg.Topic)
+	return s, nil
+}
+
+// addActor runs fn until the group is interrupted.
+func (s *System) addActor(fn func(ctx context.Context) error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	s.group.Add(func() error { return fn(ctx) }, func(error) { cancel() })
+}
+
+func (s *System) addHTTP(a *api.API) error {
+	ln, err := net.Listen("tcp", s.cfg.HTTPAddr)
+	if err != nil {
+		return fmt.Errorf("--http-addr %s: %w", s.cfg.HTTPAddr, err)
+	}
+	s.httpAddr = ln.Addr().String()
+	e := NewEcho(s.log)
+	a.Register(e)
+	srv := &http.Server{
+		Handler:           e,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       15 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+	}
+	s.group.Add(func() error {
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("http server: %w", err)
+		}
+		return nil
+	}, func(error) {
+		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			s.log.Warn("http shutdown", "err", err)
+		}
+	})
+	return nil
+}
+
+// NewEcho returns the HTTP router with the API's error format, panic
+// recovery, a body limit and request logging.
+func NewEcho(log *slog.Logger) *echo.Echo {
+	e := echo.New()
+	e.HideBanner, e.HidePort = true, true
+	e.HTTPErrorHandler = api.ErrorHandler(log)
+	e.Use(middleware.Recover())
+	e.Use(middleware.BodyLimit(fmt.Sprintf("%dB", api.MaxBodyBytes)))
+	e.Use(middleware.RequestLoggerWithConfig(middleware.RequestLoggerConfig{
+		LogMethod: true, LogURI: true, LogStatus: true, LogLatency: true, LogError: true,
+		LogValuesFunc: func(_ echo.Context, v middleware.RequestLoggerValues) error {
+			log.Debug("request", "method", v.Method, "uri", v.URI, "status", v.Status, "latency", v.Latency)
+			return nil
+		},
+	}))
+	return e
+}
+
+// Run runs every actor until ctx is cancelled or one of them fails, then
+// closes the clients in reverse order of creation, so actors always stop
+// before the clients they use.
+func (s *System) Run(ctx context.Context) error {
+	s.group.Add(func() error {
+		<-ctx.Done()
+		return nil
+	}, func(error) {})
+	err := s.group.Run()
+	s.close()
+	s.log.Info("prozess stopped")
+	return err
+}
+
+func (s *System) close() {
+	for i := len(s.closers) - 1; i >= 0; i-- {
+		s.closers[i]()
+	}
+	s.closers = nil
+}
+
+// OpenRedis connects to Redis and fails with one clear line if it cannot.
+func OpenRedis(addr string) (rueidis.Client, error) {
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{
+		InitAddress:       []string{addr},
+		DisableCache:      true,
+		ConnWriteTimeout:  5 * time.Second,
+		Dialer:            net.Dialer{Timeout: 5 * time.Second},
+		ForceSingleClient: true,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach Redis at %s: %w", addr, err)
+	}
+	return rdb, nil
+}

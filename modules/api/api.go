@@ -1,0 +1,57 @@
+// Package api is the saga's front door: it takes orders over HTTP and answers
+// what became of them. It writes an order, its items and its OrderCreated
+// event in one transaction (no dual write), and reads order status from the
+// Redis cache when it can, PostgreSQL otherwise.
+package api
+
+import (
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/labstack/echo/v4"
+	"github.com/redis/rueidis"
+
+	"github.com/prozess/prozess/modules/statuscache"
+)
+
+// Name is the participant's name and its event source.
+const Name = "api"
+
+// MaxBodyBytes bounds a request body; larger ones get 413.
+const MaxBodyBytes = 64 << 10
+
+// idempotencyTTL is how long Redis remembers an Idempotency-Key. PostgreSQL
+// remembers it for as long as the order exists.
+const idempotencyTTL = 24 * time.Hour
+
+// API serves the HTTP endpoints.
+type API struct {
+	log    *slog.Logger
+	pool   *pgxpool.Pool
+	rdb    rueidis.Client
+	cache  *statuscache.Cache
+	prefix string
+	topic  string
+}
+
+// New returns the api participant. Redis keys go under prefix; events go to
+// topic through the outbox.
+func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, prefix, topic string) *API {
+	return &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, prefix), prefix: prefix, topic: topic}
+}
+
+// Register adds the API's routes to e.
+func (a *API) Register(e *echo.Echo) {
+	e.POST("/orders", a.createOrder)
+	e.GET("/orders/:id", a.getOrder)
+	e.GET("/orders/:id/events", a.orderEvents)
+	e.GET("/products", a.products)
+	e.GET("/", func(c echo.Context) error {
+		return c.JSON(http.StatusOK, map[string]any{
+			"service":   "prozess",
+			"endpoints": []string{"POST /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products"},
+		})
+	})
+}

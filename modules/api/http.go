@@ -1,0 +1,250 @@
+package api
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/labstack/echo/v4"
+
+	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/modules/statuscache"
+)
+
+// CreateRequest is the body of POST /orders. Only these fields are accepted.
+type CreateRequest struct {
+	UserID string       `json:"user_id"`
+	Items  []event.Item `json:"items"`
+}
+
+// CreateResponse is the answer to POST /orders, the same for a replay.
+type CreateResponse struct {
+	OrderID uuid.UUID    `json:"order_id"`
+	Status  event.Status `json:"status"`
+}
+
+// Order is the answer to GET /orders/{id}.
+type Order struct {
+	OrderID     uuid.UUID    `json:"order_id"`
+	UserID      string       `json:"user_id"`
+	Status      event.Status `json:"status"`
+	AmountCents int64        `json:"amount_cents"`
+	Items       []OrderItem  `json:"items"`
+	CreatedAt   time.Time    `json:"created_at"`
+}
+
+// OrderItem is one line of an Order.
+type OrderItem struct {
+	ProductID  string `json:"product_id"`
+	Qty        int    `json:"qty"`
+	PriceCents int64  `json:"price_cents"`
+}
+
+// AuditEvent is one entry of GET /orders/{id}/events.
+type AuditEvent struct {
+	EventID uuid.UUID       `json:"event_id"`
+	Type    string          `json:"type"`
+	Source  string          `json:"source"`
+	Time    time.Time       `json:"time"`
+	Data    json.RawMessage `json:"data"`
+}
+
+// Product is one entry of GET /products.
+type Product struct {
+	ID         string `json:"id"`
+	Name       string `json:"name"`
+	PriceCents int64  `json:"price_cents"`
+	Stock      int64  `json:"stock"`
+}
+
+var (
+	userIDPattern = regexp.MustCompile(`^[A-Za-z0-9._@:-]{1,64}$`)
+	keyPattern    = regexp.MustCompile(`^[\x21-\x7e]{1,255}$`)
+)
+
+func (a *API) createOrder(c echo.Context) error {
+	req, err := decodeCreate(c.Request().Body)
+	if err != nil {
+		return err
+	}
+	key := c.Request().Header.Get("Idempotency-Key")
+	if key != "" && !keyPattern.MatchString(key) {
+		return badRequest("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 printable ASCII characters")
+	}
+	ctx := c.Request().Context()
+	hash := req.hash()
+	if key != "" {
+		if id, ok := a.rememberedKey(ctx, req.UserID, key, hash); ok {
+			return replay(c, id)
+		}
+	}
+	res, err := a.insertOrder(ctx, req, key, hash)
+	if err != nil {
+		return err
+	}
+	if key != "" {
+		a.rememberKey(ctx, req.UserID, key, hash, res.order.OrderID)
+	}
+	if res.replayed {
+		return replay(c, res.order.OrderID)
+	}
+	a.cacheOrder(ctx, res.order)
+	a.log.Info("order created", "order_id", res.order.OrderID, "user_id", req.UserID, "amount_cents", res.order.AmountCents)
+	return c.JSON(http.StatusCreated, CreateResponse{OrderID: res.order.OrderID, Status: event.StatusCreated})
+}
+
+// replay answers a repeated Idempotency-Key exactly as the first request was
+// answered, as Stripe and the IETF Idempotency-Key draft do.
+func replay(c echo.Context, id uuid.UUID) error {
+	c.Response().Header().Set("Idempotent-Replayed", "true")
+	return c.JSON(http.StatusCreated, CreateResponse{OrderID: id, Status: event.StatusCreated})
+}
+
+// decodeCreate reads a POST /orders body strictly: one JSON object, known
+// fields only, every field valid.
+func decodeCreate(body io.Reader) (CreateRequest, error) {
+	var req CreateRequest
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			return req, &Error{Status: http.StatusRequestEntityTooLarge, Code: "body_too_large", Message: fmt.Sprintf("request body over %d bytes", tooLarge.Limit)}
+		}
+		return req, badRequest("invalid_json", "request body is not a valid order: "+jsonProblem(err))
+	}
+	if dec.More() {
+		return req, badRequest("invalid_json", "request body has data after the JSON object")
+	}
+	return req, req.validate()
+}
+
+// jsonProblem says what was wrong with the JSON without echoing Go types.
+func jsonProblem(err error) string {
+	var syn *json.SyntaxError
+	var typ *json.UnmarshalTypeError
+	switch {
+	case errors.Is(err, io.EOF):
+		return "empty body"
+	case errors.As(err, &syn):
+		return fmt.Sprintf("malformed JSON at byte %d", syn.Offset)
+	case errors.As(err, &typ):
+		return fmt.Sprintf("field %q has the wrong type", typ.Field)
+	case strings.HasPrefix(err.Error(), "json: unknown field "):
+		return "unknown field " + strings.TrimPrefix(err.Error(), "json: unknown field ")
+	}
+	return "malformed JSON"
+}
+
+func (r CreateRequest) validate() error {
+	if !userIDPattern.MatchString(r.UserID) {
+		return badRequest("invalid_user_id", "user_id must be 1 to 64 characters of letters, digits and ._@:-")
+	}
+	if len(r.Items) == 0 {
+		return badRequest("no_items", "items must list at least one product")
+	}
+	if len(r.Items) > event.MaxItems {
+		return badRequest("too_many_items", fmt.Sprintf("items lists %d products, at most %d", len(r.Items), event.MaxItems))
+	}
+	seen := make(map[string]bool, len(r.Items))
+	for i, it := range r.Items {
+		if it.ProductID == "" || len(it.ProductID) > 64 {
+			return badRequest("invalid_product_id", fmt.Sprintf("items[%d].product_id must be 1 to 64 characters", i))
+		}
+		if seen[it.ProductID] {
+			return badRequest("duplicate_product", fmt.Sprintf("items[%d].product_id %q is listed twice; give one line a larger qty", i, it.ProductID))
+		}
+		seen[it.ProductID] = true
+		if it.Qty <= 0 || it.Qty > event.MaxQty {
+			return badRequest("invalid_qty", fmt.Sprintf("items[%d].qty must be 1 to %d", i, event.MaxQty))
+		}
+	}
+	return nil
+}
+
+// hash identifies a request's content for Idempotency-Key reuse checks; item
+// order does not matter.
+func (r CreateRequest) hash() []byte {
+	items := slices.Clone(r.Items)
+	slices.SortFunc(items, func(a, b event.Item) int { return strings.Compare(a.ProductID, b.ProductID) })
+	b, _ := json.Marshal(CreateRequest{UserID: r.UserID, Items: items}) // cannot fail: strings and ints
+	sum := sha256.Sum256(b)
+	return sum[:]
+}
+
+func (a *API) getOrder(c echo.Context) error {
+	id, err := orderID(c)
+	if err != nil {
+		return err
+	}
+	ctx := c.Request().Context()
+	if e, ok, err := a.cache.Get(ctx, id); err != nil {
+		a.log.Warn("status cache unavailable, reading PostgreSQL", "order_id", id, "err", err)
+	} else if ok {
+		var o Order
+		if err := json.Unmarshal(e.Doc, &o); err == nil {
+			o.Status = e.Status
+			c.Response().Header().Set("X-Prozess-Source", "cache")
+			return c.JSON(http.StatusOK, o)
+		}
+	}
+	o, err := a.loadOrder(ctx, id)
+	if err != nil {
+		return err
+	}
+	a.cacheOrder(ctx, o)
+	c.Response().Header().Set("X-Prozess-Source", "database")
+	return c.JSON(http.StatusOK, o)
+}
+
+// cacheOrder fills the status cache; failures only cost the fast path.
+func (a *API) cacheOrder(ctx context.Context, o Order) {
+	doc := o
+	doc.Status = ""
+	b, err := json.Marshal(doc)
+	if err == nil {
+		err = a.cache.Put(ctx, o.OrderID, statuscache.Entry{Doc: b, Status: o.Status})
+	}
+	if err != nil {
+		a.log.Warn("status cache not filled", "order_id", o.OrderID, "err", err)
+	}
+}
+
+func (a *API) orderEvents(c echo.Context) error {
+	id, err := orderID(c)
+	if err != nil {
+		return err
+	}
+	evs, err := a.loadEvents(c.Request().Context(), id)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, evs)
+}
+
+func (a *API) products(c echo.Context) error {
+	ps, err := a.loadProducts(c.Request().Context())
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, ps)
+}
+
+func orderID(c echo.Context) (uuid.UUID, error) {
+	id, err := uuid.Parse(c.Param("id"))
+	if err != nil {
+		return uuid.Nil, badRequest("invalid_order_id", "order id must be a UUID")
+	}
+	return id, nil
+}
+
+var errNotFound = &Error{Status: http.StatusNotFound, Code: "not_found", Message: "no such order"}

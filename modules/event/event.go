@@ -1,0 +1,184 @@
+// Package event is the contract every participant shares: the event types of
+// the order saga, their payloads, and how an event travels on Kafka.
+//
+// Events follow CloudEvents 1.0 in the Kafka protocol binding's binary mode:
+// the attributes ride in ce_* record headers, the JSON payload is the record
+// value and the order id is the record key, so every event of one order lands
+// on one partition, in order.
+package event
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// Type names one kind of saga event.
+type Type string
+
+// The saga's event types.
+const (
+	OrderCreated      Type = "OrderCreated"
+	InventoryReserved Type = "InventoryReserved"
+	InventoryFailed   Type = "InventoryFailed"
+	PaymentCompleted  Type = "PaymentCompleted"
+	PaymentFailed     Type = "PaymentFailed"
+	InventoryReleased Type = "InventoryReleased"
+	OrderShipped      Type = "OrderShipped"
+)
+
+// Types lists every event type the saga knows, in lifecycle order.
+var Types = []Type{OrderCreated, InventoryReserved, InventoryFailed, PaymentCompleted, PaymentFailed, InventoryReleased, OrderShipped}
+
+// Known reports whether t is one of the saga's event types.
+func (t Type) Known() bool {
+	for _, k := range Types {
+		if t == k {
+			return true
+		}
+	}
+	return false
+}
+
+// SchemaVersion is the payload version this build writes and reads. A record
+// with another version is dead-lettered instead of guessed at.
+const SchemaVersion = 1
+
+// Limits on what an event may carry; a record beyond them is not ours to trust.
+const (
+	MaxPayloadBytes = 64 << 10
+	MaxItems        = 100
+	MaxQty          = 1000
+	maxIDLen        = 64
+)
+
+// Event is one fact of the saga.
+type Event struct {
+	ID      uuid.UUID       // unique per event (UUIDv7); the inbox dedups on it
+	Type    Type            // what happened
+	OrderID uuid.UUID       // the saga instance; also the Kafka key
+	Time    time.Time       // when the emitter decided it
+	Source  string          // the participant that emitted it
+	Data    json.RawMessage // the type's payload, JSON
+}
+
+// New builds an event with a fresh UUIDv7 id, the current time and data
+// marshalled to JSON.
+func New(t Type, orderID uuid.UUID, source string, data any) (Event, error) {
+	id, err := uuid.NewV7()
+	if err != nil {
+		return Event{}, fmt.Errorf("new event id: %w", err)
+	}
+	raw, err := json.Marshal(data)
+	if err != nil {
+		return Event{}, fmt.Errorf("encoding %s payload: %w", t, err)
+	}
+	return Event{ID: id, Type: t, OrderID: orderID, Time: time.Now().UTC(), Source: source, Data: raw}, nil
+}
+
+// Item is one line of an order.
+type Item struct {
+	ProductID string `json:"product_id"`
+	Qty       int    `json:"qty"`
+}
+
+// Created is the payload of OrderCreated.
+type Created struct {
+	UserID      string `json:"user_id"`
+	Items       []Item `json:"items"`
+	AmountCents int64  `json:"amount_cents"`
+}
+
+// Reserved is the payload of InventoryReserved: payment needs the amount.
+type Reserved struct {
+	UserID      string `json:"user_id"`
+	Items       []Item `json:"items"`
+	AmountCents int64  `json:"amount_cents"`
+}
+
+// Failed is the payload of InventoryFailed and PaymentFailed.
+type Failed struct {
+	Reason    string `json:"reason"`
+	ProductID string `json:"product_id,omitempty"`
+}
+
+// Paid is the payload of PaymentCompleted.
+type Paid struct {
+	PaymentID   uuid.UUID `json:"payment_id"`
+	AmountCents int64     `json:"amount_cents"`
+}
+
+// Released is the payload of InventoryReleased: the stock given back.
+type Released struct {
+	Items []Item `json:"items"`
+}
+
+// Shipped is the payload of OrderShipped.
+type Shipped struct {
+	ShipmentID uuid.UUID `json:"shipment_id"`
+	Carrier    string    `json:"carrier"`
+	Tracking   string    `json:"tracking"`
+}
+
+// ErrInvalid marks an event that can never be processed: it is dead-lettered,
+// not retried.
+var ErrInvalid = errors.New("invalid event")
+
+func invalid(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, args...))
+}
+
+// Decode unmarshals the event's payload into v, strictly: unknown fields and
+// trailing data are refused, and items are checked against the limits.
+func (e Event) Decode(v any) error {
+	if err := decodeStrict(e.Data, v); err != nil {
+		return invalid("%s payload: %v", e.Type, err)
+	}
+	var items []Item
+	switch p := v.(type) {
+	case *Created:
+		items = p.Items
+	case *Reserved:
+		items = p.Items
+	case *Released:
+		items = p.Items
+	default:
+		return nil
+	}
+	return ValidateItems(items)
+}
+
+// ValidateItems checks an order's lines against the limits every participant
+// relies on: at least one item, known-looking ids, positive bounded quantities.
+func ValidateItems(items []Item) error {
+	if len(items) == 0 {
+		return invalid("no items")
+	}
+	if len(items) > MaxItems {
+		return invalid("%d items, at most %d", len(items), MaxItems)
+	}
+	for i, it := range items {
+		if it.ProductID == "" || len(it.ProductID) > maxIDLen {
+			return invalid("items[%d].product_id must be 1 to %d characters", i, maxIDLen)
+		}
+		if it.Qty <= 0 || it.Qty > MaxQty {
+			return invalid("items[%d].qty must be 1 to %d", i, MaxQty)
+		}
+	}
+	return nil
+}
+
+func decodeStrict(data []byte, v any) error {
+	dec := json.NewDecoder(bytesReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if dec.More() {
+		return errors.New("trailing data after JSON value")
+	}
+	return nil
+}

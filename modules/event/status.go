@@ -1,0 +1,52 @@
+package event
+
+// Status is where an order stands in the saga's lifecycle.
+type Status string
+
+// The lifecycle: CREATED -> INVENTORY_RESERVED -> PAID -> SHIPPED, or
+// CANCELLED (out of stock, or payment declined).
+const (
+	StatusCreated   Status = "CREATED"
+	StatusReserved  Status = "INVENTORY_RESERVED"
+	StatusPaid      Status = "PAID"
+	StatusShipped   Status = "SHIPPED"
+	StatusCancelled Status = "CANCELLED"
+)
+
+// Rank orders statuses along the lifecycle. Status only ever moves to a
+// higher rank, so a duplicate or late event can never move it back; both
+// terminal statuses share the top rank, so neither overrides the other.
+func (s Status) Rank() int {
+	switch s {
+	case StatusCreated:
+		return 0
+	case StatusReserved:
+		return 1
+	case StatusPaid:
+		return 2
+	case StatusShipped, StatusCancelled:
+		return 3
+	}
+	return -1
+}
+
+// Terminal reports whether the saga is over for an order in status s.
+func (s Status) Terminal() bool { return s == StatusShipped || s == StatusCancelled }
+
+// StatusAfter returns the status an event moves its order to, and false for
+// events that move no status (InventoryReleased follows CANCELLED).
+func StatusAfter(t Type) (Status, bool) {
+	switch t {
+	case OrderCreated:
+		return StatusCreated, true
+	case InventoryReserved:
+		return StatusReserved, true
+	case PaymentCompleted:
+		return StatusPaid, true
+	case OrderShipped:
+		return StatusShipped, true
+	case InventoryFailed, PaymentFailed:
+		return StatusCancelled, true
+	}
+	return "", false
+}
