@@ -198,4 +198,3 @@ func seedCommand(cfg *Config) *cobra.Command {
 	cfg.connectionFlags(cmd.Flags())
 	return cmd
 }
-

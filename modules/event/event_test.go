@@ -1,0 +1,110 @@
+package event_test
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/google/uuid"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/prozess/prozess/modules/event"
+)
+
+func sample(t testing.TB) event.Event {
+	t.Helper()
+	ev, err := event.New(event.OrderCreated, uuid.New(), "api",
+		event.Created{UserID: "u1", Items: []event.Item{{ProductID: "prod-mouse", Qty: 2}}, AmountCents: 5998})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ev
+}
+
+func TestRecordRoundTrip(t *testing.T) {
+	in := sample(t)
+	r := in.Record("order-events")
+	if string(r.Key) != in.OrderID.String() {
+		t.Fatalf("key %q, want the order id", r.Key)
+	}
+	out, err := event.FromRecord(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out.ID != in.ID || out.Type != in.Type || out.OrderID != in.OrderID || out.Source != in.Source ||
+		!out.Time.Equal(in.Time) || string(out.Data) != string(in.Data) {
+		t.Fatalf("round trip changed the event:\n in %+v\nout %+v", in, out)
+	}
+	var c event.Created
+	if err := out.Decode(&c); err != nil || c.AmountCents != 5998 || c.Items[0].Qty != 2 {
+		t.Fatalf("payload %+v (%v)", c, err)
+	}
+}
+
+func setHeader(r *kgo.Record, key, value string) {
+	for i := range r.Headers {
+		if r.Headers[i].Key == key {
+			r.Headers[i].Value = []byte(value)
+			return
+		}
+	}
+	r.Headers = append(r.Headers, kgo.RecordHeader{Key: key, Value: []byte(value)})
+}
+
+func TestFromRecordRefusesWhatItCannotTrust(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		mangle func(r *kgo.Record)
+		want   string
+	}{
+		{"malformed payload", func(r *kgo.Record) { r.Value = []byte(`{"user_id":`) }, "payload"},
+		{"unknown payload field", func(r *kgo.Record) {
+			r.Value = []byte(`{"user_id":"u","items":[{"product_id":"p","qty":1}],"amount_cents":1,"admin":true}`)
+		}, "unknown field"},
+		{"no items", func(r *kgo.Record) { r.Value = []byte(`{"user_id":"u","items":[],"amount_cents":1}`) }, "no items"},
+		{"absurd qty", func(r *kgo.Record) {
+			r.Value = []byte(`{"user_id":"u","items":[{"product_id":"p","qty":1000000}],"amount_cents":1}`)
+		}, "qty"},
+		{"unknown type", func(r *kgo.Record) { setHeader(r, "ce_type", "OrderTeleported") }, "unknown event type"},
+		{"unknown schema version", func(r *kgo.Record) { setHeader(r, "ce_schemaversion", "2") }, "schema version"},
+		{"no spec version", func(r *kgo.Record) { setHeader(r, "ce_specversion", "") }, "specversion"},
+		{"bad id", func(r *kgo.Record) { setHeader(r, "ce_id", "nope") }, "ce_id"},
+		{"bad key", func(r *kgo.Record) { r.Key = []byte("not-a-uuid") }, "key"},
+		{"subject differs from key", func(r *kgo.Record) { setHeader(r, "ce_subject", uuid.NewString()) }, "ce_subject"},
+		{"bad source", func(r *kgo.Record) { setHeader(r, "ce_source", "elsewhere") }, "ce_source"},
+		{"bad time", func(r *kgo.Record) { setHeader(r, "ce_time", "yesterday") }, "ce_time"},
+		{"oversized", func(r *kgo.Record) { r.Value = []byte(strings.Repeat(" ", event.MaxPayloadBytes+1)) }, "bytes"},
+		{"no headers", func(r *kgo.Record) { r.Headers = nil }, "specversion"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := sample(t).Record("order-events")
+			tc.mangle(r)
+			_, err := event.FromRecord(r)
+			if !errors.Is(err, event.ErrInvalid) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want ErrInvalid mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestStatusRanks(t *testing.T) {
+	order := []event.Status{event.StatusCreated, event.StatusReserved, event.StatusPaid, event.StatusShipped}
+	for i := 1; i < len(order); i++ {
+		if order[i].Rank() <= order[i-1].Rank() {
+			t.Errorf("%s does not rank above %s", order[i], order[i-1])
+		}
+	}
+	if event.StatusCancelled.Rank() != event.StatusShipped.Rank() || !event.StatusCancelled.Terminal() {
+		t.Error("CANCELLED must be terminal and rank with SHIPPED")
+	}
+}
+
+func BenchmarkEncodeDecode(b *testing.B) {
+	ev := sample(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := event.FromRecord(ev.Record("order-events")); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,161 @@
+package inventory_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"sync"
+	"testing"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/modules/inventory"
+	"github.com/prozess/prozess/schema/schematest"
+)
+
+func setup(t *testing.T) (*pgxpool.Pool, *inventory.Inventory) {
+	t.Parallel()
+	pool := schematest.NewPool(t)
+	schematest.Exec(t, pool, `INSERT INTO products (id, name, price_cents, stock) VALUES
+		('a', 'A', 100, 5), ('b', 'B', 200, 2), ('c', 'C', 300, 0)`)
+	return pool, inventory.New(slog.New(slog.NewTextHandler(io.Discard, nil)))
+}
+
+func created(t *testing.T, order uuid.UUID, items ...event.Item) event.Event {
+	t.Helper()
+	ev, err := event.New(event.OrderCreated, order, "api", event.Created{UserID: "u1", Items: items, AmountCents: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ev
+}
+
+func handle(t *testing.T, pool *pgxpool.Pool, inv *inventory.Inventory, ev event.Event) []event.Event {
+	t.Helper()
+	return schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) {
+		return inv.Handle(context.Background(), tx, ev)
+	})
+}
+
+func stock(t *testing.T, pool *pgxpool.Pool, id string) int64 {
+	return schematest.Int(t, pool, `SELECT stock FROM products WHERE id = $1`, id)
+}
+
+func TestReserveTakesEveryItem(t *testing.T) {
+	pool, inv := setup(t)
+	order := uuid.New()
+	out := handle(t, pool, inv, created(t, order, event.Item{ProductID: "b", Qty: 2}, event.Item{ProductID: "a", Qty: 3}))
+	if len(out) != 1 || out[0].Type != event.InventoryReserved || out[0].OrderID != order {
+		t.Fatalf("emitted %+v, want one InventoryReserved", out)
+	}
+	if a, b := stock(t, pool, "a"), stock(t, pool, "b"); a != 2 || b != 0 {
+		t.Fatalf("stock a=%d b=%d, want 2 and 0", a, b)
+	}
+}
+
+func TestReserveIsAllOrNothing(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		items   []event.Item
+		product string
+	}{
+		{"one item short", []event.Item{{ProductID: "a", Qty: 1}, {ProductID: "b", Qty: 3}}, "b"},
+		{"zero stock", []event.Item{{ProductID: "a", Qty: 1}, {ProductID: "c", Qty: 1}}, "c"},
+		{"unknown product", []event.Item{{ProductID: "a", Qty: 1}, {ProductID: "zzz", Qty: 1}}, "zzz"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pool, inv := setup(t)
+			out := handle(t, pool, inv, created(t, uuid.New(), tc.items...))
+			if len(out) != 1 || out[0].Type != event.InventoryFailed {
+				t.Fatalf("emitted %+v, want one InventoryFailed", out)
+			}
+			var f event.Failed
+			if err := out[0].Decode(&f); err != nil || f.ProductID != tc.product {
+				t.Fatalf("failure %+v (%v), want product %s", f, err, tc.product)
+			}
+			if a, b := stock(t, pool, "a"), stock(t, pool, "b"); a != 5 || b != 2 {
+				t.Fatalf("stock changed to a=%d b=%d on a failed reservation", a, b)
+			}
+			if n := schematest.Int(t, pool, `SELECT count(*) FROM reservations`); n != 0 {
+				t.Fatalf("%d reservations after a failed reservation", n)
+			}
+		})
+	}
+}
+
+func TestReleaseGivesStockBackOnce(t *testing.T) {
+	pool, inv := setup(t)
+	order := uuid.New()
+	handle(t, pool, inv, created(t, order, event.Item{ProductID: "a", Qty: 4}, event.Item{ProductID: "b", Qty: 1}))
+	for i := range 3 { // three distinct PaymentFailed events for one order
+		failed, err := event.New(event.PaymentFailed, order, "payment", event.Failed{Reason: "declined"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := handle(t, pool, inv, failed)
+		if i == 0 && (len(out) != 1 || out[0].Type != event.InventoryReleased) {
+			t.Fatalf("first release emitted %+v, want InventoryReleased", out)
+		}
+		if i > 0 && len(out) != 0 {
+			t.Fatalf("release %d emitted %+v, want nothing", i+1, out)
+		}
+		if a, b := stock(t, pool, "a"), stock(t, pool, "b"); a != 5 || b != 2 {
+			t.Fatalf("after release %d stock a=%d b=%d, want 5 and 2", i+1, a, b)
+		}
+	}
+}
+
+func TestReleaseWithoutReservationDoesNothing(t *testing.T) {
+	pool, inv := setup(t)
+	failed, _ := event.New(event.PaymentFailed, uuid.New(), "payment", event.Failed{Reason: "declined"})
+	if out := handle(t, pool, inv, failed); len(out) != 0 {
+		t.Fatalf("emitted %+v for an order holding nothing", out)
+	}
+}
+
+// Many concurrent reservations, in crossing item orders, never oversell and
+// never deadlock: products are locked in id order.
+func TestConcurrentReservationsNeverOversell(t *testing.T) {
+	pool, inv := setup(t)
+	const n = 24
+	var wg sync.WaitGroup
+	results := make(chan event.Type, n)
+	for i := range n {
+		items := []event.Item{{ProductID: "a", Qty: 1}, {ProductID: "b", Qty: 1}}
+		if i%2 == 1 {
+			items[0], items[1] = items[1], items[0]
+		}
+		ev := created(t, uuid.New(), items...)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := pgx.BeginFunc(context.Background(), pool, func(tx pgx.Tx) error {
+				out, err := inv.Handle(context.Background(), tx, ev)
+				if err == nil {
+					results <- out[0].Type
+				}
+				return err
+			})
+			if err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(results)
+	reserved := 0
+	for r := range results {
+		if r == event.InventoryReserved {
+			reserved++
+		}
+	}
+	if reserved != 2 {
+		t.Fatalf("%d orders reserved with stock b=2, want exactly 2", reserved)
+	}
+	if a, b := stock(t, pool, "a"), stock(t, pool, "b"); a != 3 || b != 0 {
+		t.Fatalf("stock a=%d b=%d, want 3 and 0", a, b)
+	}
+}

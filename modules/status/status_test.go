@@ -1,0 +1,99 @@
+package status_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"testing"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/modules/status"
+	"github.com/prozess/prozess/modules/statuscache"
+	"github.com/prozess/prozess/schema/schematest"
+)
+
+func ev(t *testing.T, typ event.Type, order uuid.UUID) event.Event {
+	t.Helper()
+	e, err := event.New(typ, order, "test", map[string]string{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// Status only moves forward: late, duplicate and out-of-order events never
+// move it back, and every event lands in the audit log once.
+func TestStatusOnlyMovesForward(t *testing.T) {
+	t.Parallel()
+	pool := schematest.NewPool(t)
+	rdb, prefix := schematest.NewRedis(t)
+	cache := statuscache.New(rdb, prefix)
+	s := status.New(slog.New(slog.NewTextHandler(io.Discard, nil)), cache)
+	ctx := context.Background()
+	order := uuid.New()
+	schematest.Exec(t, pool, `INSERT INTO orders (id, user_id, status, amount_cents) VALUES ($1, 'u1', 'CREATED', 1)`, order)
+	if err := cache.Put(ctx, order, statuscache.Entry{Doc: []byte(`{}`), Status: event.StatusCreated}); err != nil {
+		t.Fatal(err)
+	}
+	paid := ev(t, event.PaymentCompleted, order)
+	steps := []struct {
+		ev   event.Event
+		want event.Status
+	}{
+		{ev(t, event.InventoryReserved, order), event.StatusReserved},
+		{paid, event.StatusPaid},
+		{ev(t, event.InventoryReserved, order), event.StatusPaid}, // late
+		{ev(t, event.OrderCreated, order), event.StatusPaid},      // replayed from the start
+		{paid, event.StatusPaid},                                  // duplicate
+		{ev(t, event.OrderShipped, order), event.StatusShipped},
+		{ev(t, event.PaymentFailed, order), event.StatusShipped}, // terminal stays
+	}
+	for i, st := range steps {
+		schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) { return s.Handle(ctx, tx, st.ev) })
+		s.AfterCommit(ctx, []event.Event{st.ev})
+		var got event.Status
+		if err := pool.QueryRow(ctx, `SELECT status FROM orders WHERE id = $1`, order).Scan(&got); err != nil {
+			t.Fatal(err)
+		}
+		if got != st.want {
+			t.Fatalf("step %d (%s): status %s, want %s", i, st.ev.Type, got, st.want)
+		}
+		e, ok, err := cache.Get(ctx, order)
+		if err != nil || !ok || e.Status != st.want {
+			t.Fatalf("step %d (%s): cache %+v %v %v, want %s", i, st.ev.Type, e, ok, err, st.want)
+		}
+	}
+	if n := schematest.Int(t, pool, `SELECT count(*) FROM order_events WHERE order_id = $1`, order); n != int64(len(steps)-1) {
+		t.Fatalf("%d audit rows, want %d (the duplicate once)", n, len(steps)-1)
+	}
+}
+
+// The status writer never creates a cache entry: it has no document for it,
+// and the next read fills it from PostgreSQL.
+func TestCacheAdvanceSkipsAbsentEntries(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := schematest.NewRedis(t)
+	cache := statuscache.New(rdb, prefix)
+	ctx := context.Background()
+	order := uuid.New()
+	if err := cache.Advance(ctx, []statuscache.Update{{OrderID: order, Status: event.StatusPaid}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := cache.Get(ctx, order); ok || err != nil {
+		t.Fatalf("entry created by Advance (err %v)", err)
+	}
+	// A fill with an older status than the cache holds loses.
+	if err := cache.Put(ctx, order, statuscache.Entry{Doc: []byte(`{"a":1}`), Status: event.StatusShipped}); err != nil {
+		t.Fatal(err)
+	}
+	if err := cache.Put(ctx, order, statuscache.Entry{Doc: []byte(`{"a":2}`), Status: event.StatusReserved}); err != nil {
+		t.Fatal(err)
+	}
+	e, ok, err := cache.Get(ctx, order)
+	if err != nil || !ok || e.Status != event.StatusShipped || string(e.Doc) != `{"a":1}` {
+		t.Fatalf("cache %+v %v %v, want the SHIPPED entry", e, ok, err)
+	}
+}
