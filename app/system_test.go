@@ -1,0 +1,202 @@
+package app_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/prozess/prozess/app"
+	"github.com/prozess/prozess/modules/api"
+	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/schema/schematest"
+)
+
+// env is one test's world: its own database, Redis prefix and broker data
+// directory. Systems started on it share them, so a test can crash one and
+// start another on the same state.
+type env struct {
+	t       *testing.T
+	dbURL   string
+	prefix  string
+	dataDir string
+	pool    *pgxpool.Pool
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	t.Parallel()
+	url := schematest.NewDatabase(t)
+	pool, err := pgxpool.New(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	_, prefix := schematest.NewRedis(t)
+	return &env{t: t, dbURL: url, prefix: prefix, dataDir: t.TempDir(), pool: pool}
+}
+
+func (e *env) config() app.Config {
+	cfg := app.DefaultConfig()
+	cfg.DatabaseURL = e.dbURL
+	cfg.RedisAddr = schematest.RedisAddr()
+	cfg.RedisPrefix = e.prefix
+	cfg.HTTPAddr = "127.0.0.1:0"
+	cfg.BrokerAddr = "127.0.0.1:0"
+	cfg.DataDir = e.dataDir
+	cfg.Partitions = 3
+	cfg.PaymentDeclineRate = 0
+	return cfg
+}
+
+// running is a started System.
+type running struct {
+	sys  *app.System
+	url  string
+	stop context.CancelFunc
+	done chan error
+}
+
+// start runs a system for cfg until the test ends (or stop is called).
+func (e *env) start(cfg app.Config, names ...string) *running {
+	e.t.Helper()
+	if len(names) == 0 {
+		names = app.Participants()
+	}
+	level := slog.LevelWarn
+	if os.Getenv("PROZESS_TEST_LOG") != "" {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	sys, err := app.NewSystem(context.Background(), cfg, names, log)
+	if err != nil {
+		e.t.Fatalf("starting system: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &running{sys: sys, url: "http://" + sys.HTTPAddr(), stop: cancel, done: make(chan error, 1)}
+	go func() { r.done <- sys.Run(ctx) }()
+	e.t.Cleanup(func() { r.shutdown(e.t) })
+	return r
+}
+
+// shutdown stops the system and waits for it.
+func (r *running) shutdown(t *testing.T) error {
+	r.stop()
+	select {
+	case err := <-r.done:
+		r.done <- err
+		return err
+	case <-time.After(30 * time.Second):
+		t.Fatal("system did not stop within 30s")
+		return nil
+	}
+}
+
+func (r *running) order(t *testing.T, user string, key string, items ...event.Item) api.CreateResponse {
+	t.Helper()
+	b, _ := json.Marshal(api.CreateRequest{UserID: user, Items: items})
+	req, _ := http.NewRequest(http.MethodPost, r.url+"/orders", bytes.NewReader(b))
+	req.Header.Set("Content-Type", "application/json")
+	if key != "" {
+		req.Header.Set("Idempotency-Key", key)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("POST /orders: %v", err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusCreated {
+		t.Fatalf("POST /orders: %d %s", resp.StatusCode, body)
+	}
+	var out api.CreateResponse
+	if err := json.Unmarshal(body, &out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func getJSON[T any](t *testing.T, url string) T {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	var v T
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		t.Fatalf("GET %s: %d %s", url, resp.StatusCode, b)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	return v
+}
+
+// await polls GET /orders/{id} until the order is terminal and, when
+// released is set, its stock release is in the audit trail.
+func (r *running) await(t *testing.T, id string, timeout time.Duration) api.Order {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		o := getJSON[api.Order](t, r.url+"/orders/"+id)
+		if o.Status.Terminal() {
+			return o
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("order %s still %s after %s", id, o.Status, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (r *running) trail(t *testing.T, id string) []event.Type {
+	t.Helper()
+	var types []event.Type
+	for _, e := range getJSON[[]api.AuditEvent](t, r.url+"/orders/"+id+"/events") {
+		types = append(types, event.Type(e.Type))
+	}
+	return types
+}
+
+// awaitTrail waits until the audit trail is exactly want.
+func (r *running) awaitTrail(t *testing.T, id string, want ...event.Type) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		got := r.trail(t, id)
+		if slices.Equal(got, want) {
+			return
+		}
+		if time.Now().After(deadline) || len(got) > len(want) {
+			t.Fatalf("audit trail of %s is %v, want %v", id, got, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (r *running) stock(t *testing.T) map[string]int64 {
+	t.Helper()
+	m := map[string]int64{}
+	for _, p := range getJSON[[]api.Product](t, r.url+"/products") {
+		m[p.ID] = p.Stock
+	}
+	return m
+}
+
+func (e *env) count(sql string, args ...any) int64 {
+	e.t.Helper()
+	return schematest.Int(e.t, e.pool, sql, args...)
+}
+
+func mouse(qty int) event.Item { return event.Item{ProductID: "prod-mouse", Qty: qty} }
+

@@ -1,0 +1,219 @@
+package api_test
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
+
+	"github.com/prozess/prozess/modules/api"
+	"github.com/prozess/prozess/schema/schematest"
+	"github.com/prozess/prozess/seed"
+)
+
+// server is the api alone, on a real database and Redis. Without Kafka its
+// orders stop at CREATED with their event in the outbox, which is all these
+// tests look at.
+func server(t *testing.T) (*httptest.Server, *pgxpool.Pool) {
+	t.Helper()
+	t.Parallel()
+	pool := schematest.NewPool(t)
+	if _, err := seed.Load(t.Context(), pool); err != nil {
+		t.Fatal(err)
+	}
+	rdb, prefix := schematest.NewRedis(t)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	e := echo.New()
+	e.HTTPErrorHandler = api.ErrorHandler(log)
+	e.Use(middleware.BodyLimit(fmt.Sprintf("%dB", api.MaxBodyBytes)))
+	api.New(log, pool, rdb, prefix, "order-events").Register(e)
+	srv := httptest.NewServer(e)
+	t.Cleanup(srv.Close)
+	return srv, pool
+}
+
+func post(t *testing.T, srv *httptest.Server, body, key string) (int, []byte) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, srv.URL+"/orders", strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	if key != "" {
+		req.Header.Set("Idempotency-Key", key)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, b
+}
+
+func count(t *testing.T, pool *pgxpool.Pool, table string) int64 {
+	return schematest.Int(t, pool, "SELECT count(*) FROM "+table)
+}
+
+func TestBadInputIsRefusedAndChangesNothing(t *testing.T) {
+	srv, pool := server(t)
+	item := `{"product_id":"prod-mouse","qty":1}`
+	many := strings.TrimSuffix(strings.Repeat(`{"product_id":"p`+`%d","qty":1},`, 101), ",")
+	for i := range 101 {
+		many = strings.Replace(many, "%d", fmt.Sprint(i), 1)
+	}
+	for _, tc := range []struct {
+		name, body string
+		status     int
+		code       string
+	}{
+		{"malformed JSON", `{"user_id":"u1","items":[`, 400, "invalid_json"},
+		{"not an object", `[1,2]`, 400, "invalid_json"},
+		{"empty body", ``, 400, "invalid_json"},
+		{"trailing data", `{"user_id":"u1","items":[` + item + `]} {}`, 400, "invalid_json"},
+		{"unknown field", `{"user_id":"u1","items":[` + item + `],"status":"SHIPPED"}`, 400, "invalid_json"},
+		{"unknown item field", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":1,"price_cents":0}]}`, 400, "invalid_json"},
+		{"wrong type", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":"2"}]}`, 400, "invalid_json"},
+		{"no user", `{"items":[` + item + `]}`, 400, "invalid_user_id"},
+		{"bad user", `{"user_id":"<script>","items":[` + item + `]}`, 400, "invalid_user_id"},
+		{"no items", `{"user_id":"u1","items":[]}`, 400, "no_items"},
+		{"items missing", `{"user_id":"u1"}`, 400, "no_items"},
+		{"too many items", `{"user_id":"u1","items":[` + many + `]}`, 400, "too_many_items"},
+		{"qty zero", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":0}]}`, 400, "invalid_qty"},
+		{"qty negative", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":-3}]}`, 400, "invalid_qty"},
+		{"qty absurd", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":1000001}]}`, 400, "invalid_qty"},
+		{"qty overflow", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":99999999999999999999}]}`, 400, "invalid_json"},
+		{"empty product", `{"user_id":"u1","items":[{"product_id":"","qty":1}]}`, 400, "invalid_product_id"},
+		{"duplicate product", `{"user_id":"u1","items":[` + item + `,` + item + `]}`, 400, "duplicate_product"},
+		{"unknown product", `{"user_id":"u1","items":[{"product_id":"prod-unicorn","qty":1}]}`, 422, "unknown_product"},
+		{"oversized body", `{"user_id":"u1","items":[` + item + `],"pad":"` + strings.Repeat("x", api.MaxBodyBytes) + `"}`, 413, "body_too_large"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			status, body := post(t, srv, tc.body, "")
+			var e struct {
+				Error struct{ Code, Message string }
+			}
+			if err := json.Unmarshal(body, &e); err != nil {
+				t.Fatalf("body %q is not a JSON error: %v", body, err)
+			}
+			if status != tc.status || e.Error.Code != tc.code || e.Error.Message == "" {
+				t.Fatalf("got %d %s, want %d %s", status, body, tc.status, tc.code)
+			}
+		})
+	}
+	t.Run("bad idempotency key", func(t *testing.T) {
+		status, body := post(t, srv, `{"user_id":"u1","items":[`+item+`]}`, strings.Repeat("k", 300))
+		if status != 400 || !strings.Contains(string(body), "invalid_idempotency_key") {
+			t.Fatalf("got %d %s", status, body)
+		}
+	})
+	for _, table := range []string{"orders", "order_items", "outbox"} {
+		if n := count(t, pool, table); n != 0 {
+			t.Errorf("%d rows in %s after bad requests only", n, table)
+		}
+	}
+}
+
+func TestUnknownRoutesAndOrdersAnswerJSON(t *testing.T) {
+	srv, _ := server(t)
+	for _, tc := range []struct {
+		path   string
+		status int
+		code   string
+	}{
+		{"/orders/0192f0c4-0000-7000-8000-000000000000", 404, "not_found"},
+		{"/orders/0192f0c4-0000-7000-8000-000000000000/events", 404, "not_found"},
+		{"/orders/not-a-uuid", 400, "invalid_order_id"},
+		{"/nowhere", 404, "not_found"},
+	} {
+		resp, err := http.Get(srv.URL + tc.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tc.status || !strings.Contains(string(b), `"code":"`+tc.code+`"`) {
+			t.Errorf("GET %s: %d %s, want %d %s", tc.path, resp.StatusCode, b, tc.status, tc.code)
+		}
+	}
+}
+
+func TestCreateWritesOrderItemsAndEventTogether(t *testing.T) {
+	srv, pool := server(t)
+	status, body := post(t, srv, `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":2},{"product_id":"prod-keyboard","qty":1}]}`, "")
+	if status != 201 {
+		t.Fatalf("%d %s", status, body)
+	}
+	var created api.CreateResponse
+	if err := json.Unmarshal(body, &created); err != nil || created.Status != "CREATED" {
+		t.Fatalf("%s: %v", body, err)
+	}
+	if n := schematest.Int(t, pool, `SELECT count(*) FROM order_items WHERE order_id = $1`, created.OrderID); n != 2 {
+		t.Fatalf("%d items stored, want 2", n)
+	}
+	if n := schematest.Int(t, pool, `SELECT amount_cents FROM orders WHERE id = $1`, created.OrderID); n != 2*2999+8999 {
+		t.Fatalf("amount %d", n)
+	}
+	if n := count(t, pool, "outbox"); n != 1 {
+		t.Fatalf("%d outbox rows, want the one OrderCreated", n)
+	}
+	resp, err := http.Get(srv.URL + "/orders/" + created.OrderID.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var o api.Order
+	if err := json.NewDecoder(resp.Body).Decode(&o); err != nil || o.Status != "CREATED" || len(o.Items) != 2 || o.UserID != "u1" {
+		t.Fatalf("GET answered %+v (%v)", o, err)
+	}
+	if src := resp.Header.Get("X-Prozess-Source"); src != "cache" {
+		t.Fatalf("GET right after POST answered from %q, want the cache", src)
+	}
+}
+
+// Fifty concurrent POSTs with one Idempotency-Key create exactly one order
+// and all get the same answer; the same key with another body is refused.
+func TestIdempotencyKey(t *testing.T) {
+	srv, pool := server(t)
+	body := `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":1}]}`
+	const n = 50
+	answers := make([]string, n)
+	codes := make([]int, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, b := post(t, srv, body, "key-1")
+			codes[i], answers[i] = c, string(b)
+		}()
+	}
+	wg.Wait()
+	for i := range n {
+		if codes[i] != 201 || answers[i] != answers[0] {
+			t.Fatalf("answer %d: %d %s, want 201 %s", i, codes[i], answers[i], answers[0])
+		}
+	}
+	if o, e := count(t, pool, "orders"), count(t, pool, "outbox"); o != 1 || e != 1 {
+		t.Fatalf("%d orders and %d events for one key, want 1 and 1", o, e)
+	}
+	if c, b := post(t, srv, body, "key-1"); c != 201 || string(b) != answers[0] {
+		t.Fatalf("resubmit: %d %s", c, b)
+	}
+	if c, b := post(t, srv, `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":2}]}`, "key-1"); c != 422 || !strings.Contains(string(b), "idempotency_key_reused") {
+		t.Fatalf("same key, other body: %d %s", c, b)
+	}
+	// Keys are per user: another user's identical key is another order.
+	if c, _ := post(t, srv, `{"user_id":"u2","items":[{"product_id":"prod-mouse","qty":1}]}`, "key-1"); c != 201 {
+		t.Fatalf("other user, same key: %d", c)
+	}
+	if o := count(t, pool, "orders"); o != 2 {
+		t.Fatalf("%d orders, want 2", o)
+	}
+}
