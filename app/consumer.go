@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -29,9 +30,12 @@ type Handler interface {
 }
 
 // afterCommitter is implemented by participants with work that must follow
-// a committed batch (the status cache).
+// a committed batch outside the database (the status cache). It is given
+// every event of the batch it handles, duplicates the inbox skipped
+// included: a crash between the commit and this call is healed when the
+// batch is delivered again, so the work must be idempotent.
 type afterCommitter interface {
-	AfterCommit(ctx context.Context, applied []event.Event)
+	AfterCommit(ctx context.Context, evs []event.Event)
 }
 
 // Fault points where a test can crash a participant at the worst moments.
@@ -56,6 +60,15 @@ type Consumer struct {
 	dlqTopic string
 	maxBatch int
 	fault    FaultFunc
+	stats    ConsumerStats
+}
+
+// ConsumerStats counts what a consumer did with the records it polled.
+type ConsumerStats struct {
+	Applied      atomic.Int64 // events whose effect was applied
+	Duplicates   atomic.Int64 // events skipped by the inbox
+	DeadLettered atomic.Int64 // records sent to the dead-letter topic
+	Batches      atomic.Int64 // transactions committed
 }
 
 // ConsumerConfig holds what NewConsumer needs beyond the handler.
@@ -82,13 +95,10 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 		kgo.DisableAutoCommit(),
 		kgo.BlockRebalanceOnPoll(),
 		kgo.FetchMaxWait(time.Second),
-		// Everything polled has been committed before a rebalance can run
-		// (BlockRebalanceOnPoll); this covers a revoke after a failed commit.
-		kgo.OnPartitionsRevoked(func(ctx context.Context, cl *kgo.Client, _ map[string][]int32) {
-			if err := cl.CommitUncommittedOffsets(ctx); err != nil {
-				log.Warn("committing offsets on revoke", "err", err)
-			}
-		}),
+		// No commit on revoke: with BlockRebalanceOnPoll a rebalance only
+		// runs between batches, when every applied batch is committed; what
+		// is still uncommitted then is a batch that failed, and committing it
+		// would skip records never applied.
 	)
 	if err != nil {
 		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
@@ -96,6 +106,9 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	return &Consumer{name: name, log: log, client: client, pool: pool, handler: h,
 		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault}, nil
 }
+
+// Stats returns the consumer's counters.
+func (c *Consumer) Stats() *ConsumerStats { return &c.stats }
 
 // Close leaves the group and closes the client.
 func (c *Consumer) Close() { c.client.Close() }
@@ -245,10 +258,18 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	if err != nil {
 		return err
 	}
-	var emits, applied []event.Event
+	var emits, handled []event.Event
 	var dead []*kgo.Record
+	var applied, dups int
 	for i, r := range b.recs {
-		if b.skip[i] || !fresh[b.ids[i]] {
+		if b.skip[i] {
+			continue
+		}
+		if _, bad := b.poison[i]; !bad {
+			handled = append(handled, b.evs[i])
+		}
+		if !fresh[b.ids[i]] {
+			dups++
 			continue
 		}
 		delete(fresh, b.ids[i]) // the same event twice in one batch: once
@@ -264,7 +285,7 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 			return err
 		}
 		emits = append(emits, out...)
-		applied = append(applied, b.evs[i])
+		applied++
 	}
 	if err := event.Emit(ctx, tx, c.topic, emits...); err != nil {
 		return err
@@ -278,11 +299,15 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	if err := tx.Commit(ctx); err != nil {
 		return fmt.Errorf("committing batch: %w", err)
 	}
+	c.stats.Batches.Add(1)
+	c.stats.Applied.Add(int64(applied))
+	c.stats.Duplicates.Add(int64(dups))
+	c.stats.DeadLettered.Add(int64(len(dead)))
 	if err := c.faultAt(FaultAfterDBCommit); err != nil {
 		return err
 	}
-	if ac, ok := c.handler.(afterCommitter); ok && len(applied) > 0 {
-		ac.AfterCommit(ctx, applied)
+	if ac, ok := c.handler.(afterCommitter); ok && len(handled) > 0 {
+		ac.AfterCommit(ctx, handled)
 	}
 	return nil
 }

@@ -91,7 +91,11 @@ type System struct {
 	closers  []func() // in creation order; closed in reverse
 	httpAddr string
 	brokers  []string
+	stats    map[string]*ConsumerStats
 }
+
+// Stats returns each consumer participant's counters.
+func (s *System) Stats() map[string]*ConsumerStats { return s.stats }
 
 // HTTPAddr is where the api listens (empty when it is not served).
 func (s *System) HTTPAddr() string { return s.httpAddr }
@@ -107,7 +111,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &System{log: log, cfg: cfg}
+	s := &System{log: log, cfg: cfg, stats: map[string]*ConsumerStats{}}
 	defer func() {
 		if err != nil {
 			s.close()
@@ -182,6 +186,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 			return nil, err
 		}
 		s.closers = append(s.closers, c.Close)
+		s.stats[p.name] = c.Stats()
 		s.addActor(c.Run)
 	}
 	log.Info("prozess ready", "participants", names, "http", s.httpAddr, "kafka", s.brokers, "topic", cfg.Topic)
@@ -246,10 +251,11 @@ func NewEcho(log *slog.Logger) *echo.Echo {
 // closes the clients in reverse order of creation, so actors always stop
 // before the clients they use.
 func (s *System) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
 	s.group.Add(func() error {
 		<-ctx.Done()
 		return nil
-	}, func(error) {})
+	}, func(error) { cancel() })
 	err := s.group.Run()
 	s.close()
 	s.log.Info("prozess stopped")

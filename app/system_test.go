@@ -87,17 +87,23 @@ func (e *env) start(cfg app.Config, names ...string) *running {
 	return r
 }
 
-// shutdown stops the system and waits for it.
-func (r *running) shutdown(t *testing.T) error {
-	r.stop()
+// wait waits for the system to stop by itself and returns its error.
+func (r *running) wait(t *testing.T, timeout time.Duration) error {
+	t.Helper()
 	select {
 	case err := <-r.done:
 		r.done <- err
 		return err
-	case <-time.After(30 * time.Second):
-		t.Fatal("system did not stop within 30s")
+	case <-time.After(timeout):
+		t.Fatalf("system still running after %s", timeout)
 		return nil
 	}
+}
+
+// shutdown stops the system and waits for it.
+func (r *running) shutdown(t *testing.T) error {
+	r.stop()
+	return r.wait(t, 30*time.Second)
 }
 
 func (r *running) order(t *testing.T, user string, key string, items ...event.Item) api.CreateResponse {
@@ -199,4 +205,3 @@ func (e *env) count(sql string, args ...any) int64 {
 }
 
 func mouse(qty int) event.Item { return event.Item{ProductID: "prod-mouse", Qty: qty} }
-

@@ -1,0 +1,239 @@
+package app_test
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/prozess/prozess/app"
+	"github.com/prozess/prozess/modules/event"
+)
+
+// duplicate re-publishes every record of the topic once more, so every
+// participant sees every event twice, the second copy at a later offset.
+func duplicate(t *testing.T, brokers []string, topic string) *atomic.Int64 {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.ProducerLinger(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var copies atomic.Int64
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for ctx.Err() == nil {
+			fs := cl.PollFetches(ctx)
+			fs.EachRecord(func(r *kgo.Record) {
+				for _, h := range r.Headers {
+					if h.Key == "test-copy" {
+						return
+					}
+				}
+				dup := &kgo.Record{Topic: r.Topic, Key: r.Key, Value: r.Value,
+					Headers: append(append([]kgo.RecordHeader(nil), r.Headers...), kgo.RecordHeader{Key: "test-copy", Value: []byte("1")})}
+				if err := cl.ProduceSync(ctx, dup).FirstErr(); err == nil {
+					copies.Add(1)
+				}
+			})
+		}
+	}()
+	t.Cleanup(func() { cancel(); wg.Wait(); cl.Close() })
+	return &copies
+}
+
+// assertExactlyOnce checks every order's effects happened once: one
+// reservation set, at most one payment, one shipment per shipped order, an
+// audit trail without repeats, stock conserved.
+func (e *env) assertExactlyOnce(initial map[string]int64, current map[string]int64) {
+	t := e.t
+	t.Helper()
+	if n := e.count(`SELECT count(*) FROM (SELECT order_id FROM reservations GROUP BY order_id, product_id HAVING count(*) > 1) d`); n != 0 {
+		t.Errorf("%d doubled reservations", n)
+	}
+	if n := e.count(`SELECT count(*) FROM orders o WHERE (SELECT count(*) FROM order_events v WHERE v.order_id = o.id)
+			<> (SELECT count(DISTINCT type) FROM order_events v WHERE v.order_id = o.id)`); n != 0 {
+		t.Errorf("%d orders with a repeated event in their audit trail", n)
+	}
+	if n := e.count(`SELECT count(*) FROM orders o WHERE o.status = 'SHIPPED' AND
+			(SELECT count(*) FROM shipments s WHERE s.order_id = o.id) <> 1`); n != 0 {
+		t.Errorf("%d shipped orders without exactly one shipment", n)
+	}
+	if n := e.count(`SELECT count(*) FROM shipments s JOIN payments p USING (order_id) WHERE p.status <> 'COMPLETED'`); n != 0 {
+		t.Errorf("%d shipments without a completed payment", n)
+	}
+	for product, before := range initial {
+		shipped := e.count(`SELECT coalesce(sum(i.qty), 0) FROM order_items i JOIN orders o ON o.id = i.order_id
+			WHERE o.status = 'SHIPPED' AND i.product_id = $1`, product)
+		if before != current[product]+shipped {
+			t.Errorf("%s: initial %d != current %d + shipped %d", product, before, current[product], shipped)
+		}
+	}
+}
+
+func (e *env) awaitQuiet(timeout time.Duration) {
+	e.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		pending := e.count(`SELECT count(*) FROM orders WHERE status NOT IN ('SHIPPED', 'CANCELLED')`)
+		unreleased := e.count(`SELECT count(*) FROM payments p JOIN reservations r USING (order_id)
+			WHERE p.status = 'DECLINED' AND r.released_at IS NULL`)
+		outbox := e.count(`SELECT count(*) FROM outbox`)
+		if pending+unreleased+outbox == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("after %s: %d orders not terminal, %d declined not released, %d outbox rows", timeout, pending, unreleased, outbox)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestEveryEventDeliveredTwiceChangesNothing(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.PaymentDeclineRate = 0.3
+	r := e.start(cfg)
+	copies := duplicate(t, r.sys.Brokers(), cfg.Topic)
+	initial := r.stock(t)
+	const n = 40
+	for i := range n {
+		r.order(t, "u"+strconv.Itoa(i), "", mouse(1+i%2))
+	}
+	e.awaitQuiet(30 * time.Second)
+	// Let the copies of the last events arrive and be skipped too.
+	time.Sleep(500 * time.Millisecond)
+	e.awaitQuiet(10 * time.Second)
+	e.assertExactlyOnce(initial, r.stock(t))
+	events := e.count(`SELECT count(*) FROM order_events`)
+	if got := copies.Load(); got < events {
+		t.Fatalf("only %d copies published for %d events: not every event was delivered twice", got, events)
+	}
+	for who, st := range r.sys.Stats() {
+		if st.Duplicates.Load() == 0 {
+			t.Errorf("%s skipped no duplicates", who)
+		}
+	}
+	// Every participant skipped each copy: one inbox row per distinct event.
+	if dup := e.count(`SELECT count(*) FROM inbox WHERE consumer = 'status'`); dup != events {
+		t.Fatalf("status inbox has %d rows for %d events", dup, events)
+	}
+}
+
+// A participant that crashes after its database commit and before its offset
+// commit gets the same records again on restart; the inbox makes the second
+// delivery a no-op, so nothing is lost or doubled.
+func TestCrashBetweenCommitsLosesAndDoublesNothing(t *testing.T) {
+	for _, who := range []string{"inventory", "payment", "delivery", "status"} {
+		t.Run(who, func(t *testing.T) {
+			e := newEnv(t)
+			cfg := e.config()
+			cfg.PaymentDeclineRate = 0.5
+			var crashed atomic.Bool
+			cfg.Fault = func(participant, point string) error {
+				if participant == who && point == app.FaultAfterDBCommit && crashed.CompareAndSwap(false, true) {
+					return errors.New("crash")
+				}
+				return nil
+			}
+			// First the orders, with every participant but the one to crash,
+			// so its first batch holds many of them.
+			var others []string
+			for _, p := range app.Participants() {
+				if p != who {
+					others = append(others, p)
+				}
+			}
+			calm := cfg
+			calm.Fault = nil
+			r0 := e.start(calm, others...)
+			initial := r0.stock(t)
+			var ids []string
+			for i := range 10 {
+				ids = append(ids, r0.order(t, "u1", "", mouse(1+i%3)).OrderID.String())
+			}
+			if err := r0.shutdown(t); err != nil {
+				t.Fatal(err)
+			}
+			r := e.start(cfg)
+			if err := r.wait(t, 20*time.Second); err == nil || !crashed.Load() {
+				t.Fatalf("system stopped with %v, want the injected crash", err)
+			}
+			// Restart on the same database and broker data: the crashed
+			// participant's last batch comes again.
+			cfg.Fault = nil
+			r2 := e.start(cfg)
+			for _, id := range ids {
+				r2.await(t, id, 30*time.Second)
+			}
+			e.awaitQuiet(30 * time.Second)
+			e.assertExactlyOnce(initial, r2.stock(t))
+			if d := r2.sys.Stats()[who].Duplicates.Load(); d == 0 {
+				t.Fatalf("%s saw no duplicates after the crash: the crashed batch was not delivered again", who)
+			}
+			if n := e.count(`SELECT count(*) FROM orders`); n != int64(len(ids)) {
+				t.Fatalf("%d orders, want %d", n, len(ids))
+			}
+			if n := e.count(`SELECT count(*) FROM order_events`); n < int64(2*len(ids)) {
+				t.Fatalf("only %d audit events for %d orders: events were lost", n, len(ids))
+			}
+		})
+	}
+}
+
+// A record nobody can read goes to the dead-letter topic with its reason,
+// and the records behind it on the same partition are processed.
+func TestPoisonRecordIsDeadLetteredAndPartitionMovesOn(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.Partitions = 1
+	r := e.start(cfg)
+	cl, err := kgo.NewClient(kgo.SeedBrokers(r.sys.Brokers()...), kgo.ConsumeTopics(cfg.DLQTopic()),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	poison := []*kgo.Record{
+		{Topic: cfg.Topic, Key: []byte("garbage"), Value: []byte("{not json")},
+		{Topic: cfg.Topic, Key: []byte("0192f0c4-0000-7000-8000-000000000000"), Value: []byte(`{}`),
+			Headers: []kgo.RecordHeader{{Key: "ce_specversion", Value: []byte("1.0")}, {Key: "ce_type", Value: []byte("OrderCreated")},
+				{Key: "ce_schemaversion", Value: []byte("99")}}},
+	}
+	if err := cl.ProduceSync(t.Context(), poison...).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	o := r.order(t, "u1", "", mouse(1))
+	if got := r.await(t, o.OrderID.String(), 15*time.Second); got.Status != event.StatusShipped {
+		t.Fatalf("order behind the poison ended %s", got.Status)
+	}
+	reasons := map[string]string{} // participant/offset -> reason
+	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Second)
+	defer cancel()
+	for len(reasons) < 3 && ctx.Err() == nil {
+		cl.PollFetches(ctx).EachRecord(func(rec *kgo.Record) {
+			h := map[string]string{}
+			for _, kv := range rec.Headers {
+				h[kv.Key] = string(kv.Value)
+			}
+			reasons[h[app.HeaderDLQParticipant]+"/"+h[app.HeaderDLQOffset]] = h[app.HeaderDLQReason]
+		})
+	}
+	// Unreadable record 0: status (which reads every type) dead-letters it.
+	// Record 1 is an OrderCreated of an unknown version: inventory, which
+	// handles OrderCreated, and status dead-letter it.
+	for key, want := range map[string]string{"status/0": "specversion", "status/1": "schema version", "inventory/1": "schema version"} {
+		if got, ok := reasons[key]; !ok || !strings.Contains(got, want) {
+			t.Errorf("dead letter %s: reason %q, want one mentioning %q (all: %v)", key, got, want, reasons)
+		}
+	}
+}
