@@ -95,6 +95,10 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 		kgo.DisableAutoCommit(),
 		kgo.BlockRebalanceOnPoll(),
 		kgo.FetchMaxWait(time.Second),
+		// A crashed member holds its partitions until its session times
+		// out; Kafka's 45s default would stall the saga that long.
+		kgo.SessionTimeout(10*time.Second),
+		kgo.HeartbeatInterval(time.Second),
 		// No commit on revoke: with BlockRebalanceOnPoll a rebalance only
 		// runs between batches, when every applied batch is committed; what
 		// is still uncommitted then is a batch that failed, and committing it
