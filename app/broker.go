@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
@@ -52,6 +53,8 @@ func StartBroker(addr, dataDir string, log *slog.Logger) (*kfake.Cluster, error)
 // missing. Creating them explicitly (not by auto-creation) is what makes
 // kfake persist them at once, and lets us choose the partition count.
 func EnsureTopics(ctx context.Context, brokers []string, partitions int32, topics ...string) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
 	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
 	if err != nil {
 		return fmt.Errorf("creating kafka admin client: %w", err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -20,16 +21,16 @@ func OpenDB(ctx context.Context, url string, log *slog.Logger) (*pgxpool.Pool, e
 	}
 	where := fmt.Sprintf("%s:%d", cfg.ConnConfig.Host, cfg.ConnConfig.Port)
 	if err := ensureDatabase(ctx, cfg.ConnConfig, log); err != nil {
-		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %w", where, err)
+		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %s", where, oneLine(err))
 	}
 	cfg.MaxConns = max(cfg.MaxConns, 16)
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %w", where, err)
+		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %s", where, oneLine(err))
 	}
 	if err := pool.Ping(ctx); err != nil {
 		pool.Close()
-		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %w", where, err)
+		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %s", where, oneLine(err))
 	}
 	return pool, nil
 }
@@ -57,3 +58,7 @@ func ensureDatabase(ctx context.Context, cc *pgx.ConnConfig, log *slog.Logger) e
 	log.Info("created database", "database", cc.Database)
 	return nil
 }
+
+// oneLine folds a multi-line error (pgx lists every address it tried) into
+// the one line a start-up failure must be.
+func oneLine(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
