@@ -1,0 +1,101 @@
+package app
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/prozess/prozess/app/loadgen"
+)
+
+func loadgenCommand(cfg *Config) *cobra.Command {
+	lc := loadgen.Config{
+		URL: "http://127.0.0.1:8080", Rate: 100, Duration: 20 * time.Second, Warmup: 5 * time.Second,
+		MaxInFlight: 512, Deadline: 30 * time.Second, Product: "prod-load",
+	}
+	var asJSON bool
+	var step, maxRate float64
+	cmd := &cobra.Command{
+		Use:   "loadgen",
+		Short: "Drive the saga with an open-loop load and report latency, throughput and per-order cost",
+		Long: `Send orders at a fixed rate whatever the replies (latency counts from when a
+request was due, so stalls are not hidden), observe each order's terminal event
+on the topic in a consumer group of its own, and report POST and end-to-end
+latency percentiles, throughput, errors, dropped and unfinished orders, and
+the database's transactions, WAL fsyncs and WAL bytes per order.
+With --step, the rate rises by --step until --max-rate or until the system no
+longer keeps up, and the knee is reported.`,
+		Example: "  prozess loadgen --rate 500 --duration 30s --kafka-brokers 127.0.0.1:9092\n  prozess loadgen --rate 200 --step 200 --max-rate 3000 --duration 10s",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
+			if err != nil {
+				return err
+			}
+			if len(cfg.KafkaBrokers) == 0 {
+				return fmt.Errorf("--kafka-brokers: loadgen observes the topic and needs the brokers the system uses")
+			}
+			lc.Brokers, lc.Topic, lc.DatabaseURL = cfg.KafkaBrokers, cfg.Topic, cfg.DatabaseURL
+			ctx := cmd.Context()
+			if err := loadgen.EnsureProduct(ctx, lc.DatabaseURL, lc.Product); err != nil {
+				return err
+			}
+			var results []loadgen.Result
+			knee := 0.0
+			for rate := lc.Rate; ; rate += step {
+				run := lc
+				run.Rate = rate
+				r, err := loadgen.New(ctx, run, log)
+				if err != nil {
+					return err
+				}
+				res, err := r.Run(ctx)
+				r.Close()
+				if err != nil {
+					return err
+				}
+				results = append(results, res)
+				if !res.KeptUp() {
+					break
+				}
+				knee = rate
+				if step <= 0 || rate+step > maxRate {
+					break
+				}
+				run.Warmup = 0 // the system is warm after the first step
+				lc.Warmup = 0
+			}
+			if asJSON {
+				enc := json.NewEncoder(os.Stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(map[string]any{"runs": results, "knee_rate": knee})
+			}
+			for _, r := range results {
+				for _, e := range r.FirstErrors {
+					fmt.Fprintf(os.Stderr, "error at %.0f/s: %s\n", r.TargetRate, e)
+				}
+			}
+			fmt.Print(loadgen.Table(results))
+			if step > 0 {
+				fmt.Printf("knee: %.0f orders/s (the highest rate kept up with)\n", knee)
+			}
+			return nil
+		},
+	}
+	fs := cmd.Flags()
+	cfg.connectionFlags(fs)
+	fs.StringVar(&lc.URL, "url", lc.URL, "the api's base URL")
+	fs.Float64Var(&lc.Rate, "rate", lc.Rate, "orders per second (the first rate with --step)")
+	fs.DurationVar(&lc.Duration, "duration", lc.Duration, "measured duration of each run")
+	fs.DurationVar(&lc.Warmup, "warmup", lc.Warmup, "warm-up at the first rate, not measured")
+	fs.IntVar(&lc.MaxInFlight, "max-inflight", lc.MaxInFlight, "requests in flight at most; more are dropped, never delayed")
+	fs.DurationVar(&lc.Deadline, "deadline", lc.Deadline, "how long orders may take to finish after the last send")
+	fs.StringVar(&lc.Product, "product", lc.Product, "product every order buys (created with ample stock)")
+	fs.Float64Var(&step, "step", 0, "raise the rate by this much per run until the system stops keeping up")
+	fs.Float64Var(&maxRate, "max-rate", 5000, "highest rate --step tries")
+	fs.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
+	return cmd
+}
