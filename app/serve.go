@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"slices"
 	"strings"
 	"time"
@@ -189,6 +190,11 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		s.stats[p.name] = c.Stats()
 		s.addActor(c.Run)
 	}
+	if cfg.PprofAddr != "" {
+		if err := s.addPprof(cfg.PprofAddr); err != nil {
+			return nil, err
+		}
+	}
 	log.Info("prozess ready", "participants", names, "http", s.httpAddr, "kafka", s.brokers, "topic", cfg.Topic)
 	return s, nil
 }
@@ -226,6 +232,26 @@ func (s *System) addHTTP(a *api.API) error {
 			s.log.Warn("http shutdown", "err", err)
 		}
 	})
+	return nil
+}
+
+// addPprof serves Go's profiles, for finding where the time goes.
+func (s *System) addPprof(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("--pprof-addr %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	s.group.Add(func() error {
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("pprof server: %w", err)
+		}
+		return nil
+	}, func(error) { srv.Close() })
 	return nil
 }
 
