@@ -23,10 +23,13 @@ type Handler interface {
 	// Handles reports whether the participant acts on events of type t;
 	// other records are skipped without touching the database.
 	Handles(t event.Type) bool
-	// Handle applies one event inside tx and returns the events it emits.
-	// An error wrapping event.ErrInvalid dead-letters the record; any other
+	// Handle applies a batch of new events, in topic order and with
+	// duplicates already removed, inside tx and returns the events they
+	// emit. Handling a batch with set-based SQL (a few statements per batch,
+	// not per event) is what lets one commit carry many orders. An
+	// *event.Rejected error dead-letters that one event's record; any other
 	// error is transient and the batch is retried.
-	Handle(ctx context.Context, tx pgx.Tx, ev event.Event) ([]event.Event, error)
+	Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]event.Event, error)
 }
 
 // afterCommitter is implemented by participants with work that must follow
@@ -262,9 +265,10 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	if err != nil {
 		return err
 	}
-	var emits, handled []event.Event
+	var handled, batch []event.Event
 	var dead []*kgo.Record
-	var applied, dups int
+	var dups int
+	index := map[uuid.UUID]int{} // event id -> record index, for rejections
 	for i, r := range b.recs {
 		if b.skip[i] {
 			continue
@@ -281,16 +285,23 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 			dead = append(dead, c.deadLetter(r, reason))
 			continue
 		}
-		out, err := c.handler.Handle(ctx, tx, b.evs[i])
-		if errors.Is(err, event.ErrInvalid) {
-			return &poisonError{index: i, err: err}
+		batch = append(batch, b.evs[i])
+		index[b.evs[i].ID] = i
+	}
+	var emits []event.Event
+	if len(batch) > 0 {
+		emits, err = c.handler.Handle(ctx, tx, batch)
+		var rej *event.Rejected
+		if errors.As(err, &rej) {
+			if i, ok := index[rej.ID]; ok {
+				return &poisonError{index: i, err: rej.Err}
+			}
 		}
 		if err != nil {
 			return err
 		}
-		emits = append(emits, out...)
-		applied++
 	}
+	applied := len(batch)
 	if err := event.Emit(ctx, tx, c.topic, emits...); err != nil {
 		return err
 	}

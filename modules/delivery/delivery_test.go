@@ -26,7 +26,7 @@ func TestShipsOncePerOrder(t *testing.T) {
 			t.Fatal(err)
 		}
 		shipped = append(shipped, schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) {
-			return d.Handle(context.Background(), tx, paid)
+			return d.Handle(context.Background(), tx, []event.Event{paid, paid})
 		})...)
 	}
 	if len(shipped) != 1 || shipped[0].Type != event.OrderShipped {

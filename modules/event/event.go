@@ -182,3 +182,17 @@ func decodeStrict(data []byte, v any) error {
 	}
 	return nil
 }
+
+// Rejected marks the one event of a batch that can never be processed, so
+// the consumer dead-letters its record and applies the rest of the batch.
+type Rejected struct {
+	ID  uuid.UUID
+	Err error
+}
+
+// Reject wraps err as the rejection of ev.
+func Reject(ev Event, err error) error { return &Rejected{ID: ev.ID, Err: err} }
+
+func (r *Rejected) Error() string { return fmt.Sprintf("event %s rejected: %v", r.ID, r.Err) }
+
+func (r *Rejected) Unwrap() error { return r.Err }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/prozess/prozess/modules/event"
@@ -28,46 +29,53 @@ func (*Inventory) Handles(t event.Type) bool {
 	return t == event.OrderCreated || t == event.PaymentFailed
 }
 
-// Handle applies one event inside the consumer's transaction and returns the
-// events it emits. Out of stock is a business outcome (InventoryFailed), not
-// an error.
-func (inv *Inventory) Handle(ctx context.Context, tx pgx.Tx, ev event.Event) ([]event.Event, error) {
-	switch ev.Type {
-	case event.OrderCreated:
-		return inv.reserve(ctx, tx, ev)
-	case event.PaymentFailed:
-		return inv.release(ctx, tx, ev)
+// Handle applies a batch inside the consumer's transaction and returns the
+// events it emits. Releases are applied before reservations: stock given back
+// by a declined order may serve a new one in the same batch. Out of stock is
+// a business outcome (InventoryFailed), not an error.
+func (inv *Inventory) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]event.Event, error) {
+	var orders []order
+	var declined []uuid.UUID
+	for _, ev := range evs {
+		switch ev.Type {
+		case event.OrderCreated:
+			var c event.Created
+			if err := ev.Decode(&c); err != nil {
+				return nil, event.Reject(ev, err)
+			}
+			orders = append(orders, order{id: ev.OrderID, created: c})
+		case event.PaymentFailed:
+			declined = append(declined, ev.OrderID)
+		}
 	}
-	return nil, nil
-}
-
-func (inv *Inventory) reserve(ctx context.Context, tx pgx.Tx, ev event.Event) ([]event.Event, error) {
-	var c event.Created
-	if err := ev.Decode(&c); err != nil {
-		return nil, err
-	}
-	short, err := reserve(ctx, tx, ev.OrderID, c.Items)
+	released, err := apply(ctx, tx, declined, orders)
 	if err != nil {
-		return nil, fmt.Errorf("reserving stock for order %s: %w", ev.OrderID, err)
+		return nil, fmt.Errorf("applying %d reservations and %d releases: %w", len(orders), len(declined), err)
 	}
-	if short != nil {
-		inv.log.Info("out of stock", "order_id", ev.OrderID, "product_id", short.ProductID, "reason", short.Reason)
-		out, err := event.New(event.InventoryFailed, ev.OrderID, Name, short)
-		return []event.Event{out}, err
+	var out []event.Event
+	for _, id := range declined {
+		items := released[id]
+		if len(items) == 0 {
+			continue // nothing held (already released, or never reserved)
+		}
+		ev, err := event.New(event.InventoryReleased, id, Name, event.Released{Items: items})
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ev)
 	}
-	out, err := event.New(event.InventoryReserved, ev.OrderID, Name, event.Reserved(c))
-	return []event.Event{out}, err
-}
-
-func (inv *Inventory) release(ctx context.Context, tx pgx.Tx, ev event.Event) ([]event.Event, error) {
-	items, err := release(ctx, tx, ev.OrderID)
-	if err != nil {
-		return nil, fmt.Errorf("releasing stock for order %s: %w", ev.OrderID, err)
+	for _, o := range orders {
+		var ev event.Event
+		if o.short != nil {
+			inv.log.Info("out of stock", "order_id", o.id, "product_id", o.short.ProductID, "reason", o.short.Reason)
+			ev, err = event.New(event.InventoryFailed, o.id, Name, o.short)
+		} else {
+			ev, err = event.New(event.InventoryReserved, o.id, Name, event.Reserved(o.created))
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ev)
 	}
-	if len(items) == 0 {
-		// Nothing held (already released, or never reserved): nothing to give back.
-		return nil, nil
-	}
-	out, err := event.New(event.InventoryReleased, ev.OrderID, Name, event.Released{Items: items})
-	return []event.Event{out}, err
+	return out, nil
 }

@@ -33,10 +33,10 @@ func created(t *testing.T, order uuid.UUID, items ...event.Item) event.Event {
 	return ev
 }
 
-func handle(t *testing.T, pool *pgxpool.Pool, inv *inventory.Inventory, ev event.Event) []event.Event {
+func handle(t *testing.T, pool *pgxpool.Pool, inv *inventory.Inventory, evs ...event.Event) []event.Event {
 	t.Helper()
 	return schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) {
-		return inv.Handle(context.Background(), tx, ev)
+		return inv.Handle(context.Background(), tx, evs)
 	})
 }
 
@@ -133,7 +133,7 @@ func TestConcurrentReservationsNeverOversell(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			err := pgx.BeginFunc(context.Background(), pool, func(tx pgx.Tx) error {
-				out, err := inv.Handle(context.Background(), tx, ev)
+				out, err := inv.Handle(context.Background(), tx, []event.Event{ev})
 				if err == nil {
 					results <- out[0].Type
 				}
@@ -157,5 +157,38 @@ func TestConcurrentReservationsNeverOversell(t *testing.T) {
 	}
 	if a, b := stock(t, pool, "a"), stock(t, pool, "b"); a != 3 || b != 0 {
 		t.Fatalf("stock a=%d b=%d, want 3 and 0", a, b)
+	}
+}
+
+// One batch is decided in order against the stock left by the orders before
+// it, and a release in the batch makes its stock available to the batch.
+func TestBatchIsDecidedInOrder(t *testing.T) {
+	pool, inv := setup(t)
+	held := uuid.New()
+	handle(t, pool, inv, created(t, held, event.Item{ProductID: "b", Qty: 2})) // b: 2 -> 0
+	declined, err := event.New(event.PaymentFailed, held, "payment", event.Failed{Reason: "declined"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, second, third := uuid.New(), uuid.New(), uuid.New()
+	out := handle(t, pool, inv,
+		created(t, first, event.Item{ProductID: "a", Qty: 4}),  // a: 5 -> 1
+		created(t, second, event.Item{ProductID: "a", Qty: 2}), // short: 1 left
+		declined, // b: 0 -> 2
+		created(t, third, event.Item{ProductID: "a", Qty: 1}, event.Item{ProductID: "b", Qty: 2}), // a: 1 -> 0, b: 2 -> 0
+	)
+	got := map[uuid.UUID]event.Type{}
+	for _, ev := range out {
+		got[ev.OrderID] = ev.Type
+	}
+	want := map[uuid.UUID]event.Type{held: event.InventoryReleased, first: event.InventoryReserved,
+		second: event.InventoryFailed, third: event.InventoryReserved}
+	for id, typ := range want {
+		if got[id] != typ {
+			t.Errorf("order %s: %s, want %s", id, got[id], typ)
+		}
+	}
+	if a, b := stock(t, pool, "a"), stock(t, pool, "b"); a != 0 || b != 0 {
+		t.Fatalf("stock a=%d b=%d, want 0 and 0", a, b)
 	}
 }

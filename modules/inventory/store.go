@@ -12,76 +12,133 @@ import (
 	"github.com/prozess/prozess/modules/event"
 )
 
-// reserve takes every item's quantity from stock, or nothing. It locks the
-// products in id order, so concurrent reservations cannot deadlock, and
-// checks them all before changing any. It returns a non-nil Failed when an
-// item cannot be had.
-func reserve(ctx context.Context, tx pgx.Tx, orderID uuid.UUID, items []event.Item) (*event.Failed, error) {
-	want := merge(items)
-	ids, qtys := columns(want)
-	rows, err := tx.Query(ctx, `SELECT id, stock FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE`, ids)
+// order is one OrderCreated of a batch and, after apply, its outcome.
+type order struct {
+	id      uuid.UUID
+	created event.Created
+	short   *event.Failed // why it could not be reserved; nil when reserved
+}
+
+// apply releases what the declined orders hold and reserves the new orders,
+// in a constant number of statements whatever the batch size:
+//  1. mark the declined orders' reservations released, reading them back;
+//  2. lock every product the batch touches, in id order (so concurrent
+//     batches cannot deadlock), and read its stock;
+//  3. decide each new order in batch order against that stock, all of its
+//     items or none;
+//  4. write the net stock change per product and the new reservations.
+func apply(ctx context.Context, tx pgx.Tx, declined []uuid.UUID, orders []order) (map[uuid.UUID][]event.Item, error) {
+	released := map[uuid.UUID][]event.Item{}
+	if len(declined) > 0 {
+		rows, err := tx.Query(ctx, `
+			UPDATE reservations SET released_at = now()
+			WHERE order_id = ANY($1) AND released_at IS NULL
+			RETURNING order_id, product_id, qty`, declined)
+		if err != nil {
+			return nil, fmt.Errorf("marking reservations released: %w", err)
+		}
+		var id uuid.UUID
+		var it event.Item
+		if _, err := pgx.ForEachRow(rows, []any{&id, &it.ProductID, &it.Qty}, func() error {
+			released[id] = append(released[id], it)
+			return nil
+		}); err != nil {
+			return nil, fmt.Errorf("marking reservations released: %w", err)
+		}
+		for id, items := range released {
+			released[id] = merge(items)
+		}
+	}
+
+	var products []string
+	for _, items := range released {
+		for _, it := range items {
+			products = append(products, it.ProductID)
+		}
+	}
+	for _, o := range orders {
+		for _, it := range o.created.Items {
+			products = append(products, it.ProductID)
+		}
+	}
+	if len(products) == 0 {
+		return released, nil
+	}
+	slices.Sort(products)
+	products = slices.Compact(products)
+	rows, err := tx.Query(ctx, `SELECT id, stock FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE`, products)
 	if err != nil {
 		return nil, fmt.Errorf("locking products: %w", err)
 	}
-	stock := make(map[string]int64, len(ids))
-	var id string
+	stock := make(map[string]int64, len(products))
+	var pid string
 	var n int64
-	if _, err := pgx.ForEachRow(rows, []any{&id, &n}, func() error { stock[id] = n; return nil }); err != nil {
+	if _, err := pgx.ForEachRow(rows, []any{&pid, &n}, func() error { stock[pid] = n; return nil }); err != nil {
 		return nil, fmt.Errorf("reading stock: %w", err)
 	}
+	delta := map[string]int64{}
+	for _, items := range released {
+		for _, it := range items {
+			stock[it.ProductID] += int64(it.Qty)
+			delta[it.ProductID] += int64(it.Qty)
+		}
+	}
+	var resOrders []uuid.UUID
+	var resProducts []string
+	var resQtys []int32
+	for i := range orders {
+		o := &orders[i]
+		want := merge(o.created.Items)
+		o.short = check(want, stock)
+		if o.short != nil {
+			continue
+		}
+		for _, it := range want {
+			stock[it.ProductID] -= int64(it.Qty)
+			delta[it.ProductID] -= int64(it.Qty)
+			resOrders, resProducts, resQtys = append(resOrders, o.id), append(resProducts, it.ProductID), append(resQtys, int32(it.Qty))
+		}
+	}
+	var ids []string
+	var deltas []int64
+	for _, p := range products {
+		if d := delta[p]; d != 0 {
+			ids, deltas = append(ids, p), append(deltas, d)
+		}
+	}
+	if len(ids) > 0 {
+		if _, err := tx.Exec(ctx, `
+			UPDATE products p SET stock = p.stock + d.delta
+			FROM unnest($1::text[], $2::bigint[]) AS d(id, delta)
+			WHERE p.id = d.id`, ids, deltas); err != nil {
+			return nil, fmt.Errorf("changing stock: %w", err)
+		}
+	}
+	if len(resOrders) > 0 {
+		if _, err := tx.Exec(ctx, `
+			INSERT INTO reservations (order_id, product_id, qty)
+			SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[])`, resOrders, resProducts, resQtys); err != nil {
+			return nil, fmt.Errorf("recording reservations: %w", err)
+		}
+	}
+	return released, nil
+}
+
+// check returns why an order's items cannot all be had, or nil.
+func check(want []event.Item, stock map[string]int64) *event.Failed {
 	for _, it := range want {
 		have, ok := stock[it.ProductID]
 		switch {
 		case !ok:
-			return &event.Failed{Reason: "unknown product", ProductID: it.ProductID}, nil
+			return &event.Failed{Reason: "unknown product", ProductID: it.ProductID}
 		case have < int64(it.Qty):
-			return &event.Failed{Reason: fmt.Sprintf("out of stock: %d wanted, %d left", it.Qty, have), ProductID: it.ProductID}, nil
+			return &event.Failed{Reason: fmt.Sprintf("out of stock: %d wanted, %d left", it.Qty, have), ProductID: it.ProductID}
 		}
 	}
-	if _, err := tx.Exec(ctx, `
-		UPDATE products p SET stock = p.stock - r.qty
-		FROM unnest($1::text[], $2::int[]) AS r(id, qty)
-		WHERE p.id = r.id`, ids, qtys); err != nil {
-		return nil, fmt.Errorf("taking stock: %w", err)
-	}
-	if _, err := tx.Exec(ctx, `
-		INSERT INTO reservations (order_id, product_id, qty)
-		SELECT $1, * FROM unnest($2::text[], $3::int[])`, orderID, ids, qtys); err != nil {
-		return nil, fmt.Errorf("recording reservation: %w", err)
-	}
-	return nil, nil
+	return nil
 }
 
-// release gives back what an order holds, exactly once: the reservation rows
-// are marked released in the same statement that reads them.
-func release(ctx context.Context, tx pgx.Tx, orderID uuid.UUID) ([]event.Item, error) {
-	rows, err := tx.Query(ctx, `
-		UPDATE reservations SET released_at = now()
-		WHERE order_id = $1 AND released_at IS NULL
-		RETURNING product_id, qty`, orderID)
-	if err != nil {
-		return nil, fmt.Errorf("marking reservation released: %w", err)
-	}
-	items, err := pgx.CollectRows(rows, pgx.RowToStructByPos[event.Item])
-	if err != nil || len(items) == 0 {
-		return nil, err
-	}
-	items = merge(items)
-	ids, qtys := columns(items)
-	// Same lock order as reserve.
-	if _, err := tx.Exec(ctx, `SELECT 1 FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE`, ids); err != nil {
-		return nil, fmt.Errorf("locking products: %w", err)
-	}
-	if _, err := tx.Exec(ctx, `
-		UPDATE products p SET stock = p.stock + r.qty
-		FROM unnest($1::text[], $2::int[]) AS r(id, qty)
-		WHERE p.id = r.id`, ids, qtys); err != nil {
-		return nil, fmt.Errorf("returning stock: %w", err)
-	}
-	return items, nil
-}
-
-// merge sums quantities per product and sorts by product id: the lock order.
+// merge sums quantities per product and sorts by product id.
 func merge(items []event.Item) []event.Item {
 	sum := make(map[string]int, len(items))
 	for _, it := range items {
@@ -93,13 +150,4 @@ func merge(items []event.Item) []event.Item {
 	}
 	slices.SortFunc(out, func(a, b event.Item) int { return strings.Compare(a.ProductID, b.ProductID) })
 	return out
-}
-
-func columns(items []event.Item) ([]string, []int32) {
-	ids := make([]string, len(items))
-	qtys := make([]int32, len(items))
-	for i, it := range items {
-		ids[i], qtys[i] = it.ProductID, int32(it.Qty)
-	}
-	return ids, qtys
 }

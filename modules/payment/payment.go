@@ -6,7 +6,6 @@ package payment
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -44,46 +43,79 @@ func New(log *slog.Logger, declineRate float64, rng *rand.Rand) (*Payment, error
 // Handles reports the event types payment acts on.
 func (*Payment) Handles(t event.Type) bool { return t == event.InventoryReserved }
 
-// Handle charges one order. A decline is a business outcome (PaymentFailed),
-// not an error.
-func (p *Payment) Handle(ctx context.Context, tx pgx.Tx, ev event.Event) ([]event.Event, error) {
-	if ev.Type != event.InventoryReserved {
+// Handle charges a batch of orders with one INSERT. A decline is a business
+// outcome (PaymentFailed), not an error.
+func (p *Payment) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]event.Event, error) {
+	type charge struct {
+		order    uuid.UUID
+		id       uuid.UUID
+		amount   int64
+		declined bool
+	}
+	var cs []charge
+	var orders, ids []uuid.UUID
+	var amounts []int64
+	var statuses, reasons []string
+	for _, ev := range evs {
+		if ev.Type != event.InventoryReserved {
+			continue
+		}
+		var r event.Reserved
+		if err := ev.Decode(&r); err != nil {
+			return nil, event.Reject(ev, err)
+		}
+		id, err := uuid.NewV7()
+		if err != nil {
+			return nil, fmt.Errorf("new payment id: %w", err)
+		}
+		c := charge{order: ev.OrderID, id: id, amount: r.AmountCents, declined: p.decline()}
+		status, reason := "COMPLETED", ""
+		if c.declined {
+			status, reason = "DECLINED", DeclineReason
+		}
+		cs = append(cs, c)
+		orders, ids, amounts = append(orders, c.order), append(ids, c.id), append(amounts, c.amount)
+		statuses, reasons = append(statuses, status), append(reasons, reason)
+	}
+	if len(cs) == 0 {
 		return nil, nil
 	}
-	var r event.Reserved
-	if err := ev.Decode(&r); err != nil {
-		return nil, err
-	}
-	id, err := uuid.NewV7()
-	if err != nil {
-		return nil, fmt.Errorf("new payment id: %w", err)
-	}
-	declined := p.decline()
-	status, reason := "COMPLETED", ""
-	if declined {
-		status, reason = "DECLINED", DeclineReason
-	}
-	err = tx.QueryRow(ctx, `
+	rows, err := tx.Query(ctx, `
 		INSERT INTO payments (order_id, id, amount_cents, status, reason)
-		VALUES ($1, $2, $3, $4, NULLIF($5, ''))
+		SELECT o, i, a, s, NULLIF(r, '') FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[]) AS t(o, i, a, s, r)
 		ON CONFLICT (order_id) DO NOTHING
-		RETURNING id`, ev.OrderID, id, r.AmountCents, status, reason).Scan(&id)
-	if errors.Is(err, pgx.ErrNoRows) {
-		// Decided before under another event id: that decision's event is
-		// already in the outbox, so emitting again would be a second charge.
-		p.log.Warn("payment already decided", "order_id", ev.OrderID)
-		return nil, nil
-	}
+		RETURNING id`, orders, ids, amounts, statuses, reasons)
 	if err != nil {
-		return nil, fmt.Errorf("recording payment for order %s: %w", ev.OrderID, err)
+		return nil, fmt.Errorf("recording %d payments: %w", len(cs), err)
 	}
-	var out event.Event
-	if declined {
-		out, err = event.New(event.PaymentFailed, ev.OrderID, Name, event.Failed{Reason: reason})
-	} else {
-		out, err = event.New(event.PaymentCompleted, ev.OrderID, Name, event.Paid{PaymentID: id, AmountCents: r.AmountCents})
+	stored, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+	if err != nil {
+		return nil, fmt.Errorf("recording %d payments: %w", len(cs), err)
 	}
-	return []event.Event{out}, err
+	decided := make(map[uuid.UUID]bool, len(stored))
+	for _, id := range stored {
+		decided[id] = true
+	}
+	var out []event.Event
+	for _, c := range cs {
+		if !decided[c.id] {
+			// Decided before under another event id: that decision's event
+			// is already in the outbox, so emitting again would charge twice.
+			p.log.Warn("payment already decided", "order_id", c.order)
+			continue
+		}
+		var ev event.Event
+		if c.declined {
+			ev, err = event.New(event.PaymentFailed, c.order, Name, event.Failed{Reason: DeclineReason})
+		} else {
+			ev, err = event.New(event.PaymentCompleted, c.order, Name, event.Paid{PaymentID: c.id, AmountCents: c.amount})
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ev)
+	}
+	return out, nil
 }
 
 func (p *Payment) decline() bool {

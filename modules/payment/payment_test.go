@@ -49,7 +49,7 @@ func TestDecision(t *testing.T) {
 			p := newPayment(t, tc.rate)
 			order := uuid.New()
 			out := schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) {
-				return p.Handle(context.Background(), tx, reserved(t, order))
+				return p.Handle(context.Background(), tx, []event.Event{reserved(t, order)})
 			})
 			if len(out) != 1 || out[0].Type != tc.want {
 				t.Fatalf("emitted %+v, want one %s", out, tc.want)
@@ -71,7 +71,7 @@ func TestNeverChargesTwice(t *testing.T) {
 	var emitted int
 	for range 10 {
 		out := schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) {
-			return p.Handle(context.Background(), tx, reserved(t, order))
+			return p.Handle(context.Background(), tx, []event.Event{reserved(t, order)})
 		})
 		emitted += len(out)
 	}
@@ -99,7 +99,7 @@ func TestDeclineRateIsHonoured(t *testing.T) {
 	declined := 0
 	schematest.InTx(t, pool, func(tx pgx.Tx) (struct{}, error) {
 		for range n {
-			out, err := p.Handle(context.Background(), tx, reserved(t, uuid.New()))
+			out, err := p.Handle(context.Background(), tx, []event.Event{reserved(t, uuid.New())})
 			if err != nil {
 				return struct{}{}, err
 			}
@@ -112,5 +112,19 @@ func TestDeclineRateIsHonoured(t *testing.T) {
 	// 15% of 400 is 60; the seeded generator must land well inside 30..90.
 	if declined < 30 || declined > 90 {
 		t.Fatalf("%d of %d declined at rate 0.15", declined, n)
+	}
+}
+
+// Two InventoryReserved for one order in one batch: one decision.
+func TestOneDecisionPerOrderInABatch(t *testing.T) {
+	t.Parallel()
+	pool := schematest.NewPool(t)
+	p := newPayment(t, 0)
+	a, b := uuid.New(), uuid.New()
+	out := schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) {
+		return p.Handle(context.Background(), tx, []event.Event{reserved(t, a), reserved(t, b), reserved(t, a)})
+	})
+	if len(out) != 2 || out[0].OrderID != a || out[1].OrderID != b {
+		t.Fatalf("emitted %+v, want one decision for a, then b", out)
 	}
 }

@@ -8,6 +8,9 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"time"
+
+	"github.com/google/uuid"
 
 	"github.com/jackc/pgx/v5"
 
@@ -31,32 +34,55 @@ func New(log *slog.Logger, cache *statuscache.Cache) *Status { return &Status{lo
 // must see everything, and a record it cannot read is dead-lettered.
 func (*Status) Handles(event.Type) bool { return true }
 
-// Handle records one event and moves its order's status forward.
-func (s *Status) Handle(ctx context.Context, tx pgx.Tx, ev event.Event) ([]event.Event, error) {
+// Handle records a batch in two statements: every event into the audit log,
+// then each order's status moved to the furthest status its events reach.
+func (s *Status) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]event.Event, error) {
+	n := len(evs)
+	ids, orders := make([]uuid.UUID, n), make([]uuid.UUID, n)
+	types, sources, payloads := make([]string, n), make([]string, n), make([]string, n)
+	times := make([]time.Time, n)
+	next := map[uuid.UUID]event.Status{}
+	var order []uuid.UUID // first appearance, for a stable statement
+	for i, ev := range evs {
+		ids[i], orders[i], types[i], sources[i], times[i], payloads[i] = ev.ID, ev.OrderID, string(ev.Type), ev.Source, ev.Time, string(ev.Data)
+		st, ok := event.StatusAfter(ev.Type)
+		if !ok {
+			continue
+		}
+		cur, seen := next[ev.OrderID]
+		if !seen {
+			order = append(order, ev.OrderID)
+		}
+		if !seen || st.Rank() > cur.Rank() {
+			next[ev.OrderID] = st
+		}
+	}
 	if _, err := tx.Exec(ctx, `
 		INSERT INTO order_events (event_id, order_id, type, source, occurred_at, payload)
-		VALUES ($1, $2, $3, $4, $5, $6)
-		ON CONFLICT (event_id) DO NOTHING`,
-		ev.ID, ev.OrderID, string(ev.Type), ev.Source, ev.Time, string(ev.Data)); err != nil {
-		return nil, fmt.Errorf("recording %s for order %s: %w", ev.Type, ev.OrderID, err)
+		SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[])
+		ON CONFLICT (event_id) DO NOTHING`, ids, orders, types, sources, times, payloads); err != nil {
+		return nil, fmt.Errorf("recording %d events: %w", n, err)
 	}
-	next, ok := event.StatusAfter(ev.Type)
-	if !ok {
+	if len(order) == 0 {
 		return nil, nil
+	}
+	statuses, ranks := make([]string, len(order)), make([]int32, len(order))
+	for i, id := range order {
+		statuses[i], ranks[i] = string(next[id]), int32(next[id].Rank())
 	}
 	// The rank guard makes status forward-only: a duplicate or late event
 	// matches no row.
 	if _, err := tx.Exec(ctx, `
-		UPDATE orders SET status = $2, updated_at = now()
-		WHERE id = $1 AND `+rankSQL+` < $3`,
-		ev.OrderID, string(next), next.Rank()); err != nil {
-		return nil, fmt.Errorf("moving order %s to %s: %w", ev.OrderID, next, err)
+		UPDATE orders SET status = v.status, updated_at = now()
+		FROM unnest($1::uuid[], $2::text[], $3::int[]) AS v(id, status, rank)
+		WHERE orders.id = v.id AND `+rankSQL+` < v.rank`, order, statuses, ranks); err != nil {
+		return nil, fmt.Errorf("moving %d orders forward: %w", len(order), err)
 	}
 	return nil, nil
 }
 
 // rankSQL is event.Status.Rank in SQL.
-const rankSQL = `(CASE status WHEN 'CREATED' THEN 0 WHEN 'INVENTORY_RESERVED' THEN 1 WHEN 'PAID' THEN 2 ELSE 3 END)`
+const rankSQL = `(CASE orders.status WHEN 'CREATED' THEN 0 WHEN 'INVENTORY_RESERVED' THEN 1 WHEN 'PAID' THEN 2 ELSE 3 END)`
 
 // AfterCommit advances the status cache for a committed batch. The cache is a
 // fast path only: a failure is logged, and the entry's short lifetime and

@@ -52,7 +52,7 @@ func TestStatusOnlyMovesForward(t *testing.T) {
 		{ev(t, event.PaymentFailed, order), event.StatusShipped}, // terminal stays
 	}
 	for i, st := range steps {
-		schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) { return s.Handle(ctx, tx, st.ev) })
+		schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) { return s.Handle(ctx, tx, []event.Event{st.ev}) })
 		s.AfterCommit(ctx, []event.Event{st.ev})
 		var got event.Status
 		if err := pool.QueryRow(ctx, `SELECT status FROM orders WHERE id = $1`, order).Scan(&got); err != nil {
@@ -95,5 +95,44 @@ func TestCacheAdvanceSkipsAbsentEntries(t *testing.T) {
 	e, ok, err := cache.Get(ctx, order)
 	if err != nil || !ok || e.Status != event.StatusShipped || string(e.Doc) != `{"a":1}` {
 		t.Fatalf("cache %+v %v %v, want the SHIPPED entry", e, ok, err)
+	}
+}
+
+// A batch moves each order to the furthest status its events reach, in
+// whatever order they come.
+func TestBatchTakesTheFurthestStatus(t *testing.T) {
+	t.Parallel()
+	pool := schematest.NewPool(t)
+	rdb, prefix := schematest.NewRedis(t)
+	s := status.New(slog.New(slog.NewTextHandler(io.Discard, nil)), statuscache.New(rdb, prefix))
+	ctx := context.Background()
+	a, b := uuid.New(), uuid.New()
+	for _, id := range []uuid.UUID{a, b} {
+		schematest.Exec(t, pool, `INSERT INTO orders (id, user_id, status, amount_cents) VALUES ($1, 'u1', 'CREATED', 1)`, id)
+	}
+	batch := []event.Event{
+		ev(t, event.InventoryReserved, a), ev(t, event.OrderShipped, b), ev(t, event.PaymentCompleted, a),
+		ev(t, event.InventoryReserved, b), ev(t, event.OrderCreated, a),
+	}
+	schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) { return s.Handle(ctx, tx, batch) })
+	for id, want := range map[uuid.UUID]string{a: "PAID", b: "SHIPPED"} {
+		var got string
+		if err := pool.QueryRow(ctx, `SELECT status FROM orders WHERE id = $1`, id).Scan(&got); err != nil || got != want {
+			t.Errorf("order %s: %s (%v), want %s", id, got, err, want)
+		}
+	}
+	// The audit log keeps the batch's order.
+	rows, err := pool.Query(ctx, `SELECT event_id FROM order_events ORDER BY seq`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+	if err != nil || len(got) != len(batch) {
+		t.Fatalf("%d audit rows (%v), want %d", len(got), err, len(batch))
+	}
+	for i := range batch {
+		if got[i] != batch[i].ID {
+			t.Fatalf("audit row %d is %s, want %s", i, got[i], batch[i].ID)
+		}
 	}
 }
