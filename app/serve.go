@@ -220,12 +220,21 @@ func (s *System) addHTTP(a *api.API) error {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
+	shutdown := make(chan struct{})
 	s.group.Add(func() error {
+		// The order writer outlives the server: requests still in flight
+		// during Shutdown get their orders written.
+		wctx, stop := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- a.Run(wctx) }()
+		defer func() { stop(); <-done }()
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("http server: %w", err)
 		}
+		<-shutdown // Serve returns at once; Shutdown returns when handlers are done
 		return nil
 	}, func(error) {
+		defer close(shutdown)
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
 		defer cancel()
 		if err := srv.Shutdown(ctx); err != nil {

@@ -5,6 +5,7 @@
 package api
 
 import (
+	"context"
 	"log/slog"
 	"net/http"
 	"time"
@@ -34,12 +35,21 @@ type API struct {
 	cache  *statuscache.Cache
 	prefix string
 	topic  string
+	writer *writer
 }
 
 // New returns the api participant. Redis keys go under prefix; events go to
 // topic through the outbox.
 func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, prefix, topic string) *API {
-	return &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, prefix), prefix: prefix, topic: topic}
+	return &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, prefix), prefix: prefix, topic: topic,
+		writer: newWriter(pool, topic)}
+}
+
+// Run writes submitted orders until ctx ends; POST /orders needs it running.
+// Stop it only after the HTTP server has stopped taking requests.
+func (a *API) Run(ctx context.Context) error {
+	a.writer.run(ctx)
+	return nil
 }
 
 // Register adds the API's routes to e.

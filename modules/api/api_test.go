@@ -35,7 +35,9 @@ func server(t *testing.T) (*httptest.Server, *pgxpool.Pool) {
 	e := echo.New()
 	e.HTTPErrorHandler = api.ErrorHandler(log)
 	e.Use(middleware.BodyLimit(fmt.Sprintf("%dB", api.MaxBodyBytes)))
-	api.New(log, pool, rdb, prefix, "order-events").Register(e)
+	a := api.New(log, pool, rdb, prefix, "order-events")
+	a.Register(e)
+	go a.Run(t.Context())
 	srv := httptest.NewServer(e)
 	t.Cleanup(srv.Close)
 	return srv, pool

@@ -87,7 +87,7 @@ func (a *API) createOrder(c echo.Context) error {
 			return replay(c, id)
 		}
 	}
-	res, err := a.insertOrder(ctx, req, key, hash)
+	res, err := a.writer.submit(ctx, req, key, hash)
 	if err != nil {
 		return err
 	}
