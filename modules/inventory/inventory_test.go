@@ -192,3 +192,24 @@ func TestBatchIsDecidedInOrder(t *testing.T) {
 		t.Fatalf("stock a=%d b=%d, want 0 and 0", a, b)
 	}
 }
+
+// BenchmarkReserveBatch measures one polled batch of 100 new orders through
+// inventory, in one transaction, on the real database.
+func BenchmarkReserveBatch(b *testing.B) {
+	pool := schematest.NewPool(b)
+	schematest.Exec(b, pool, `INSERT INTO products (id, name, price_cents, stock) VALUES ('a', 'A', 1, 1000000000), ('b', 'B', 1, 1000000000)`)
+	inv := inventory.New(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		evs := make([]event.Event, 100)
+		for i := range evs {
+			evs[i], _ = event.New(event.OrderCreated, uuid.New(), "api",
+				event.Created{UserID: "u", Items: []event.Item{{ProductID: "a", Qty: 1}, {ProductID: "b", Qty: 2}}, AmountCents: 3})
+		}
+		if err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error { _, err := inv.Handle(ctx, tx, evs); return err }); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/100, "µs/order")
+}

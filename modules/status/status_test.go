@@ -136,3 +136,30 @@ func TestBatchTakesTheFurthestStatus(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkStatusBatch measures one polled batch of 100 events (25 orders
+// through their whole lifecycle) through the status writer.
+func BenchmarkStatusBatch(b *testing.B) {
+	pool := schematest.NewPool(b)
+	rdb, prefix := schematest.NewRedis(b)
+	s := status.New(slog.New(slog.NewTextHandler(io.Discard, nil)), statuscache.New(rdb, prefix))
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		var evs []event.Event
+		for range 25 {
+			id := uuid.New()
+			if _, err := pool.Exec(ctx, `INSERT INTO orders (id, user_id, status, amount_cents) VALUES ($1, 'u', 'CREATED', 1)`, id); err != nil {
+				b.Fatal(err)
+			}
+			for _, typ := range []event.Type{event.OrderCreated, event.InventoryReserved, event.PaymentCompleted, event.OrderShipped} {
+				e, _ := event.New(typ, id, "bench", map[string]string{})
+				evs = append(evs, e)
+			}
+		}
+		if err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error { _, err := s.Handle(ctx, tx, evs); return err }); err != nil {
+			b.Fatal(err)
+		}
+		s.AfterCommit(ctx, evs)
+	}
+}
