@@ -9,7 +9,6 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
-
 )
 
 func (a *API) idemKey(user, key string) string { return a.prefix + "idem:" + user + ":" + key }
