@@ -45,7 +45,7 @@ variable as fallback, e.g. --database-url and PROZESS_DATABASE_URL.`,
 		},
 	}
 	cfg.logFlags(root.PersistentFlags())
-	root.AddCommand(serveCommand(&cfg), brokerCommand(&cfg), migrateCommand(&cfg), seedCommand(&cfg), loadgenCommand(&cfg))
+	root.AddCommand(serveCommand(&cfg), brokerCommand(&cfg), migrateCommand(&cfg), seedCommand(&cfg), loadgenCommand(&cfg), checkCommand(&cfg), dlqCommand(&cfg))
 	return root
 }
 

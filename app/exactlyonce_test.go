@@ -13,7 +13,9 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app"
+	"github.com/prozess/prozess/app/check"
 	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/schema/schematest"
 )
 
 // duplicate re-publishes every record of the topic once more, so every
@@ -70,6 +72,14 @@ func (e *env) assertExactlyOnce(initial map[string]int64, current map[string]int
 	}
 	if n := e.count(`SELECT count(*) FROM shipments s JOIN payments p USING (order_id) WHERE p.status <> 'COMPLETED'`); n != 0 {
 		t.Errorf("%d shipments without a completed payment", n)
+	}
+	rdb, _ := schematest.NewRedis(t)
+	rep, err := check.Run(context.Background(), e.pool, check.Config{Deadline: 0, Redis: rdb, Prefix: e.prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Violations) > 0 {
+		t.Errorf("prozess check found violations:\n%s", rep.Text())
 	}
 	for product, before := range initial {
 		shipped := e.count(`SELECT coalesce(sum(i.qty), 0) FROM order_items i JOIN orders o ON o.id = i.order_id

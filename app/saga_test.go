@@ -86,7 +86,7 @@ func TestConcurrentOrdersConserveStock(t *testing.T) {
 	cfg.PaymentDeclineRate = 0.15
 	r := e.start(cfg)
 	// Little monitor stock, so some orders run out.
-	if _, err := e.pool.Exec(t.Context(), `UPDATE products SET stock = 40 WHERE id = 'prod-monitor'`); err != nil {
+	if _, err := e.pool.Exec(t.Context(), `UPDATE products SET stock = 40, received = 40 WHERE id = 'prod-monitor'`); err != nil {
 		t.Fatal(err)
 	}
 	before := r.stock(t)

@@ -26,7 +26,23 @@ func Migrate(ctx context.Context, pool *pgxpool.Pool) ([]*goose.MigrationResult,
 	return migrate(ctx, db)
 }
 
-func migrate(ctx context.Context, db *sql.DB) ([]*goose.MigrationResult, error) {
+// Pending reports whether the database lacks migrations this build has, so
+// read-only commands can refuse to misread an old schema.
+func Pending(ctx context.Context, pool *pgxpool.Pool) (bool, error) {
+	db := stdlib.OpenDBFromPool(pool)
+	defer db.Close()
+	p, err := provider(db)
+	if err != nil {
+		return false, err
+	}
+	pending, err := p.HasPending(ctx)
+	if err != nil {
+		return false, fmt.Errorf("reading schema version: %w", err)
+	}
+	return pending, nil
+}
+
+func provider(db *sql.DB) (*goose.Provider, error) {
 	fsys, err := fs.Sub(migrations, "migrations")
 	if err != nil {
 		return nil, fmt.Errorf("opening embedded migrations: %w", err)
@@ -38,6 +54,14 @@ func migrate(ctx context.Context, db *sql.DB) ([]*goose.MigrationResult, error) 
 	p, err := goose.NewProvider(goose.DialectPostgres, db, fsys, goose.WithSessionLocker(locker))
 	if err != nil {
 		return nil, fmt.Errorf("loading migrations: %w", err)
+	}
+	return p, nil
+}
+
+func migrate(ctx context.Context, db *sql.DB) ([]*goose.MigrationResult, error) {
+	p, err := provider(db)
+	if err != nil {
+		return nil, err
 	}
 	res, err := p.Up(ctx)
 	if err != nil {

@@ -46,8 +46,8 @@ func Load(ctx context.Context, pool *pgxpool.Pool) (int64, error) {
 		prices, stocks = append(prices, p.PriceCents), append(stocks, p.Stock)
 	}
 	tag, err := pool.Exec(ctx, `
-		INSERT INTO products (id, name, price_cents, stock)
-		SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+		INSERT INTO products (id, name, price_cents, stock, received)
+		SELECT i, n, p, s, s FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS t(i, n, p, s)
 		ON CONFLICT (id) DO NOTHING`, ids, names, prices, stocks)
 	if err != nil {
 		return 0, fmt.Errorf("loading the demo catalogue: %w", err)

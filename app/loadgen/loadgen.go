@@ -329,7 +329,8 @@ func readDBStats(ctx context.Context, url string) (*dbStats, error) {
 
 // EnsureProduct creates the product every load order buys, with stock
 // enough for any run, so a run measures the saga's full path rather than
-// running out. It raises that one product's stock and touches no other.
+// running out. It restocks that one product (stock and received together,
+// so stock conservation holds) and touches no other.
 func EnsureProduct(ctx context.Context, url, id string) error {
 	conn, err := pgx.Connect(ctx, url)
 	if err != nil {
@@ -337,8 +338,10 @@ func EnsureProduct(ctx context.Context, url, id string) error {
 	}
 	defer conn.Close(ctx)
 	_, err = conn.Exec(ctx, `
-		INSERT INTO products (id, name, price_cents, stock) VALUES ($1, 'Load test item', 100, 1000000000)
-		ON CONFLICT (id) DO UPDATE SET stock = GREATEST(products.stock, 1000000000)`, id)
+		INSERT INTO products (id, name, price_cents, stock, received) VALUES ($1, 'Load test item', 100, 1000000000, 1000000000)
+		ON CONFLICT (id) DO UPDATE SET
+			stock = products.stock + GREATEST(0, 1000000000 - products.stock),
+			received = products.received + GREATEST(0, 1000000000 - products.stock)`, id)
 	if err != nil {
 		return fmt.Errorf("preparing product %s: %w", id, err)
 	}

@@ -1,0 +1,399 @@
+// Package check verifies the saga's invariants against the record, the way
+// Jepsen's checkers do: it reads PostgreSQL (and the Redis status cache and
+// the dead-letter topic), and reports every order or product that breaks a
+// rule. It is safe on a live system: rules that in-flight work may break
+// for a moment only apply to orders older than a deadline.
+package check
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/rueidis"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/modules/statuscache"
+)
+
+// Config says what to check and where.
+type Config struct {
+	Deadline time.Duration // orders older than this must be done
+	Redis    rueidis.Client
+	Prefix   string   // Redis key prefix
+	Brokers  []string // for the dead-letter count; none skips it
+	DLQTopic string
+}
+
+// Violation is one broken rule.
+type Violation struct {
+	Rule    string `json:"rule"`
+	Subject string `json:"subject"` // an order or product id
+	Message string `json:"message"`
+}
+
+// Report is the outcome of a check.
+type Report struct {
+	Orders           int64          `json:"orders"`
+	Terminal         int64          `json:"terminal"`
+	OutboxRows       int64          `json:"outbox_rows"`
+	OutboxOldest     time.Duration  `json:"outbox_oldest_ns"`
+	DeadLetters      int64          `json:"dead_letters"` // -1 when not counted
+	CacheEntries     int64          `json:"cache_entries"`
+	Rules            []string       `json:"rules"`
+	Violations       []Violation    `json:"violations"`
+	ViolationsByRule map[string]int `json:"violations_by_rule"`
+}
+
+// The rules, in the order they are checked and reported.
+const (
+	RuleStuck    = "stuck sagas"
+	RuleStock    = "stock conservation"
+	RuleOnce     = "effects at most once"
+	RuleShipped  = "shipped only when paid"
+	RuleReleased = "declined orders released once"
+	RuleTrail    = "audit trail is a lifecycle path"
+	RuleCache    = "status cache agrees"
+	RuleOutbox   = "outbox drains"
+	maxPerRule   = 50 // violations listed per rule; the count says the rest
+)
+
+// Run checks every rule.
+func Run(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Report, error) {
+	r := &Report{ViolationsByRule: map[string]int{}, DeadLetters: -1}
+	if err := pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE status IN ('SHIPPED', 'CANCELLED')) FROM orders`).
+		Scan(&r.Orders, &r.Terminal); err != nil {
+		return nil, fmt.Errorf("counting orders: %w", err)
+	}
+	secs := cfg.Deadline.Seconds()
+	steps := []struct {
+		rule string
+		fn   func() error
+	}{
+		{RuleStuck, func() error { return r.stuck(ctx, pool, secs) }},
+		{RuleStock, func() error { return r.stock(ctx, pool) }},
+		{RuleOnce, func() error { return r.once(ctx, pool) }},
+		{RuleShipped, func() error { return r.shipped(ctx, pool) }},
+		{RuleReleased, func() error { return r.released(ctx, pool, secs) }},
+		{RuleTrail, func() error { return r.trail(ctx, pool) }},
+		{RuleCache, func() error { return r.cache(ctx, pool, cfg) }},
+		{RuleOutbox, func() error { return r.outbox(ctx, pool, cfg.Deadline) }},
+	}
+	for _, s := range steps {
+		r.Rules = append(r.Rules, s.rule)
+		if err := s.fn(); err != nil {
+			return nil, fmt.Errorf("checking %s: %w", s.rule, err)
+		}
+	}
+	if len(cfg.Brokers) > 0 {
+		n, err := countTopic(ctx, cfg.Brokers, cfg.DLQTopic)
+		if err != nil {
+			return nil, err
+		}
+		r.DeadLetters = n
+	}
+	return r, nil
+}
+
+func (r *Report) add(rule, subject, format string, args ...any) {
+	r.ViolationsByRule[rule]++
+	if r.ViolationsByRule[rule] <= maxPerRule {
+		r.Violations = append(r.Violations, Violation{Rule: rule, Subject: subject, Message: fmt.Sprintf(format, args...)})
+	}
+}
+
+// each runs sql and calls fn with every row's values.
+func each(ctx context.Context, pool *pgxpool.Pool, sql string, args []any, fn func(vals []any)) error {
+	rows, err := pool.Query(ctx, sql, args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		vals, err := rows.Values()
+		if err != nil {
+			return err
+		}
+		fn(vals)
+	}
+	return rows.Err()
+}
+
+func str(v any) string {
+	switch x := v.(type) {
+	case [16]byte:
+		return uuid.UUID(x).String()
+	case nil:
+		return "none"
+	}
+	return fmt.Sprint(v)
+}
+
+// stuck: the choreography's stuck-saga detector.
+func (r *Report) stuck(ctx context.Context, pool *pgxpool.Pool, secs float64) error {
+	return each(ctx, pool, `
+		SELECT o.id, o.status, round(extract(epoch FROM now() - o.created_at))::bigint,
+		       (SELECT e.type FROM order_events e WHERE e.order_id = o.id ORDER BY e.seq DESC LIMIT 1)
+		FROM orders o
+		WHERE o.status NOT IN ('SHIPPED', 'CANCELLED') AND o.created_at < now() - make_interval(secs => $1)
+		ORDER BY o.created_at`, []any{secs}, func(v []any) {
+		r.add(RuleStuck, str(v[0]), "still %s after %ss; last event %s", v[1], str(v[2]), str(v[3]))
+	})
+}
+
+// stock: received = stock + units held by reservations not released.
+func (r *Report) stock(ctx context.Context, pool *pgxpool.Pool) error {
+	return each(ctx, pool, `
+		SELECT p.id, p.received, p.stock,
+		       coalesce((SELECT sum(qty) FROM reservations r WHERE r.product_id = p.id AND r.released_at IS NULL), 0),
+		       coalesce((SELECT sum(i.qty) FROM order_items i JOIN orders o ON o.id = i.order_id
+		                 WHERE i.product_id = p.id AND o.status = 'SHIPPED'), 0)
+		FROM products p ORDER BY p.id`, nil, func(v []any) {
+		received, stock, held, shipped := v[1].(int64), v[2].(int64), v[3].(int64), v[4].(int64)
+		if received != stock+held {
+			r.add(RuleStock, str(v[0]), "received %d != stock %d + held by reservations %d (shipped %d, in flight %d): %+d units",
+				received, stock, held, shipped, held-shipped, stock+held-received)
+		}
+		if shipped > held {
+			r.add(RuleStock, str(v[0]), "%d units shipped but only %d held by reservations", shipped, held)
+		}
+	})
+}
+
+// once: no order has two decisions of one kind in its audit trail.
+func (r *Report) once(ctx context.Context, pool *pgxpool.Pool) error {
+	return each(ctx, pool, `
+		SELECT order_id, type, count(*) FROM order_events
+		GROUP BY order_id, type HAVING count(*) > 1 ORDER BY order_id`, nil, func(v []any) {
+		r.add(RuleOnce, str(v[0]), "%s recorded %s times", v[1], str(v[2]))
+	})
+}
+
+// shipped: nothing SHIPPED without a completed payment and one shipment.
+func (r *Report) shipped(ctx context.Context, pool *pgxpool.Pool) error {
+	return each(ctx, pool, `
+		SELECT o.id, o.status, coalesce(p.status, 'no payment'), (s.order_id IS NOT NULL)
+		FROM orders o
+		LEFT JOIN payments p ON p.order_id = o.id
+		LEFT JOIN shipments s ON s.order_id = o.id
+		WHERE (o.status = 'SHIPPED' AND (p.status IS DISTINCT FROM 'COMPLETED' OR s.order_id IS NULL))
+		   OR (s.order_id IS NOT NULL AND p.status IS DISTINCT FROM 'COMPLETED')
+		ORDER BY o.id`, nil, func(v []any) {
+		r.add(RuleShipped, str(v[0]), "status %s, payment %s, shipment %v", v[1], v[2], v[3])
+	})
+}
+
+// released: every declined order's stock given back (once the deadline has
+// passed), and never a release for an order that was not declined.
+func (r *Report) released(ctx context.Context, pool *pgxpool.Pool, secs float64) error {
+	err := each(ctx, pool, `
+		SELECT p.order_id, count(r.*) FILTER (WHERE r.released_at IS NULL)
+		FROM payments p JOIN reservations r USING (order_id)
+		WHERE p.status = 'DECLINED' AND p.created_at < now() - make_interval(secs => $1)
+		GROUP BY p.order_id HAVING count(r.*) FILTER (WHERE r.released_at IS NULL) > 0`, []any{secs}, func(v []any) {
+		r.add(RuleReleased, str(v[0]), "declined, but %s reservation lines still held", str(v[1]))
+	})
+	if err != nil {
+		return err
+	}
+	return each(ctx, pool, `
+		SELECT r.order_id, coalesce(p.status, 'no payment')
+		FROM reservations r LEFT JOIN payments p USING (order_id)
+		WHERE r.released_at IS NOT NULL AND p.status IS DISTINCT FROM 'DECLINED'
+		GROUP BY r.order_id, p.status`, nil, func(v []any) {
+		r.add(RuleReleased, str(v[0]), "stock released but payment is %s", v[1])
+	})
+}
+
+// paths are the lifecycle's valid audit trails; a trail must be a prefix
+// of one of them.
+var paths = [][]event.Type{
+	{event.OrderCreated, event.InventoryReserved, event.PaymentCompleted, event.OrderShipped},
+	{event.OrderCreated, event.InventoryReserved, event.PaymentFailed, event.InventoryReleased},
+	{event.OrderCreated, event.InventoryFailed},
+}
+
+// ValidTrail reports whether a trail is a prefix of a lifecycle path.
+func ValidTrail(trail []event.Type) bool {
+	for _, p := range paths {
+		if len(trail) <= len(p) && slices.Equal(trail, p[:len(trail)]) {
+			return true
+		}
+	}
+	return false
+}
+
+// trail: each order's audit trail is a lifecycle path and its status is
+// where that path leads.
+func (r *Report) trail(ctx context.Context, pool *pgxpool.Pool) error {
+	var cur uuid.UUID
+	var status string
+	var trail []event.Type
+	flush := func() {
+		if len(trail) == 0 {
+			return
+		}
+		names := make([]string, len(trail))
+		for i, t := range trail {
+			names[i] = string(t)
+		}
+		if !ValidTrail(trail) {
+			r.add(RuleTrail, cur.String(), "trail %s is not a lifecycle path", strings.Join(names, " -> "))
+			return
+		}
+		want := event.StatusCreated
+		for _, t := range trail {
+			if s, ok := event.StatusAfter(t); ok && s.Rank() > want.Rank() {
+				want = s
+			}
+		}
+		if string(want) != status {
+			r.add(RuleTrail, cur.String(), "status %s but the trail %s leads to %s", status, strings.Join(names, " -> "), want)
+		}
+	}
+	err := each(ctx, pool, `
+		SELECT e.order_id, e.type, o.status FROM order_events e JOIN orders o ON o.id = e.order_id
+		ORDER BY e.order_id, e.seq`, nil, func(v []any) {
+		id := uuid.UUID(v[0].([16]byte))
+		if id != cur {
+			flush()
+			cur, trail = id, nil
+		}
+		trail = append(trail, event.Type(v[1].(string)))
+		status = v[2].(string)
+	})
+	flush()
+	return err
+}
+
+// cache: a cached status is never ahead of PostgreSQL, and not behind it
+// for longer than a cache entry can live.
+func (r *Report) cache(ctx context.Context, pool *pgxpool.Pool, cfg Config) error {
+	if cfg.Redis == nil {
+		return nil
+	}
+	cache := statuscache.New(cfg.Redis, cfg.Prefix)
+	var cursor uint64
+	var ids []uuid.UUID
+	for {
+		e, err := cfg.Redis.Do(ctx, cfg.Redis.B().Scan().Cursor(cursor).Match(cfg.Prefix+"order:*").Count(1000).Build()).AsScanEntry()
+		if err != nil {
+			return fmt.Errorf("scanning the status cache: %w", err)
+		}
+		for _, k := range e.Elements {
+			if id, err := uuid.Parse(strings.TrimPrefix(k, cfg.Prefix+"order:")); err == nil {
+				ids = append(ids, id)
+			}
+		}
+		if cursor = e.Cursor; cursor == 0 {
+			break
+		}
+	}
+	r.CacheEntries = int64(len(ids))
+	for chunk := range slices.Chunk(ids, 1000) {
+		db := map[uuid.UUID][2]any{}
+		err := each(ctx, pool, `SELECT id, status, extract(epoch FROM now() - updated_at)::float8 FROM orders WHERE id = ANY($1)`,
+			[]any{chunk}, func(v []any) { db[uuid.UUID(v[0].([16]byte))] = [2]any{v[1], v[2]} })
+		if err != nil {
+			return err
+		}
+		for _, id := range chunk {
+			e, ok, err := cache.Get(ctx, id)
+			if err != nil {
+				return err
+			}
+			if !ok {
+				continue // expired since the scan
+			}
+			row, found := db[id]
+			if !found {
+				r.add(RuleCache, id.String(), "cached as %s but no such order in PostgreSQL", e.Status)
+				continue
+			}
+			truth, age := event.Status(row[0].(string)), row[1].(float64)
+			switch {
+			case e.Status.Rank() > truth.Rank():
+				r.add(RuleCache, id.String(), "cache says %s, ahead of PostgreSQL's %s", e.Status, truth)
+			case e.Status != truth && age > 90:
+				r.add(RuleCache, id.String(), "cache says %s, PostgreSQL %s since %.0fs ago", e.Status, truth, age)
+			}
+		}
+	}
+	return nil
+}
+
+// outbox: published rows leave; nothing waits longer than the deadline.
+func (r *Report) outbox(ctx context.Context, pool *pgxpool.Pool, deadline time.Duration) error {
+	var oldest float64
+	if err := pool.QueryRow(ctx, `SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM outbox`).
+		Scan(&r.OutboxRows, &oldest); err != nil {
+		return err
+	}
+	r.OutboxOldest = time.Duration(oldest * float64(time.Second))
+	if r.OutboxOldest > deadline {
+		r.add(RuleOutbox, "outbox", "%d rows waiting, the oldest for %s: the relay is not publishing", r.OutboxRows, r.OutboxOldest.Round(time.Second))
+	}
+	return nil
+}
+
+// countTopic counts the records a topic holds.
+func countTopic(ctx context.Context, brokers []string, topic string) (int64, error) {
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	if err != nil {
+		return 0, err
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	starts, err := adm.ListStartOffsets(ctx, topic)
+	if err != nil {
+		return 0, fmt.Errorf("cannot reach Kafka at %v: %w", brokers, err)
+	}
+	ends, err := adm.ListEndOffsets(ctx, topic)
+	if err != nil {
+		return 0, fmt.Errorf("cannot reach Kafka at %v: %w", brokers, err)
+	}
+	var n int64
+	ends.Each(func(o kadm.ListedOffset) {
+		if s, ok := starts.Lookup(o.Topic, o.Partition); ok && o.Err == nil {
+			n += o.Offset - s.Offset
+		}
+	})
+	return n, nil
+}
+
+// Text renders a report for people.
+func (r *Report) Text() string {
+	var b strings.Builder
+	dl := "not counted"
+	if r.DeadLetters >= 0 {
+		dl = strconv.FormatInt(r.DeadLetters, 10)
+	}
+	fmt.Fprintf(&b, "%d orders (%d terminal, %d in flight); outbox %d rows (oldest %s); %d cache entries; dead letters: %s\n",
+		r.Orders, r.Terminal, r.Orders-r.Terminal, r.OutboxRows, r.OutboxOldest.Round(time.Millisecond), r.CacheEntries, dl)
+	for _, rule := range r.Rules {
+		n := r.ViolationsByRule[rule]
+		mark := "ok  "
+		if n > 0 {
+			mark = "FAIL"
+		}
+		fmt.Fprintf(&b, "%s %-32s %d violations\n", mark, rule, n)
+		for _, v := range r.Violations {
+			if v.Rule == rule {
+				fmt.Fprintf(&b, "       %s: %s\n", v.Subject, v.Message)
+			}
+		}
+		if n > maxPerRule {
+			fmt.Fprintf(&b, "       ... and %d more\n", n-maxPerRule)
+		}
+	}
+	return b.String()
+}

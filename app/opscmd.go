@@ -1,0 +1,278 @@
+package app
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/prozess/prozess/app/check"
+	"github.com/prozess/prozess/schema"
+)
+
+func checkCommand(cfg *Config) *cobra.Command {
+	var deadline time.Duration
+	var asJSON, noCache bool
+	cmd := &cobra.Command{
+		Use:   "check",
+		Short: "Verify the saga's invariants against PostgreSQL, the status cache and the dead-letter topic",
+		Long: `Check, for a live or quiesced system: orders not terminal after --deadline
+(stuck sagas, with their last event); stock conservation per product; effects
+at most once; nothing shipped without payment; declined orders' stock given
+back exactly once; every audit trail a path through the lifecycle; the Redis
+status cache agreeing with PostgreSQL; the outbox draining; and the count of
+dead letters. Exits non-zero on any violation.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			pool, err := OpenDB(ctx, cfg.DatabaseURL, log)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			if pending, err := schema.Pending(ctx, pool); err != nil {
+				return err
+			} else if pending {
+				return fmt.Errorf("the database schema is older than this prozess: run prozess migrate first")
+			}
+			cc := check.Config{Deadline: deadline, Prefix: cfg.RedisPrefix, Brokers: cfg.KafkaBrokers, DLQTopic: cfg.DLQTopic()}
+			if !noCache {
+				if cc.Redis, err = OpenRedis(cfg.RedisAddr); err != nil {
+					return err
+				}
+				defer cc.Redis.Close()
+			}
+			rep, err := check.Run(ctx, pool, cc)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				enc := json.NewEncoder(os.Stdout)
+				enc.SetIndent("", "  ")
+				if err := enc.Encode(rep); err != nil {
+					return err
+				}
+			} else {
+				fmt.Print(rep.Text())
+			}
+			if n := len(rep.Violations); n > 0 {
+				total := 0
+				for _, c := range rep.ViolationsByRule {
+					total += c
+				}
+				return fmt.Errorf("%d violations", total)
+			}
+			return nil
+		},
+	}
+	cfg.connectionFlags(cmd.Flags())
+	cmd.Flags().DurationVar(&deadline, "deadline", time.Minute, "orders older than this must be terminal (and declined ones released)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON")
+	cmd.Flags().BoolVar(&noCache, "no-cache", false, "skip the Redis status cache check")
+	return cmd
+}
+
+// DeadLetter is one record of the dead-letter topic.
+type DeadLetter struct {
+	Partition   int32             `json:"partition"`
+	Offset      int64             `json:"offset"`
+	Reason      string            `json:"reason"`
+	Participant string            `json:"participant"`
+	Origin      string            `json:"origin"` // topic/partition@offset
+	Time        string            `json:"time"`
+	Type        string            `json:"type"`
+	Key         string            `json:"key"`
+	Headers     map[string]string `json:"-"`
+	record      *kgo.Record
+}
+
+// ReadDeadLetters reads the whole dead-letter topic, start to end.
+func ReadDeadLetters(ctx context.Context, brokers []string, topic string) ([]DeadLetter, error) {
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	if err != nil {
+		return nil, err
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	adm := kadm.NewClient(cl)
+	ends, err := adm.ListEndOffsets(ctx, topic)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach Kafka at %v: %w", brokers, err)
+	}
+	starts, err := adm.ListStartOffsets(ctx, topic)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach Kafka at %v: %w", brokers, err)
+	}
+	want := map[int32]int64{}
+	parts := map[string]map[int32]kgo.Offset{topic: {}}
+	ends.Each(func(o kadm.ListedOffset) {
+		s, _ := starts.Lookup(o.Topic, o.Partition)
+		if o.Offset > s.Offset {
+			want[o.Partition] = o.Offset
+			parts[topic][o.Partition] = kgo.NewOffset().At(s.Offset)
+		}
+	})
+	if len(want) == 0 {
+		return nil, nil
+	}
+	reader, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumePartitions(parts))
+	if err != nil {
+		return nil, err
+	}
+	defer reader.Close()
+	var out []DeadLetter
+	for len(want) > 0 {
+		fs := reader.PollFetches(ctx)
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("reading %s: %w", topic, err)
+		}
+		fs.EachRecord(func(r *kgo.Record) {
+			if end, ok := want[r.Partition]; ok {
+				if r.Offset+1 >= end {
+					delete(want, r.Partition)
+				}
+				if r.Offset < end {
+					out = append(out, toDeadLetter(r))
+				}
+			}
+		})
+	}
+	return out, nil
+}
+
+func toDeadLetter(r *kgo.Record) DeadLetter {
+	h := map[string]string{}
+	for _, kv := range r.Headers {
+		h[kv.Key] = string(kv.Value)
+	}
+	return DeadLetter{
+		Partition: r.Partition, Offset: r.Offset, Reason: h[HeaderDLQReason], Participant: h[HeaderDLQParticipant],
+		Origin: h[HeaderDLQTopic] + "/" + h[HeaderDLQPartition] + "@" + h[HeaderDLQOffset], Time: h[HeaderDLQTime],
+		Type: h["ce_type"], Key: string(r.Key), Headers: h, record: r,
+	}
+}
+
+// Original is the record as it was before it was dead-lettered: its topic,
+// key, value and headers without the dead-letter ones.
+func (d DeadLetter) Original() *kgo.Record {
+	var hs []kgo.RecordHeader
+	for _, h := range d.record.Headers {
+		if !strings.HasPrefix(h.Key, "prozess_dlq_") {
+			hs = append(hs, h)
+		}
+	}
+	return &kgo.Record{Topic: d.Headers[HeaderDLQTopic], Key: d.record.Key, Value: d.record.Value, Headers: hs}
+}
+
+func dlqCommand(cfg *Config) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "dlq",
+		Short: "List and replay dead-lettered records",
+	}
+	var asJSON bool
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List the dead-letter topic's records with their reason, participant and origin",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if len(cfg.KafkaBrokers) == 0 {
+				return fmt.Errorf("--kafka-brokers: name the brokers the system uses")
+			}
+			dls, err := ReadDeadLetters(cmd.Context(), cfg.KafkaBrokers, cfg.DLQTopic())
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return json.NewEncoder(os.Stdout).Encode(dls)
+			}
+			fmt.Printf("%d dead letters in %s\n", len(dls), cfg.DLQTopic())
+			for _, d := range dls {
+				fmt.Printf("%d@%d  %-10s %-18s from %s at %s\n    key %q: %s\n", d.Partition, d.Offset, d.Participant, d.Type, d.Origin, d.Time, d.Key, d.Reason)
+			}
+			return nil
+		},
+	}
+	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	var all bool
+	var which []string
+	replay := &cobra.Command{
+		Use:   "replay [--all | --record PARTITION@OFFSET ...]",
+		Short: "Put dead-lettered records back on their original topic, once the cause is fixed",
+		Long: `Republish dead-lettered records, without their dead-letter headers, to the
+topic they came from. Participants that had processed them skip them (their
+inbox knows the event id); the others process them now. A record that still
+cannot be processed is dead-lettered again.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if len(cfg.KafkaBrokers) == 0 {
+				return fmt.Errorf("--kafka-brokers: name the brokers the system uses")
+			}
+			if all == (len(which) > 0) {
+				return fmt.Errorf("give either --all or at least one --record PARTITION@OFFSET")
+			}
+			chosen := map[string]bool{}
+			for _, w := range which {
+				p, o, ok := strings.Cut(w, "@")
+				if _, err1 := strconv.Atoi(p); !ok || err1 != nil {
+					return fmt.Errorf("--record %q: want PARTITION@OFFSET, as dlq list prints", w)
+				}
+				if _, err2 := strconv.ParseInt(o, 10, 64); err2 != nil {
+					return fmt.Errorf("--record %q: want PARTITION@OFFSET, as dlq list prints", w)
+				}
+				chosen[w] = true
+			}
+			dls, err := ReadDeadLetters(cmd.Context(), cfg.KafkaBrokers, cfg.DLQTopic())
+			if err != nil {
+				return err
+			}
+			var recs []*kgo.Record
+			for _, d := range dls {
+				id := fmt.Sprintf("%d@%d", d.Partition, d.Offset)
+				if all || chosen[id] {
+					if d.Headers[HeaderDLQTopic] == "" {
+						return fmt.Errorf("dead letter %s has no %s header; not replaying it", id, HeaderDLQTopic)
+					}
+					recs = append(recs, d.Original())
+					delete(chosen, id)
+				}
+			}
+			for id := range chosen {
+				return fmt.Errorf("--record %s: no such dead letter in %s", id, cfg.DLQTopic())
+			}
+			if len(recs) == 0 {
+				fmt.Println("nothing to replay")
+				return nil
+			}
+			cl, err := kgo.NewClient(kgo.SeedBrokers(cfg.KafkaBrokers...))
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			if err := cl.ProduceSync(cmd.Context(), recs...).FirstErr(); err != nil {
+				return fmt.Errorf("replaying %d records: %w", len(recs), err)
+			}
+			fmt.Printf("replayed %d records\n", len(recs))
+			return nil
+		},
+	}
+	replay.Flags().BoolVar(&all, "all", false, "replay every dead letter")
+	replay.Flags().StringSliceVar(&which, "record", nil, "a dead letter to replay, PARTITION@OFFSET as dlq list prints it (repeatable)")
+	for _, c := range []*cobra.Command{list, replay} {
+		c.Flags().StringSliceVar(&cfg.KafkaBrokers, "kafka-brokers", cfg.KafkaBrokers, "Kafka bootstrap brokers, comma-separated")
+		c.Flags().StringVar(&cfg.Topic, "topic", cfg.Topic, "the saga's topic (dead letters are in <topic>.dlq)")
+	}
+	cmd.AddCommand(list, replay)
+	return cmd
+}
