@@ -94,8 +94,11 @@ started on --broker-addr with its data in --data-dir.`,
 // no deferred cleanup, no offset commit.
 func exitAtFault(spec string, log *slog.Logger) (FaultFunc, error) {
 	who, point, ok := strings.Cut(spec, ":")
-	if !ok || (point != FaultAfterDBCommit && point != FaultBeforeCommit) {
-		return nil, fmt.Errorf("--fault %q: want PARTICIPANT:%s or PARTICIPANT:%s", spec, FaultAfterDBCommit, FaultBeforeCommit)
+	consumerPoint := point == FaultAfterDBCommit || point == FaultBeforeCommit
+	relayPoint := point == FaultRelayBeforePublish || point == FaultRelayAfterPublish
+	if !ok || (who == "relay" && !relayPoint) || (who != "relay" && !consumerPoint) {
+		return nil, fmt.Errorf("--fault %q: want PARTICIPANT:%s, PARTICIPANT:%s, relay:%s or relay:%s", spec,
+			FaultAfterDBCommit, FaultBeforeCommit, FaultRelayBeforePublish, FaultRelayAfterPublish)
 	}
 	return func(participant, p string) error {
 		if participant == who && p == point {

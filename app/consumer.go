@@ -45,6 +45,10 @@ type afterCommitter interface {
 const (
 	FaultAfterDBCommit = "after-db-commit" // effects committed, offsets not
 	FaultBeforeCommit  = "before-db-commit"
+	// The relay's: outbox rows read, not yet published; published, not yet
+	// deleted (so they will be published again).
+	FaultRelayBeforePublish = "before-publish"
+	FaultRelayAfterPublish  = "after-publish"
 )
 
 // FaultFunc is called at each fault point; a non-nil error makes the

@@ -29,10 +29,11 @@ type Relay struct {
 	producer *kgo.Client
 	batch    int
 	poll     time.Duration
+	fault    FaultFunc
 }
 
 // NewRelay creates the relay and its producer.
-func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string) (*Relay, error) {
+func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string, fault FaultFunc) (*Relay, error) {
 	producer, err := kgo.NewClient(
 		kgo.SeedBrokers(brokers...),
 		kgo.ClientID("prozess-relay"),
@@ -43,7 +44,7 @@ func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string) (*Relay, e
 	if err != nil {
 		return nil, fmt.Errorf("creating relay kafka client: %w", err)
 	}
-	return &Relay{log: log, pool: pool, producer: producer, batch: 1000, poll: time.Second}, nil
+	return &Relay{log: log, pool: pool, producer: producer, batch: 1000, poll: time.Second, fault: fault}, nil
 }
 
 // Close flushes nothing (every publish is synchronous) and closes the client.
@@ -55,6 +56,10 @@ func (r *Relay) Run(ctx context.Context) error {
 		err := r.lead(ctx)
 		if ctx.Err() != nil {
 			return nil
+		}
+		var crash *crashError
+		if errors.As(err, &crash) {
+			return err
 		}
 		wait := backoff(attempt)
 		r.log.Warn("outbox relay interrupted, retrying", "in", wait, "err", err)
@@ -146,13 +151,26 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 	if len(recs) == 0 {
 		return 0, nil
 	}
+	if err := r.faultAt(FaultRelayBeforePublish); err != nil {
+		return 0, err
+	}
 	pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if err := r.producer.ProduceSync(pctx, recs...).FirstErr(); err != nil {
 		return 0, fmt.Errorf("publishing %d outbox records: %w", len(recs), err)
 	}
+	if err := r.faultAt(FaultRelayAfterPublish); err != nil {
+		return 0, err
+	}
 	if _, err := conn.Exec(ctx, `DELETE FROM outbox WHERE id = ANY($1)`, ids); err != nil {
 		return 0, fmt.Errorf("deleting published outbox rows: %w", err)
 	}
 	return len(recs), nil
+}
+
+func (r *Relay) faultAt(point string) error {
+	if r.fault != nil && r.fault("relay", point) != nil {
+		return &crashError{point: point}
+	}
+	return nil
 }

@@ -159,7 +159,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		return nil, err
 	}
 
-	relay, err := NewRelay(log.With("participant", "relay"), pool, s.brokers)
+	relay, err := NewRelay(log.With("participant", "relay"), pool, s.brokers, cfg.Fault)
 	if err != nil {
 		return nil, err
 	}
