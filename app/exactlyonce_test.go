@@ -256,3 +256,92 @@ func TestPoisonRecordIsDeadLetteredAndPartitionMovesOn(t *testing.T) {
 		}
 	}
 }
+
+// Old events replayed out of order, long after the fact, change nothing:
+// every effect is done, and status never goes backwards.
+func TestOldEventsReplayedOutOfOrderChangeNothing(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.PaymentDeclineRate = 0.3
+	r := e.start(cfg)
+	initial := r.stock(t)
+	for i := range 20 {
+		r.order(t, "u1", "", mouse(1+i%2))
+	}
+	e.awaitQuiet(20 * time.Second)
+	before := e.count(`SELECT count(*) FROM order_events`)
+	statuses := e.count(`SELECT sum(hashtext(id::text || status)) FROM orders`)
+
+	cl, err := kgo.NewClient(kgo.SeedBrokers(r.sys.Brokers()...), kgo.ConsumeTopics(cfg.Topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var old []*kgo.Record
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	for int64(len(old)) < before && ctx.Err() == nil {
+		cl.PollFetches(ctx).EachRecord(func(rec *kgo.Record) {
+			old = append(old, &kgo.Record{Topic: rec.Topic, Key: rec.Key, Value: rec.Value, Headers: rec.Headers})
+		})
+	}
+	if int64(len(old)) != before {
+		t.Fatalf("read %d records, the audit log has %d", len(old), before)
+	}
+	slices.Reverse(old) // newest first: every order's events backwards
+	if err := cl.ProduceSync(t.Context(), old...).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	// Status reads every event: it must skip every replayed one.
+	deadline := time.Now().Add(15 * time.Second)
+	for r.sys.Stats()["status"].Duplicates.Load() < before {
+		if time.Now().After(deadline) {
+			t.Fatalf("status skipped %d of %d replayed events", r.sys.Stats()["status"].Duplicates.Load(), before)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(500 * time.Millisecond) // let the other participants reach the copies
+	for who, st := range r.sys.Stats() {
+		if st.Duplicates.Load() == 0 {
+			t.Errorf("%s skipped no replayed event", who)
+		}
+	}
+	if n := e.count(`SELECT count(*) FROM order_events`); n != before {
+		t.Errorf("audit log grew from %d to %d rows on replay", before, n)
+	}
+	if s := e.count(`SELECT sum(hashtext(id::text || status)) FROM orders`); s != statuses {
+		t.Error("an order's status changed on replay")
+	}
+	e.assertExactlyOnce(initial, r.stock(t))
+}
+
+// Stock k, many more than k concurrent orders: exactly k are reserved.
+func TestNoOversell(t *testing.T) {
+	for _, k := range []int64{1, 3} {
+		t.Run(strconv.FormatInt(k, 10), func(t *testing.T) {
+			e := newEnv(t)
+			r := e.start(e.config())
+			schematest.Exec(t, e.pool, `UPDATE products SET stock = $1, received = $1 WHERE id = 'prod-monitor'`, k)
+			var wg sync.WaitGroup
+			for range 30 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					r.order(t, "u1", "", event.Item{ProductID: "prod-monitor", Qty: 1})
+				}()
+			}
+			wg.Wait()
+			e.awaitQuiet(20 * time.Second)
+			if n := e.count(`SELECT count(*) FROM reservations WHERE product_id = 'prod-monitor'`); n != k {
+				t.Fatalf("%d reservations for a stock of %d", n, k)
+			}
+			if n := e.count(`SELECT count(*) FROM orders WHERE status = 'SHIPPED'`); n != k {
+				t.Fatalf("%d orders shipped for a stock of %d", n, k)
+			}
+			if n := e.count(`SELECT stock FROM products WHERE id = 'prod-monitor'`); n != 0 {
+				t.Fatalf("stock %d left", n)
+			}
+		})
+	}
+}
