@@ -29,6 +29,7 @@ type Config struct {
 	LogLevel           string
 	LogFormat          string
 	PprofAddr          string // serves net/http/pprof when set
+	KafkaLogLevel      string // the Kafka client's own log level; empty for none
 
 	// Fault, when set, is called at the consumers' fault points (tests).
 	Fault FaultFunc
@@ -81,6 +82,7 @@ func (c *Config) serveFlags(fs *pflag.FlagSet) {
 	fs.Int32Var(&c.Partitions, "partitions", c.Partitions, "partitions of the saga topic when it is created")
 	fs.BoolVar(&c.Seed, "seed", c.Seed, "load the demo catalogue at start (adds missing products only)")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long in-flight work may take to finish at shutdown")
+	fs.StringVar(&c.KafkaLogLevel, "kafka-log-level", c.KafkaLogLevel, "log the Kafka client's own messages at this level (error, warn, info, debug); off when empty")
 	fs.StringVar(&c.PprofAddr, "pprof-addr", c.PprofAddr, "serve Go's pprof profiles on this address (e.g. 127.0.0.1:6060); off when empty")
 }
 

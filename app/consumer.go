@@ -85,6 +85,9 @@ type ConsumerConfig struct {
 	DLQTopic string
 	MaxBatch int
 	Fault    FaultFunc
+	// KafkaLog, when set, receives the Kafka client's own log (group
+	// membership, fetches) for debugging.
+	KafkaLog kgo.Logger
 }
 
 // NewConsumer creates the Kafka client for participant name, in consumer
@@ -93,10 +96,10 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = 500
 	}
-	client, err := kgo.NewClient(
+	opts := []kgo.Opt{
 		kgo.SeedBrokers(cfg.Brokers...),
-		kgo.ClientID("prozess-"+name),
-		kgo.ConsumerGroup("prozess-"+name),
+		kgo.ClientID("prozess-" + name),
+		kgo.ConsumerGroup("prozess-" + name),
 		kgo.ConsumeTopics(cfg.Topic),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
 		kgo.DisableAutoCommit(),
@@ -104,13 +107,17 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 		kgo.FetchMaxWait(time.Second),
 		// A crashed member holds its partitions until its session times
 		// out; Kafka's 45s default would stall the saga that long.
-		kgo.SessionTimeout(10*time.Second),
+		kgo.SessionTimeout(10 * time.Second),
 		kgo.HeartbeatInterval(time.Second),
 		// No commit on revoke: with BlockRebalanceOnPoll a rebalance only
 		// runs between batches, when every applied batch is committed; what
 		// is still uncommitted then is a batch that failed, and committing it
 		// would skip records never applied.
-	)
+	}
+	if cfg.KafkaLog != nil {
+		opts = append(opts, kgo.WithLogger(cfg.KafkaLog))
+	}
+	client, err := kgo.NewClient(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
 	}

@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -40,9 +42,17 @@ func TestMain(m *testing.M) {
 
 // proc is one prozess process.
 type proc struct {
-	cmd   *exec.Cmd
-	lines chan map[string]any // its JSON log lines
-	exit  chan error
+	cmd    *exec.Cmd
+	lines  chan map[string]any // its JSON log lines
+	exit   chan error
+	mu     sync.Mutex
+	recent []string // its last lines, for failure messages
+}
+
+func (p *proc) tail() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return strings.Join(p.recent, "\n")
 }
 
 // spawn starts `prozess args...` with env and stops it (SIGKILL) at the
@@ -70,6 +80,12 @@ func spawn(t *testing.T, env []string, args ...string) *proc {
 			if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
 				m = map[string]any{"msg": "output", "line": sc.Text(), "stdout": stdout}
 			}
+			p.mu.Lock()
+			p.recent = append(p.recent, sc.Text())
+			if len(p.recent) > 40 {
+				p.recent = p.recent[1:]
+			}
+			p.mu.Unlock()
 			if os.Getenv("PROZESS_TEST_LOG") != "" {
 				t.Logf("%s: %s", args[0], sc.Text())
 			}
@@ -102,9 +118,9 @@ func (p *proc) await(t *testing.T, what string, match func(map[string]any) bool)
 			}
 		case err := <-p.exit:
 			p.exit <- err
-			t.Fatalf("%v exited (%v) before %s", p.cmd.Args, err, what)
+			t.Fatalf("%v exited (%v) before %s; its last lines:\n%s", p.cmd.Args, err, what, p.tail())
 		case <-timeout:
-			t.Fatalf("%v: no %s within 30s", p.cmd.Args, what)
+			t.Fatalf("%v: no %s within 30s; its last lines:\n%s", p.cmd.Args, what, p.tail())
 		}
 	}
 }
@@ -136,8 +152,8 @@ func (p *proc) wait(t *testing.T) int {
 			t.Fatal(err)
 		}
 		return 0
-	case <-time.After(30 * time.Second):
-		t.Fatalf("%v did not exit within 30s", p.cmd.Args)
+	case <-time.After(60 * time.Second):
+		t.Fatalf("%v did not exit within 60s; its last lines:\n%s", p.cmd.Args, p.tail())
 		return -1
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/labstack/echo/v4/middleware"
 	"github.com/oklog/run"
 	"github.com/redis/rueidis"
+	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/delivery"
@@ -181,7 +182,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 			return nil, fmt.Errorf("building %s: %w", p.name, err)
 		}
 		c, err := NewConsumer(p.name, plog, pool, h, ConsumerConfig{
-			Brokers: s.brokers, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault,
+			Brokers: s.brokers, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: kafkaLogger(cfg.KafkaLogLevel, plog),
 		})
 		if err != nil {
 			return nil, err
@@ -317,4 +318,30 @@ func OpenRedis(addr string) (rueidis.Client, error) {
 		return nil, fmt.Errorf("cannot reach Redis at %s: %w", addr, err)
 	}
 	return rdb, nil
+}
+
+// kafkaLogger passes the Kafka client's log to slog at level (empty: none).
+func kafkaLogger(level string, log *slog.Logger) kgo.Logger {
+	var l kgo.LogLevel
+	switch level {
+	case "":
+		return nil
+	case "error":
+		l = kgo.LogLevelError
+	case "warn":
+		l = kgo.LogLevelWarn
+	case "info":
+		l = kgo.LogLevelInfo
+	default:
+		l = kgo.LogLevelDebug
+	}
+	return kgo.BasicLogger(slogWriter{log}, l, nil)
+}
+
+// slogWriter turns the Kafka client's log lines into slog records.
+type slogWriter struct{ log *slog.Logger }
+
+func (w slogWriter) Write(p []byte) (int, error) {
+	w.log.Info("kafka", "msg", strings.TrimSpace(string(p)))
+	return len(p), nil
 }

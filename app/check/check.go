@@ -298,6 +298,19 @@ func (r *Report) cache(ctx context.Context, pool *pgxpool.Pool, cfg Config) erro
 	}
 	r.CacheEntries = int64(len(ids))
 	for chunk := range slices.Chunk(ids, 1000) {
+		// The cache first, PostgreSQL second: the status writer commits
+		// before it writes the cache, so a live system can only look
+		// behind in this order, never ahead.
+		cached := map[uuid.UUID]statuscache.Entry{}
+		for _, id := range chunk {
+			e, ok, err := cache.Get(ctx, id)
+			if err != nil {
+				return err
+			}
+			if ok {
+				cached[id] = e
+			}
+		}
 		db := map[uuid.UUID][2]any{}
 		err := each(ctx, pool, `SELECT id, status, extract(epoch FROM now() - updated_at)::float8 FROM orders WHERE id = ANY($1)`,
 			[]any{chunk}, func(v []any) { db[uuid.UUID(v[0].([16]byte))] = [2]any{v[1], v[2]} })
@@ -305,10 +318,7 @@ func (r *Report) cache(ctx context.Context, pool *pgxpool.Pool, cfg Config) erro
 			return err
 		}
 		for _, id := range chunk {
-			e, ok, err := cache.Get(ctx, id)
-			if err != nil {
-				return err
-			}
+			e, ok := cached[id]
 			if !ok {
 				continue // expired since the scan
 			}
