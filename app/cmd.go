@@ -45,7 +45,7 @@ variable as fallback, e.g. --database-url and PROZESS_DATABASE_URL.`,
 		},
 	}
 	cfg.logFlags(root.PersistentFlags())
-	root.AddCommand(serveCommand(&cfg), brokerCommand(&cfg), migrateCommand(&cfg), seedCommand(&cfg), loadgenCommand(&cfg), checkCommand(&cfg), dlqCommand(&cfg))
+	root.AddCommand(serveCommand(&cfg), brokerCommand(&cfg), migrateCommand(&cfg), seedCommand(&cfg), loadgenCommand(&cfg), checkCommand(&cfg), dlqCommand(&cfg), apikeyCommand(&cfg))
 	return root
 }
 
@@ -149,7 +149,7 @@ func migrateCommand(cfg *Config) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			pool, err := OpenDB(cmd.Context(), cfg.DatabaseURL, log)
+			pool, err := OpenDB(cmd.Context(), cfg.DatabaseURL, cfg.StatementTimeout, log)
 			if err != nil {
 				return err
 			}
@@ -182,7 +182,7 @@ func seedCommand(cfg *Config) *cobra.Command {
 				return err
 			}
 			ctx := cmd.Context()
-			pool, err := OpenDB(ctx, cfg.DatabaseURL, log)
+			pool, err := OpenDB(ctx, cfg.DatabaseURL, cfg.StatementTimeout, log)
 			if err != nil {
 				return err
 			}

@@ -28,8 +28,13 @@ type Config struct {
 	ShutdownTimeout    time.Duration
 	LogLevel           string
 	LogFormat          string
-	PprofAddr          string // serves net/http/pprof when set
-	KafkaLogLevel      string // the Kafka client's own log level; empty for none
+	PprofAddr          string        // serves net/http/pprof when set
+	NoAuth             bool          // authentication off, for local use only
+	RateLimit          float64       // requests per second per API key
+	RateBurst          int           // requests a key may burst above RateLimit
+	HTTPReadTimeout    time.Duration // a request's headers and body must arrive within this
+	StatementTimeout   time.Duration // PostgreSQL statement_timeout for every connection
+	KafkaLogLevel      string        // the Kafka client's own log level; empty for none
 
 	// Fault, when set, is called at the consumers' fault points (tests).
 	Fault FaultFunc
@@ -50,6 +55,10 @@ func DefaultConfig() Config {
 		DataDir:            ".prozess/kafka",
 		Seed:               true,
 		ShutdownTimeout:    15 * time.Second,
+		RateLimit:          50,
+		RateBurst:          100,
+		HTTPReadTimeout:    10 * time.Second,
+		StatementTimeout:   30 * time.Second,
 		LogLevel:           "info",
 		LogFormat:          "text",
 	}
@@ -60,6 +69,7 @@ func (c Config) DLQTopic() string { return c.Topic + ".dlq" }
 
 func (c *Config) connectionFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.DatabaseURL, "database-url", c.DatabaseURL, "PostgreSQL connection URL (the database is created if missing)")
+	fs.DurationVar(&c.StatementTimeout, "db-statement-timeout", c.StatementTimeout, "PostgreSQL statement_timeout for every query (0: none)")
 	fs.StringVar(&c.RedisAddr, "redis-addr", c.RedisAddr, "Redis address, host:port")
 	fs.StringVar(&c.RedisPrefix, "redis-prefix", c.RedisPrefix, "prefix of every Redis key, so deployments can share one Redis")
 	fs.StringSliceVar(&c.KafkaBrokers, "kafka-brokers", c.KafkaBrokers, "Kafka bootstrap brokers, comma-separated; empty starts the embedded broker")
@@ -80,7 +90,11 @@ func (c *Config) serveFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.HTTPAddr, "http-addr", c.HTTPAddr, "listen address of the HTTP API (api participant)")
 	fs.Float64Var(&c.PaymentDeclineRate, "payment-decline-rate", c.PaymentDeclineRate, "share of simulated payments declined, 0 to 1")
 	fs.Int32Var(&c.Partitions, "partitions", c.Partitions, "partitions of the saga topic when it is created")
-	fs.BoolVar(&c.Seed, "seed", c.Seed, "load the demo catalogue at start (adds missing products only)")
+	fs.BoolVar(&c.Seed, "seed", c.Seed, "load the demo catalogue and the demo API key at start (adds what is missing only; use false in production)")
+	fs.BoolVar(&c.NoAuth, "no-auth", c.NoAuth, "turn API key authentication off: anyone may act as any user (local use only)")
+	fs.Float64Var(&c.RateLimit, "rate-limit", c.RateLimit, "requests per second allowed per API key (0: unlimited)")
+	fs.IntVar(&c.RateBurst, "rate-burst", c.RateBurst, "requests an API key may burst above --rate-limit")
+	fs.DurationVar(&c.HTTPReadTimeout, "http-read-timeout", c.HTTPReadTimeout, "time a client has to send a request's headers and body")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long in-flight work may take to finish at shutdown")
 	fs.StringVar(&c.KafkaLogLevel, "kafka-log-level", c.KafkaLogLevel, "log the Kafka client's own messages at this level (error, warn, info, debug); off when empty")
 	fs.StringVar(&c.PprofAddr, "pprof-addr", c.PprofAddr, "serve Go's pprof profiles on this address (e.g. 127.0.0.1:6060); off when empty")

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -13,11 +15,15 @@ import (
 )
 
 // OpenDB connects to PostgreSQL, creating the database first if it is
-// missing (and saying so), so a fresh machine needs no manual step.
-func OpenDB(ctx context.Context, url string, log *slog.Logger) (*pgxpool.Pool, error) {
+// missing (and saying so), so a fresh machine needs no manual step. Every
+// connection gets statementTimeout (0: none), so no query can hang forever.
+func OpenDB(ctx context.Context, url string, statementTimeout time.Duration, log *slog.Logger) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, fmt.Errorf("--database-url: %w", err)
+	}
+	if statementTimeout > 0 {
+		cfg.ConnConfig.RuntimeParams["statement_timeout"] = strconv.FormatInt(statementTimeout.Milliseconds(), 10)
 	}
 	where := fmt.Sprintf("%s:%d", cfg.ConnConfig.Host, cfg.ConnConfig.Port)
 	if err := ensureDatabase(ctx, cfg.ConnConfig, log); err != nil {

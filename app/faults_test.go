@@ -50,7 +50,7 @@ func newDeployment(t *testing.T, e *env) *deployment {
 	d.startBroker("127.0.0.1:0")
 	d.env = []string{
 		"PROZESS_DATABASE_URL=" + e.dbURL, "PROZESS_REDIS_ADDR=" + schematest.RedisAddr(), "PROZESS_REDIS_PREFIX=" + e.prefix,
-		"PROZESS_KAFKA_BROKERS=" + d.brokerArg, "PROZESS_LOG_FORMAT=json", "PROZESS_LOG_LEVEL=warn", "PROZESS_PAYMENT_DECLINE_RATE=0.2",
+		"PROZESS_KAFKA_BROKERS=" + d.brokerArg, "PROZESS_LOG_FORMAT=json", "PROZESS_RATE_LIMIT=0", "PROZESS_LOG_LEVEL=warn", "PROZESS_PAYMENT_DECLINE_RATE=0.2",
 	}
 	for _, p := range []string{"api", "inventory", "payment", "delivery", "status"} {
 		d.start(p)
@@ -123,6 +123,7 @@ func (d *deployment) startLoad(rate int) *load {
 	if err := loadgen.EnsureProduct(d.t.Context(), d.e.dbURL, "prod-load"); err != nil {
 		d.t.Fatal(err)
 	}
+	apiKey := d.e.keyFor("faults")
 	body, _ := json.Marshal(map[string]any{"user_id": "faults", "items": []map[string]any{{"product_id": "prod-load", "qty": 1}}})
 	l.done.Add(1)
 	go func() {
@@ -149,6 +150,7 @@ func (d *deployment) startLoad(rate int) *load {
 					}
 					req, _ := http.NewRequest(http.MethodPost, d.url+"/orders", bytes.NewReader(body))
 					req.Header.Set("Idempotency-Key", key)
+					req.Header.Set("Authorization", "Bearer "+apiKey)
 					resp, err := client.Do(req)
 					if err != nil {
 						l.mu.Lock()

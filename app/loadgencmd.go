@@ -43,6 +43,11 @@ longer keeps up, and the knee is reported.`,
 			if err := loadgen.EnsureProduct(ctx, lc.DatabaseURL, lc.Product); err != nil {
 				return err
 			}
+			if lc.APIKey == "" {
+				if lc.APIKey, err = loadgen.NewKey(ctx, lc.DatabaseURL); err != nil {
+					return err
+				}
+			}
 			var results []loadgen.Result
 			knee := 0.0
 			for rate := lc.Rate; ; rate += step {
@@ -93,6 +98,7 @@ longer keeps up, and the knee is reported.`,
 	fs.DurationVar(&lc.Warmup, "warmup", lc.Warmup, "warm-up at the first rate, not measured")
 	fs.IntVar(&lc.MaxInFlight, "max-inflight", lc.MaxInFlight, "requests in flight at most; more are dropped, never delayed")
 	fs.DurationVar(&lc.Deadline, "deadline", lc.Deadline, "how long orders may take to finish after the last send")
+	fs.StringVar(&lc.APIKey, "api-key", "", "API key to send; empty creates one for user loadgen (the server's --rate-limit must allow --rate)")
 	fs.StringVar(&lc.Product, "product", lc.Product, "product every order buys (created with ample stock)")
 	fs.Float64Var(&step, "step", 0, "raise the rate by this much per run until the system stops keeping up")
 	fs.Float64Var(&maxRate, "max-rate", 5000, "highest rate --step tries")

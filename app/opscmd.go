@@ -13,7 +13,10 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/prozess/prozess/app/check"
+	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/schema"
 )
 
@@ -36,7 +39,7 @@ dead letters. Exits non-zero on any violation.`,
 				return err
 			}
 			ctx := cmd.Context()
-			pool, err := OpenDB(ctx, cfg.DatabaseURL, log)
+			pool, err := OpenDB(ctx, cfg.DatabaseURL, cfg.StatementTimeout, log)
 			if err != nil {
 				return err
 			}
@@ -274,5 +277,90 @@ cannot be processed is dead-lettered again.`,
 		c.Flags().StringVar(&cfg.Topic, "topic", cfg.Topic, "the saga's topic (dead letters are in <topic>.dlq)")
 	}
 	cmd.AddCommand(list, replay)
+	return cmd
+}
+
+func apikeyCommand(cfg *Config) *cobra.Command {
+	cmd := &cobra.Command{Use: "apikey", Short: "Create, list and revoke API keys"}
+	var user string
+	var admin, asJSON bool
+	withPool := func(run func(ctx context.Context, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
+		return func(cmd *cobra.Command, _ []string) error {
+			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
+			if err != nil {
+				return err
+			}
+			pool, err := OpenDB(cmd.Context(), cfg.DatabaseURL, cfg.StatementTimeout, log)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			if _, err := schema.Migrate(cmd.Context(), pool); err != nil {
+				return err
+			}
+			return run(cmd.Context(), pool)
+		}
+	}
+	create := &cobra.Command{
+		Use:   "create --user USER [--admin]",
+		Short: "Create a key for USER; the key is printed once, as the last line",
+		Args:  cobra.NoArgs,
+		RunE: withPool(func(ctx context.Context, pool *pgxpool.Pool) error {
+			if user == "" {
+				return fmt.Errorf("--user is required")
+			}
+			id, key, err := api.CreateKey(ctx, pool, user, admin)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("created API key %s for user %s (admin: %v); it is shown only now:\n%s\n", id, user, admin, key)
+			return nil
+		}),
+	}
+	create.Flags().StringVar(&user, "user", "", "the user the key acts as")
+	create.Flags().BoolVar(&admin, "admin", false, "let the key read every order")
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List keys (never their secrets)",
+		Args:  cobra.NoArgs,
+		RunE: withPool(func(ctx context.Context, pool *pgxpool.Pool) error {
+			keys, err := api.ListKeys(ctx, pool)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return json.NewEncoder(os.Stdout).Encode(keys)
+			}
+			for _, k := range keys {
+				state := "active"
+				if k.RevokedAt != nil {
+					state = "revoked " + k.RevokedAt.Format(time.RFC3339)
+				}
+				fmt.Printf("%-12s user=%-20s admin=%-5v created=%s %s\n", k.ID, k.UserID, k.Admin, k.CreatedAt.Format(time.RFC3339), state)
+			}
+			return nil
+		}),
+	}
+	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	var revokeID string
+	revoke := &cobra.Command{
+		Use:   "revoke KEY_ID",
+		Short: "Revoke a key; it stops working at once",
+		Args:  cobra.ExactArgs(1),
+		PreRun: func(_ *cobra.Command, args []string) {
+			revokeID = args[0]
+		},
+		RunE: withPool(func(ctx context.Context, pool *pgxpool.Pool) error {
+			if err := api.RevokeKey(ctx, pool, revokeID); err != nil {
+				return err
+			}
+			fmt.Printf("revoked %s\n", revokeID)
+			return nil
+		}),
+	}
+	for _, c := range []*cobra.Command{create, list, revoke} {
+		c.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL")
+	}
+	cmd.AddCommand(create, list, revoke)
 	return cmd
 }

@@ -122,7 +122,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 
-	pool, err := OpenDB(startCtx, cfg.DatabaseURL, log)
+	pool, err := OpenDB(startCtx, cfg.DatabaseURL, cfg.StatementTimeout, log)
 	if err != nil {
 		return nil, err
 	}
@@ -168,7 +168,18 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	s.addActor(relay.Run)
 
 	if slices.Contains(names, api.Name) {
-		if err := s.addHTTP(api.New(log.With("participant", api.Name), pool, d.rdb, cfg.RedisPrefix, cfg.Topic)); err != nil {
+		alog := log.With("participant", api.Name)
+		if cfg.NoAuth {
+			alog.Warn("AUTHENTICATION IS OFF (--no-auth): anyone can place orders as any user and read every order; never expose this")
+		} else if active, err := demoKeyActive(startCtx, pool); err != nil {
+			return nil, err
+		} else if active {
+			alog.Warn("the public demo API key is active; for anything but a demo run with --seed=false and revoke it",
+				"key", seed.DemoKey, "user", seed.DemoUser, "revoke", "prozess apikey revoke "+seed.DemoKeyID)
+		}
+		a := api.New(alog, pool, d.rdb, cfg.RedisPrefix, cfg.Topic,
+			api.AuthConfig{Disabled: cfg.NoAuth, Rate: cfg.RateLimit, Burst: cfg.RateBurst})
+		if err := s.addHTTP(a); err != nil {
 			return nil, err
 		}
 	}
@@ -215,9 +226,11 @@ func (s *System) addHTTP(a *api.API) error {
 	e := NewEcho(s.log)
 	a.Register(e)
 	srv := &http.Server{
-		Handler:           e,
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       15 * time.Second,
+		Handler: e,
+		// Slow clients cannot hold connections: headers and body must
+		// arrive in time.
+		ReadHeaderTimeout: min(5*time.Second, s.cfg.HTTPReadTimeout),
+		ReadTimeout:       s.cfg.HTTPReadTimeout,
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
@@ -344,4 +357,13 @@ type slogWriter struct{ log *slog.Logger }
 func (w slogWriter) Write(p []byte) (int, error) {
 	w.log.Info("kafka", "msg", strings.TrimSpace(string(p)))
 	return len(p), nil
+}
+
+// demoKeyActive reports whether the public demo API key still works.
+func demoKeyActive(ctx context.Context, pool *pgxpool.Pool) (bool, error) {
+	var n int
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM api_keys WHERE id = $1 AND revoked_at IS NULL`, seed.DemoKeyID).Scan(&n); err != nil {
+		return false, fmt.Errorf("reading API keys: %w", err)
+	}
+	return n > 0, nil
 }

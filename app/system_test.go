@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -29,6 +30,23 @@ type env struct {
 	prefix  string
 	dataDir string
 	pool    *pgxpool.Pool
+	keysMu  sync.Mutex
+	keys    map[string]string // user -> API key; "admin" is an admin key
+}
+
+// keyFor returns an API key acting as user, creating it on first use.
+func (e *env) keyFor(user string) string {
+	e.keysMu.Lock()
+	defer e.keysMu.Unlock()
+	if k, ok := e.keys[user]; ok {
+		return k
+	}
+	_, k, err := api.CreateKey(context.Background(), e.pool, user, user == "admin")
+	if err != nil {
+		e.t.Fatalf("creating API key: %v", err)
+	}
+	e.keys[user] = k
+	return k
 }
 
 func newEnv(t *testing.T) *env {
@@ -41,7 +59,7 @@ func newEnv(t *testing.T) *env {
 	}
 	t.Cleanup(pool.Close)
 	_, prefix := schematest.NewRedis(t)
-	return &env{t: t, dbURL: url, prefix: prefix, dataDir: t.TempDir(), pool: pool}
+	return &env{t: t, dbURL: url, prefix: prefix, dataDir: t.TempDir(), pool: pool, keys: map[string]string{}}
 }
 
 func (e *env) config() app.Config {
@@ -54,11 +72,13 @@ func (e *env) config() app.Config {
 	cfg.DataDir = e.dataDir
 	cfg.Partitions = 3
 	cfg.PaymentDeclineRate = 0
+	cfg.RateLimit = 0 // tests poll hard; the limit has tests of its own
 	return cfg
 }
 
 // running is a started System.
 type running struct {
+	e    *env
 	sys  *app.System
 	url  string
 	stop context.CancelFunc
@@ -81,7 +101,7 @@ func (e *env) start(cfg app.Config, names ...string) *running {
 		e.t.Fatalf("starting system: %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{sys: sys, url: "http://" + sys.HTTPAddr(), stop: cancel, done: make(chan error, 1)}
+	r := &running{e: e, sys: sys, url: "http://" + sys.HTTPAddr(), stop: cancel, done: make(chan error, 1)}
 	go func() { r.done <- sys.Run(ctx) }()
 	e.t.Cleanup(func() { r.shutdown(e.t) })
 	return r
@@ -111,6 +131,7 @@ func (r *running) order(t *testing.T, user string, key string, items ...event.It
 	b, _ := json.Marshal(api.CreateRequest{UserID: user, Items: items})
 	req, _ := http.NewRequest(http.MethodPost, r.url+"/orders", bytes.NewReader(b))
 	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+r.e.keyFor(user))
 	if key != "" {
 		req.Header.Set("Idempotency-Key", key)
 	}
@@ -130,22 +151,23 @@ func (r *running) order(t *testing.T, user string, key string, items ...event.It
 	return out
 }
 
-func getJSON[T any](t *testing.T, url string) T {
+// getJSON reads url with the admin key, which may read every order.
+func (r *running) getJSON(t *testing.T, path string, v any) {
 	t.Helper()
-	resp, err := http.Get(url)
+	req, _ := http.NewRequest(http.MethodGet, r.url+path, nil)
+	req.Header.Set("Authorization", "Bearer "+r.e.keyFor("admin"))
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		t.Fatalf("GET %s: %v", url, err)
+		t.Fatalf("GET %s: %v", path, err)
 	}
 	defer resp.Body.Close()
-	var v T
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(resp.Body)
-		t.Fatalf("GET %s: %d %s", url, resp.StatusCode, b)
+		t.Fatalf("GET %s: %d %s", path, resp.StatusCode, b)
 	}
-	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
-		t.Fatalf("GET %s: %v", url, err)
+	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+		t.Fatalf("GET %s: %v", path, err)
 	}
-	return v
 }
 
 // await polls GET /orders/{id} until the order is terminal and, when
@@ -154,7 +176,8 @@ func (r *running) await(t *testing.T, id string, timeout time.Duration) api.Orde
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
-		o := getJSON[api.Order](t, r.url+"/orders/"+id)
+		var o api.Order
+		r.getJSON(t, "/orders/"+id, &o)
 		if o.Status.Terminal() {
 			return o
 		}
@@ -168,7 +191,9 @@ func (r *running) await(t *testing.T, id string, timeout time.Duration) api.Orde
 func (r *running) trail(t *testing.T, id string) []event.Type {
 	t.Helper()
 	var types []event.Type
-	for _, e := range getJSON[[]api.AuditEvent](t, r.url+"/orders/"+id+"/events") {
+	var evs []api.AuditEvent
+	r.getJSON(t, "/orders/"+id+"/events", &evs)
+	for _, e := range evs {
 		types = append(types, event.Type(e.Type))
 	}
 	return types
@@ -193,7 +218,9 @@ func (r *running) awaitTrail(t *testing.T, id string, want ...event.Type) {
 func (r *running) stock(t *testing.T) map[string]int64 {
 	t.Helper()
 	m := map[string]int64{}
-	for _, p := range getJSON[[]api.Product](t, r.url+"/products") {
+	var ps []api.Product
+	r.getJSON(t, "/products", &ps)
+	for _, p := range ps {
 		m[p.ID] = p.Stock
 	}
 	return m

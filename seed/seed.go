@@ -10,6 +10,8 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/prozess/prozess/modules/api"
 )
 
 //go:embed catalogue.json
@@ -32,9 +34,21 @@ func Catalogue() ([]Product, error) {
 	return ps, nil
 }
 
-// Load inserts the demo products that are missing and reports how many it
-// added.
+// The demo API key, for user u1, so the README's walkthrough can be pasted
+// as it is. It is public: `serve` warns while it works, and production
+// deployments run with --seed=false or revoke it (prozess apikey revoke kdemo).
+const (
+	DemoKeyID = "kdemo"
+	DemoUser  = "u1"
+	DemoKey   = "pz_kdemo_0000000000000000000000000000000000000000000000000000000000000000"
+)
+
+// Load inserts the demo products that are missing, and the demo API key if
+// it was never created, and reports how many products it added.
 func Load(ctx context.Context, pool *pgxpool.Pool) (int64, error) {
+	if err := api.EnsureKey(ctx, pool, DemoKeyID, DemoUser, false, DemoKey); err != nil {
+		return 0, fmt.Errorf("creating the demo API key: %w", err)
+	}
 	ps, err := Catalogue()
 	if err != nil {
 		return 0, err

@@ -22,6 +22,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/event"
 )
 
@@ -37,6 +38,7 @@ type Config struct {
 	MaxInFlight int           // requests over this are dropped, never delayed
 	Deadline    time.Duration // how long after the last send orders may take to finish
 	Product     string        // what every order buys, one unit
+	APIKey      string        // sent as Authorization: Bearer
 }
 
 // Result is what a run measured.
@@ -220,7 +222,7 @@ func (r *Runner) send(ctx context.Context, d time.Duration, measure bool, res *R
 	var post []time.Duration
 	var firstErrs []string
 	var wg sync.WaitGroup
-	body, _ := json.Marshal(map[string]any{"user_id": "loadgen", "items": []event.Item{{ProductID: r.cfg.Product, Qty: 1}}})
+	body, _ := json.Marshal(map[string]any{"items": []event.Item{{ProductID: r.cfg.Product, Qty: 1}}})
 	progress := time.NewTicker(time.Second)
 	defer progress.Stop()
 	started := time.Now()
@@ -289,6 +291,9 @@ func (r *Runner) post(ctx context.Context, body []byte) (string, error) {
 		return "", err
 	}
 	req.Header.Set("Content-Type", "application/json")
+	if r.cfg.APIKey != "" {
+		req.Header.Set("Authorization", "Bearer "+r.cfg.APIKey)
+	}
 	resp, err := r.http.Do(req)
 	if err != nil {
 		return "", err
@@ -325,6 +330,18 @@ func readDBStats(ctx context.Context, url string) (*dbStats, error) {
 		return nil, fmt.Errorf("reading database statistics: %w", err)
 	}
 	return &s, nil
+}
+
+// NewKey creates an API key for the load generator's user, so a run needs
+// no setup; the server's --rate-limit must allow the rate.
+func NewKey(ctx context.Context, url string) (string, error) {
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		return "", fmt.Errorf("cannot reach PostgreSQL to create an API key: %w", err)
+	}
+	defer conn.Close(ctx)
+	_, key, err := api.CreateKey(ctx, conn, "loadgen", false)
+	return key, err
 }
 
 // EnsureProduct creates the product every load order buys, with stock

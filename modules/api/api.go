@@ -36,13 +36,15 @@ type API struct {
 	prefix string
 	topic  string
 	writer *writer
+	auth   AuthConfig
+	limits *limiter
 }
 
 // New returns the api participant. Redis keys go under prefix; events go to
 // topic through the outbox.
-func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, prefix, topic string) *API {
+func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, prefix, topic string, auth AuthConfig) *API {
 	return &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, prefix), prefix: prefix, topic: topic,
-		writer: newWriter(pool, topic)}
+		writer: newWriter(pool, topic), auth: auth, limits: newLimiter(auth.Rate, auth.Burst)}
 }
 
 // Run writes submitted orders until ctx ends; POST /orders needs it running.
@@ -54,10 +56,11 @@ func (a *API) Run(ctx context.Context) error {
 
 // Register adds the API's routes to e.
 func (a *API) Register(e *echo.Echo) {
-	e.POST("/orders", a.createOrder)
-	e.GET("/orders/:id", a.getOrder)
-	e.GET("/orders/:id/events", a.orderEvents)
-	e.GET("/products", a.products)
+	orders := e.Group("/orders", a.authenticate)
+	orders.POST("", a.createOrder)
+	orders.GET("/:id", a.getOrder)
+	orders.GET("/:id/events", a.orderEvents)
+	e.GET("/products", a.products) // the catalogue is public
 	e.GET("/", func(c echo.Context) error {
 		return c.JSON(http.StatusOK, map[string]any{
 			"service":   "prozess",

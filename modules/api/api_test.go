@@ -20,10 +20,20 @@ import (
 	"github.com/prozess/prozess/seed"
 )
 
-// server is the api alone, on a real database and Redis. Without Kafka its
-// orders stop at CREATED with their event in the outbox, which is all these
-// tests look at.
-func server(t *testing.T) (*httptest.Server, *pgxpool.Pool) {
+// testServer is the api alone, on a real database and Redis. Without Kafka
+// its orders stop at CREATED with their event in the outbox, which is all
+// these tests look at.
+type testServer struct {
+	*httptest.Server
+	pool *pgxpool.Pool
+	keys map[string]string // user -> API key; "admin" is an admin key
+}
+
+func server(t *testing.T) *testServer {
+	return serverWith(t, api.AuthConfig{Rate: 1000, Burst: 1000})
+}
+
+func serverWith(t *testing.T, auth api.AuthConfig) *testServer {
 	t.Helper()
 	t.Parallel()
 	pool := schematest.NewPool(t)
@@ -35,20 +45,32 @@ func server(t *testing.T) (*httptest.Server, *pgxpool.Pool) {
 	e := echo.New()
 	e.HTTPErrorHandler = api.ErrorHandler(log)
 	e.Use(middleware.BodyLimit(fmt.Sprintf("%dB", api.MaxBodyBytes)))
-	a := api.New(log, pool, rdb, prefix, "order-events")
+	a := api.New(log, pool, rdb, prefix, "order-events", auth)
 	a.Register(e)
 	go a.Run(t.Context())
 	srv := httptest.NewServer(e)
 	t.Cleanup(srv.Close)
-	return srv, pool
+	ts := &testServer{Server: srv, pool: pool, keys: map[string]string{}}
+	for _, u := range []string{"u1", "u2", "admin"} {
+		_, key, err := api.CreateKey(t.Context(), pool, u, u == "admin")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ts.keys[u] = key
+	}
+	return ts
 }
 
-func post(t *testing.T, srv *httptest.Server, body, key string) (int, []byte) {
+// do sends a request as user ("" for no key) and returns status and body.
+func (ts *testServer) do(t *testing.T, method, path, user, body string, hdr ...string) (int, []byte, http.Header) {
 	t.Helper()
-	req, _ := http.NewRequest(http.MethodPost, srv.URL+"/orders", strings.NewReader(body))
+	req, _ := http.NewRequest(method, ts.URL+path, strings.NewReader(body))
 	req.Header.Set("Content-Type", "application/json")
-	if key != "" {
-		req.Header.Set("Idempotency-Key", key)
+	if user != "" {
+		req.Header.Set("Authorization", "Bearer "+ts.keys[user])
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -56,7 +78,21 @@ func post(t *testing.T, srv *httptest.Server, body, key string) (int, []byte) {
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, b
+	return resp.StatusCode, b, resp.Header
+}
+
+func post(t *testing.T, ts *testServer, body, key string) (int, []byte) {
+	t.Helper()
+	var hdr []string
+	if key != "" {
+		hdr = []string{"Idempotency-Key", key}
+	}
+	user := "u1"
+	if strings.Contains(body, `"user_id":"u2"`) {
+		user = "u2"
+	}
+	c, b, _ := ts.do(t, http.MethodPost, "/orders", user, body, hdr...)
+	return c, b
 }
 
 func count(t *testing.T, pool *pgxpool.Pool, table string) int64 {
@@ -64,7 +100,8 @@ func count(t *testing.T, pool *pgxpool.Pool, table string) int64 {
 }
 
 func TestBadInputIsRefusedAndChangesNothing(t *testing.T) {
-	srv, pool := server(t)
+	srv := server(t)
+	pool := srv.pool
 	item := `{"product_id":"prod-mouse","qty":1}`
 	many := strings.TrimSuffix(strings.Repeat(`{"product_id":"p`+`%d","qty":1},`, 101), ",")
 	for i := range 101 {
@@ -82,7 +119,6 @@ func TestBadInputIsRefusedAndChangesNothing(t *testing.T) {
 		{"unknown field", `{"user_id":"u1","items":[` + item + `],"status":"SHIPPED"}`, 400, "invalid_json"},
 		{"unknown item field", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":1,"price_cents":0}]}`, 400, "invalid_json"},
 		{"wrong type", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":"2"}]}`, 400, "invalid_json"},
-		{"no user", `{"items":[` + item + `]}`, 400, "invalid_user_id"},
 		{"bad user", `{"user_id":"<script>","items":[` + item + `]}`, 400, "invalid_user_id"},
 		{"no items", `{"user_id":"u1","items":[]}`, 400, "no_items"},
 		{"items missing", `{"user_id":"u1"}`, 400, "no_items"},
@@ -123,7 +159,7 @@ func TestBadInputIsRefusedAndChangesNothing(t *testing.T) {
 }
 
 func TestUnknownRoutesAndOrdersAnswerJSON(t *testing.T) {
-	srv, _ := server(t)
+	srv := server(t)
 	for _, tc := range []struct {
 		path   string
 		status int
@@ -134,20 +170,16 @@ func TestUnknownRoutesAndOrdersAnswerJSON(t *testing.T) {
 		{"/orders/not-a-uuid", 400, "invalid_order_id"},
 		{"/nowhere", 404, "not_found"},
 	} {
-		resp, err := http.Get(srv.URL + tc.path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != tc.status || !strings.Contains(string(b), `"code":"`+tc.code+`"`) {
-			t.Errorf("GET %s: %d %s, want %d %s", tc.path, resp.StatusCode, b, tc.status, tc.code)
+		code, b, _ := srv.do(t, http.MethodGet, tc.path, "u1", "")
+		if code != tc.status || !strings.Contains(string(b), `"code":"`+tc.code+`"`) {
+			t.Errorf("GET %s: %d %s, want %d %s", tc.path, code, b, tc.status, tc.code)
 		}
 	}
 }
 
 func TestCreateWritesOrderItemsAndEventTogether(t *testing.T) {
-	srv, pool := server(t)
+	srv := server(t)
+	pool := srv.pool
 	status, body := post(t, srv, `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":2},{"product_id":"prod-keyboard","qty":1}]}`, "")
 	if status != 201 {
 		t.Fatalf("%d %s", status, body)
@@ -165,16 +197,12 @@ func TestCreateWritesOrderItemsAndEventTogether(t *testing.T) {
 	if n := count(t, pool, "outbox"); n != 1 {
 		t.Fatalf("%d outbox rows, want the one OrderCreated", n)
 	}
-	resp, err := http.Get(srv.URL + "/orders/" + created.OrderID.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
+	_, b, hdr := srv.do(t, http.MethodGet, "/orders/"+created.OrderID.String(), "u1", "")
 	var o api.Order
-	if err := json.NewDecoder(resp.Body).Decode(&o); err != nil || o.Status != "CREATED" || len(o.Items) != 2 || o.UserID != "u1" {
+	if err := json.Unmarshal(b, &o); err != nil || o.Status != "CREATED" || len(o.Items) != 2 || o.UserID != "u1" {
 		t.Fatalf("GET answered %+v (%v)", o, err)
 	}
-	if src := resp.Header.Get("X-Prozess-Source"); src != "cache" {
+	if src := hdr.Get("X-Prozess-Source"); src != "cache" {
 		t.Fatalf("GET right after POST answered from %q, want the cache", src)
 	}
 }
@@ -182,7 +210,8 @@ func TestCreateWritesOrderItemsAndEventTogether(t *testing.T) {
 // Fifty concurrent POSTs with one Idempotency-Key create exactly one order
 // and all get the same answer; the same key with another body is refused.
 func TestIdempotencyKey(t *testing.T) {
-	srv, pool := server(t)
+	srv := server(t)
+	pool := srv.pool
 	body := `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":1}]}`
 	const n = 50
 	answers := make([]string, n)

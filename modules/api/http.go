@@ -76,6 +76,18 @@ func (a *API) createOrder(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	p := principal(c)
+	switch {
+	case p.UserID == "" && req.UserID == "":
+		return badRequest("invalid_user_id", "user_id is required when authentication is off")
+	case p.UserID == "":
+		// Authentication off: the body names the user.
+	case req.UserID == "":
+		req.UserID = p.UserID
+	case req.UserID != p.UserID:
+		return &Error{Status: http.StatusForbidden, Code: "forbidden",
+			Message: "user_id does not match the API key's user; orders are placed as the key's user"}
+	}
 	key := c.Request().Header.Get("Idempotency-Key")
 	if key != "" && !keyPattern.MatchString(key) {
 		return badRequest("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 printable ASCII characters")
@@ -146,7 +158,8 @@ func jsonProblem(err error) string {
 }
 
 func (r CreateRequest) validate() error {
-	if !userIDPattern.MatchString(r.UserID) {
+	// user_id may be left out: the API key says who the user is.
+	if r.UserID != "" && !userIDPattern.MatchString(r.UserID) {
 		return badRequest("invalid_user_id", "user_id must be 1 to 64 characters of letters, digits and ._@:-")
 	}
 	if len(r.Items) == 0 {
@@ -192,6 +205,9 @@ func (a *API) getOrder(c echo.Context) error {
 	} else if ok {
 		var o Order
 		if err := json.Unmarshal(e.Doc, &o); err == nil {
+			if !canRead(principal(c), o.UserID) {
+				return errNotFound
+			}
 			o.Status = e.Status
 			c.Response().Header().Set("X-Prozess-Source", "cache")
 			return c.JSON(http.StatusOK, o)
@@ -202,6 +218,9 @@ func (a *API) getOrder(c echo.Context) error {
 		return err
 	}
 	a.cacheOrder(ctx, o)
+	if !canRead(principal(c), o.UserID) {
+		return errNotFound
+	}
 	c.Response().Header().Set("X-Prozess-Source", "database")
 	return c.JSON(http.StatusOK, o)
 }
@@ -224,7 +243,7 @@ func (a *API) orderEvents(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	evs, err := a.loadEvents(c.Request().Context(), id)
+	evs, err := a.loadEvents(c.Request().Context(), id, principal(c))
 	if err != nil {
 		return err
 	}

@@ -57,13 +57,14 @@ func (a *API) loadOrder(ctx context.Context, id uuid.UUID) (Order, error) {
 	return o, nil
 }
 
-func (a *API) loadEvents(ctx context.Context, id uuid.UUID) ([]AuditEvent, error) {
-	var exists bool
-	if err := a.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1)`, id).Scan(&exists); err != nil {
-		return nil, fmt.Errorf("reading order %s: %w", id, err)
-	}
-	if !exists {
+func (a *API) loadEvents(ctx context.Context, id uuid.UUID, p Principal) ([]AuditEvent, error) {
+	var owner string
+	err := a.pool.QueryRow(ctx, `SELECT user_id FROM orders WHERE id = $1`, id).Scan(&owner)
+	if errors.Is(err, pgx.ErrNoRows) || err == nil && !canRead(p, owner) {
 		return nil, errNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading order %s: %w", id, err)
 	}
 	rows, err := a.pool.Query(ctx, `
 		SELECT event_id, type, source, occurred_at, payload::text
