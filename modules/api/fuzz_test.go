@@ -51,4 +51,3 @@ func FuzzDecodeCreate(f *testing.F) {
 		}
 	})
 }
-
