@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -370,6 +371,9 @@ func TestFaultSuite(t *testing.T) {
 	table := renderFaults(rows, len(accepted), refused, lost+doubled+stuck)
 	t.Log("\n" + table)
 	if *faultsReport != "" {
+		if err := os.MkdirAll(filepath.Dir(*faultsReport), 0o755); err != nil {
+			t.Fatal(err)
+		}
 		if err := os.WriteFile(*faultsReport, []byte(table), 0o644); err != nil {
 			t.Fatal(err)
 		}
