@@ -4,6 +4,7 @@
 package app
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/cobra"
 
 	"github.com/prozess/prozess/schema"
@@ -144,17 +146,8 @@ func migrateCommand(cfg *Config) *cobra.Command {
 		Use:   "migrate",
 		Short: "Apply the embedded database schema",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
-			if err != nil {
-				return err
-			}
-			pool, err := OpenDB(cmd.Context(), cfg.DatabaseURL, cfg.StatementTimeout, log)
-			if err != nil {
-				return err
-			}
-			defer pool.Close()
-			res, err := schema.Migrate(cmd.Context(), pool)
+		RunE: cfg.withDB(func(ctx context.Context, log *slog.Logger, pool *pgxpool.Pool) error {
+			res, err := schema.Migrate(ctx, pool)
 			if err != nil {
 				return err
 			}
@@ -165,7 +158,7 @@ func migrateCommand(cfg *Config) *cobra.Command {
 				log.Info("schema up to date")
 			}
 			return nil
-		},
+		}),
 	}
 	cfg.connectionFlags(cmd.Flags())
 	return cmd
@@ -176,17 +169,7 @@ func seedCommand(cfg *Config) *cobra.Command {
 		Use:   "seed",
 		Short: "Load the demo catalogue (adds missing products; never changes existing stock)",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
-			if err != nil {
-				return err
-			}
-			ctx := cmd.Context()
-			pool, err := OpenDB(ctx, cfg.DatabaseURL, cfg.StatementTimeout, log)
-			if err != nil {
-				return err
-			}
-			defer pool.Close()
+		RunE: cfg.withDB(func(ctx context.Context, log *slog.Logger, pool *pgxpool.Pool) error {
 			if _, err := schema.Migrate(ctx, pool); err != nil {
 				return err
 			}
@@ -196,8 +179,25 @@ func seedCommand(cfg *Config) *cobra.Command {
 			}
 			log.Info("demo catalogue loaded", "products_added", n)
 			return nil
-		},
+		}),
 	}
 	cfg.connectionFlags(cmd.Flags())
 	return cmd
+}
+
+// withDB makes a command body that gets the process's logger and a pool on
+// --database-url, closed when the body returns.
+func (c *Config) withDB(fn func(ctx context.Context, log *slog.Logger, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, _ []string) error {
+		log, err := NewLogger(c.LogLevel, c.LogFormat)
+		if err != nil {
+			return err
+		}
+		pool, err := OpenDB(cmd.Context(), c.DatabaseURL, c.StatementTimeout, log)
+		if err != nil {
+			return err
+		}
+		defer pool.Close()
+		return fn(cmd.Context(), log, pool)
+	}
 }

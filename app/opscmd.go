@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
 	"strconv"
 	"strings"
@@ -33,17 +34,7 @@ back exactly once; every audit trail a path through the lifecycle; the Redis
 status cache agreeing with PostgreSQL; the outbox draining; and the count of
 dead letters. Exits non-zero on any violation.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
-			if err != nil {
-				return err
-			}
-			ctx := cmd.Context()
-			pool, err := OpenDB(ctx, cfg.DatabaseURL, cfg.StatementTimeout, log)
-			if err != nil {
-				return err
-			}
-			defer pool.Close()
+		RunE: cfg.withDB(func(ctx context.Context, _ *slog.Logger, pool *pgxpool.Pool) error {
 			if pending, err := schema.Pending(ctx, pool); err != nil {
 				return err
 			} else if pending {
@@ -51,10 +42,12 @@ dead letters. Exits non-zero on any violation.`,
 			}
 			cc := check.Config{Deadline: deadline, Prefix: cfg.RedisPrefix, Brokers: cfg.KafkaBrokers, DLQTopic: cfg.DLQTopic()}
 			if !noCache {
-				if cc.Redis, err = OpenRedis(cfg.RedisAddr); err != nil {
+				rdb, err := OpenRedis(cfg.RedisAddr)
+				if err != nil {
 					return err
 				}
-				defer cc.Redis.Close()
+				defer rdb.Close()
+				cc.Redis = rdb
 			}
 			rep, err := check.Run(ctx, pool, cc)
 			if err != nil {
@@ -77,7 +70,7 @@ dead letters. Exits non-zero on any violation.`,
 				return fmt.Errorf("%d violations", total)
 			}
 			return nil
-		},
+		}),
 	}
 	cfg.connectionFlags(cmd.Flags())
 	cmd.Flags().DurationVar(&deadline, "deadline", time.Minute, "orders older than this must be terminal (and declined ones released)")
@@ -285,21 +278,12 @@ func apikeyCommand(cfg *Config) *cobra.Command {
 	var user string
 	var admin, asJSON bool
 	withPool := func(run func(ctx context.Context, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
-		return func(cmd *cobra.Command, _ []string) error {
-			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
-			if err != nil {
+		return cfg.withDB(func(ctx context.Context, _ *slog.Logger, pool *pgxpool.Pool) error {
+			if _, err := schema.Migrate(ctx, pool); err != nil {
 				return err
 			}
-			pool, err := OpenDB(cmd.Context(), cfg.DatabaseURL, cfg.StatementTimeout, log)
-			if err != nil {
-				return err
-			}
-			defer pool.Close()
-			if _, err := schema.Migrate(cmd.Context(), pool); err != nil {
-				return err
-			}
-			return run(cmd.Context(), pool)
-		}
+			return run(ctx, pool)
+		})
 	}
 	create := &cobra.Command{
 		Use:   "create --user USER [--admin]",
