@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app"
@@ -228,6 +229,9 @@ func TestPoisonRecordIsDeadLetteredAndPartitionMovesOn(t *testing.T) {
 			Headers: []kgo.RecordHeader{{Key: "ce_specversion", Value: []byte("1.0")}, {Key: "ce_type", Value: []byte("OrderCreated")},
 				{Key: "ce_schemaversion", Value: []byte("99")}}},
 	}
+	oversized := sample(t, "OrderCreated")
+	oversized.Value = []byte(`{"pad":"` + strings.Repeat("x", event.MaxPayloadBytes) + `"}`)
+	poison = append(poison, oversized)
 	if err := cl.ProduceSync(t.Context(), poison...).FirstErr(); err != nil {
 		t.Fatal(err)
 	}
@@ -238,7 +242,7 @@ func TestPoisonRecordIsDeadLetteredAndPartitionMovesOn(t *testing.T) {
 	reasons := map[string]string{} // participant/offset -> reason
 	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Second)
 	defer cancel()
-	for len(reasons) < 3 && ctx.Err() == nil {
+	for len(reasons) < 5 && ctx.Err() == nil {
 		cl.PollFetches(ctx).EachRecord(func(rec *kgo.Record) {
 			h := map[string]string{}
 			for _, kv := range rec.Headers {
@@ -250,7 +254,9 @@ func TestPoisonRecordIsDeadLetteredAndPartitionMovesOn(t *testing.T) {
 	// Unreadable record 0: status (which reads every type) dead-letters it.
 	// Record 1 is an OrderCreated of an unknown version: inventory, which
 	// handles OrderCreated, and status dead-letter it.
-	for key, want := range map[string]string{"status/0": "specversion", "status/1": "schema version", "inventory/1": "schema version"} {
+	// Record 2 is a well-formed OrderCreated whose payload is over the limit.
+	for key, want := range map[string]string{"status/0": "specversion", "status/1": "schema version", "inventory/1": "schema version",
+		"status/2": "bytes", "inventory/2": "bytes"} {
 		if got, ok := reasons[key]; !ok || !strings.Contains(got, want) {
 			t.Errorf("dead letter %s: reason %q, want one mentioning %q (all: %v)", key, got, want, reasons)
 		}
@@ -344,4 +350,14 @@ func TestNoOversell(t *testing.T) {
 			}
 		})
 	}
+}
+
+// sample is a well-formed record of type typ for a new order.
+func sample(t *testing.T, typ event.Type) *kgo.Record {
+	t.Helper()
+	ev, err := event.New(typ, uuid.New(), "api", event.Created{UserID: "u1", Items: []event.Item{mouse(1)}, AmountCents: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ev.Record("order-events")
 }

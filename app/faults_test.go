@@ -101,6 +101,20 @@ func (d *deployment) dump() {
 	}
 }
 
+// mustRead reads one order through the api, as its owner.
+func (d *deployment) mustRead(id string) {
+	req, _ := http.NewRequest(http.MethodGet, d.url+"/orders/"+id, nil)
+	req.Header.Set("Authorization", "Bearer "+d.e.keyFor("faults"))
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+	if err != nil {
+		d.t.Fatalf("reading an order during the fault: %v", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("X-Prozess-Source") != "database" {
+		d.t.Fatalf("reading an order during the fault: %d from %q, want 200 from the database", resp.StatusCode, resp.Header.Get("X-Prozess-Source"))
+	}
+}
+
 func (d *deployment) kill(name string) {
 	p := d.procs[name]
 	p.cmd.Process.Signal(syscall.SIGKILL)
@@ -320,9 +334,14 @@ func TestFaultSuite(t *testing.T) {
 			time.Sleep(2 * time.Second)
 			service(t, pgStart)
 		}},
-		{name: "Redis stopped for 5s", skip: services, inject: func() {
+		{name: "Redis stopped for 5s, back empty", skip: services, inject: func() {
 			service(t, redisStop)
-			time.Sleep(5 * time.Second)
+			time.Sleep(2 * time.Second)
+			// Without Redis the api keeps answering reads, from PostgreSQL.
+			if ids, _ := l.snapshot(); len(ids) > 0 {
+				d.mustRead(ids[len(ids)-1])
+			}
+			time.Sleep(3 * time.Second)
 			service(t, redisStart)
 		}},
 	}

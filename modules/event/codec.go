@@ -81,6 +81,11 @@ func FromRecord(r *kgo.Record) (Event, error) {
 	if e.Time, err = time.Parse(time.RFC3339Nano, h[hdrTime]); err != nil {
 		return Event{}, invalid("ce_time: %v", err)
 	}
+	// A time that leaves RFC 3339's years once in UTC (0000-01-01T00:00+01:00
+	// is in year -1) could not be written back out; no real event has one.
+	if y := e.Time.UTC().Year(); y < 1970 || y > 9999 {
+		return Event{}, invalid("ce_time %q is out of range", h[hdrTime])
+	}
 	if len(r.Value) > MaxPayloadBytes {
 		return Event{}, invalid("payload of %d bytes, at most %d", len(r.Value), MaxPayloadBytes)
 	}
