@@ -31,7 +31,7 @@ func principal(c echo.Context) Principal {
 }
 
 var errUnauthorized = &Error{Status: http.StatusUnauthorized, Code: "unauthorized",
-	Message: "a valid API key is required: Authorization: Bearer <key>"}
+	Message: "a valid API key is required: Authorization: Bearer KEY"}
 
 // authenticate resolves the request's API key to a principal, or refuses
 // it with 401, and applies the key's rate limit.
