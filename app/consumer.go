@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -350,10 +351,10 @@ func (c *Consumer) faultAt(point string) error {
 
 // claim inserts the batch's event ids into the inbox and returns those not
 // seen before: only they get an effect.
-func claim(ctx context.Context, tx pgx.Tx, consumer string, ids []uuid.UUID) (map[uuid.UUID]bool, error) {
+func claim(ctx context.Context, tx pgx.Tx, name string, ids []uuid.UUID) (map[uuid.UUID]bool, error) {
 	rows, err := tx.Query(ctx, `
 		INSERT INTO inbox (consumer, event_id) SELECT $1, unnest($2::uuid[])
-		ON CONFLICT DO NOTHING RETURNING event_id`, consumer, ids)
+		ON CONFLICT DO NOTHING RETURNING event_id`, name, ids)
 	if err != nil {
 		return nil, fmt.Errorf("claiming inbox: %w", err)
 	}
@@ -393,4 +394,30 @@ func backoff(attempt int) time.Duration {
 	d := 100 * time.Millisecond << min(attempt, 6)
 	d = min(d, 5*time.Second)
 	return d/2 + rand.N(d/2+1)
+}
+
+// kafkaLogger passes the Kafka client's log to slog at level (empty: none).
+func kafkaLogger(level string, log *slog.Logger) kgo.Logger {
+	var l kgo.LogLevel
+	switch level {
+	case "":
+		return nil
+	case "error":
+		l = kgo.LogLevelError
+	case "warn":
+		l = kgo.LogLevelWarn
+	case "info":
+		l = kgo.LogLevelInfo
+	default:
+		l = kgo.LogLevelDebug
+	}
+	return kgo.BasicLogger(slogWriter{log}, l, nil)
+}
+
+// slogWriter turns the Kafka client's log lines into slog records.
+type slogWriter struct{ log *slog.Logger }
+
+func (w slogWriter) Write(p []byte) (int, error) {
+	w.log.Info("kafka", "msg", strings.TrimSpace(string(p)))
+	return len(p), nil
 }

@@ -2,23 +2,17 @@ package app
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net"
-	"net/http"
-	"net/http/pprof"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/labstack/echo/v4"
-	"github.com/labstack/echo/v4/middleware"
 	"github.com/oklog/run"
 	"github.com/redis/rueidis"
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/delivery"
@@ -44,15 +38,15 @@ type deps struct {
 	rdb  rueidis.Client
 }
 
-// consumers is the table of consumer participants: name and constructor.
-func consumers() []struct {
+// consumer is one row of the participants table: a name and a constructor.
+type consumer struct {
 	name  string
 	build func(d deps) (Handler, error)
-} {
-	return []struct {
-		name  string
-		build func(d deps) (Handler, error)
-	}{
+}
+
+// consumers is the table of consumer participants.
+func consumers() []consumer {
+	return []consumer{
 		{inventory.Name, func(d deps) (Handler, error) { return inventory.New(d.log), nil }},
 		{payment.Name, func(d deps) (Handler, error) {
 			return payment.New(d.log, d.cfg.PaymentDeclineRate, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
@@ -217,85 +211,6 @@ func (s *System) addActor(fn func(ctx context.Context) error) {
 	s.group.Add(func() error { return fn(ctx) }, func(error) { cancel() })
 }
 
-func (s *System) addHTTP(a *api.API) error {
-	ln, err := net.Listen("tcp", s.cfg.HTTPAddr)
-	if err != nil {
-		return fmt.Errorf("--http-addr %s: %w", s.cfg.HTTPAddr, err)
-	}
-	s.httpAddr = ln.Addr().String()
-	e := NewEcho(s.log)
-	a.Register(e)
-	srv := &http.Server{
-		Handler: e,
-		// Slow clients cannot hold connections: headers and body must
-		// arrive in time.
-		ReadHeaderTimeout: min(5*time.Second, s.cfg.HTTPReadTimeout),
-		ReadTimeout:       s.cfg.HTTPReadTimeout,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-	}
-	shutdown := make(chan struct{})
-	s.group.Add(func() error {
-		// The order writer outlives the server: requests still in flight
-		// during Shutdown get their orders written.
-		wctx, stop := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- a.Run(wctx) }()
-		defer func() { stop(); <-done }()
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("http server: %w", err)
-		}
-		<-shutdown // Serve returns at once; Shutdown returns when handlers are done
-		return nil
-	}, func(error) {
-		defer close(shutdown)
-		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			s.log.Warn("http shutdown", "err", err)
-		}
-	})
-	return nil
-}
-
-// addPprof serves Go's profiles, for finding where the time goes.
-func (s *System) addPprof(addr string) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("--pprof-addr %s: %w", addr, err)
-	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	s.group.Add(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("pprof server: %w", err)
-		}
-		return nil
-	}, func(error) { srv.Close() })
-	return nil
-}
-
-// NewEcho returns the HTTP router with the API's error format, panic
-// recovery, a body limit and request logging.
-func NewEcho(log *slog.Logger) *echo.Echo {
-	e := echo.New()
-	e.HideBanner, e.HidePort = true, true
-	e.HTTPErrorHandler = api.ErrorHandler(log)
-	e.Use(middleware.Recover())
-	e.Use(middleware.BodyLimit(fmt.Sprintf("%dB", api.MaxBodyBytes)))
-	e.Use(middleware.RequestLoggerWithConfig(middleware.RequestLoggerConfig{
-		LogMethod: true, LogURI: true, LogStatus: true, LogLatency: true, LogError: true,
-		LogValuesFunc: func(_ echo.Context, v middleware.RequestLoggerValues) error {
-			log.Debug("request", "method", v.Method, "uri", v.URI, "status", v.Status, "latency", v.Latency)
-			return nil
-		},
-	}))
-	return e
-}
-
 // Run runs every actor until ctx is cancelled or one of them fails, then
 // closes the clients in reverse order of creation, so actors always stop
 // before the clients they use.
@@ -331,32 +246,6 @@ func OpenRedis(addr string) (rueidis.Client, error) {
 		return nil, fmt.Errorf("cannot reach Redis at %s: %w", addr, err)
 	}
 	return rdb, nil
-}
-
-// kafkaLogger passes the Kafka client's log to slog at level (empty: none).
-func kafkaLogger(level string, log *slog.Logger) kgo.Logger {
-	var l kgo.LogLevel
-	switch level {
-	case "":
-		return nil
-	case "error":
-		l = kgo.LogLevelError
-	case "warn":
-		l = kgo.LogLevelWarn
-	case "info":
-		l = kgo.LogLevelInfo
-	default:
-		l = kgo.LogLevelDebug
-	}
-	return kgo.BasicLogger(slogWriter{log}, l, nil)
-}
-
-// slogWriter turns the Kafka client's log lines into slog records.
-type slogWriter struct{ log *slog.Logger }
-
-func (w slogWriter) Write(p []byte) (int, error) {
-	w.log.Info("kafka", "msg", strings.TrimSpace(string(p)))
-	return len(p), nil
 }
 
 // demoKeyActive reports whether the public demo API key still works.
