@@ -29,6 +29,7 @@ type Config struct {
 	LogLevel           string
 	LogFormat          string
 	PprofAddr          string        // serves net/http/pprof when set
+	AdminAddr          string        // serves /metrics, /livez, /readyz when set
 	NoAuth             bool          // authentication off, for local use only
 	RateLimit          float64       // requests per second per API key
 	RateBurst          int           // requests a key may burst above RateLimit
@@ -50,6 +51,7 @@ func DefaultConfig() Config {
 		Topic:              "order-events",
 		Partitions:         6,
 		HTTPAddr:           ":8080",
+		AdminAddr:          ":9464",
 		PaymentDeclineRate: 0.15,
 		BrokerAddr:         "127.0.0.1:9092",
 		DataDir:            ".prozess/kafka",
@@ -96,6 +98,7 @@ func (c *Config) serveFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&c.RateBurst, "rate-burst", c.RateBurst, "requests an API key may burst above --rate-limit")
 	fs.DurationVar(&c.HTTPReadTimeout, "http-read-timeout", c.HTTPReadTimeout, "time a client has to send a request's headers and body")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long in-flight work may take to finish at shutdown")
+	fs.StringVar(&c.AdminAddr, "admin-addr", c.AdminAddr, "listen address of /metrics, /livez and /readyz (empty: off)")
 	fs.StringVar(&c.KafkaLogLevel, "kafka-log-level", c.KafkaLogLevel, "log the Kafka client's own messages at this level (error, warn, info, debug); off when empty")
 	fs.StringVar(&c.PprofAddr, "pprof-addr", c.PprofAddr, "serve Go's pprof profiles on this address (e.g. 127.0.0.1:6060); off when empty")
 }

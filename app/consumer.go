@@ -69,6 +69,7 @@ type Consumer struct {
 	maxBatch int
 	fault    FaultFunc
 	stats    ConsumerStats
+	metrics  *Metrics
 }
 
 // ConsumerStats counts what a consumer did with the records it polled.
@@ -89,6 +90,9 @@ type ConsumerConfig struct {
 	// KafkaLog, when set, receives the Kafka client's own log (group
 	// membership, fetches) for debugging.
 	KafkaLog kgo.Logger
+	// Metrics, when set, gets batch sizes, durations and retries, and the
+	// Kafka client's own metrics.
+	Metrics *Metrics
 }
 
 // NewConsumer creates the Kafka client for participant name, in consumer
@@ -118,16 +122,25 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	if cfg.KafkaLog != nil {
 		opts = append(opts, kgo.WithLogger(cfg.KafkaLog))
 	}
+	if cfg.Metrics != nil {
+		opts = append(opts, cfg.Metrics.kafkaHooks())
+	}
 	client, err := kgo.NewClient(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
 	}
 	return &Consumer{name: name, log: log, client: client, pool: pool, handler: h,
-		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault}, nil
+		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, metrics: cfg.Metrics}, nil
 }
 
 // Stats returns the consumer's counters.
 func (c *Consumer) Stats() *ConsumerStats { return &c.stats }
+
+// Joined reports whether the consumer is a member of its group.
+func (c *Consumer) Joined() bool {
+	member, gen := c.client.GroupMetadata()
+	return member != "" && gen > 0
+}
 
 // Close leaves the group and closes the client.
 func (c *Consumer) Close() { c.client.Close() }
@@ -150,7 +163,13 @@ func (c *Consumer) Run(ctx context.Context) error {
 			c.client.AllowRebalance()
 			continue
 		}
-		if err := c.process(ctx, recs); err != nil {
+		start := time.Now()
+		err := c.process(ctx, recs)
+		if c.metrics != nil {
+			c.metrics.batchSize.WithLabelValues(c.name).Observe(float64(len(recs)))
+			c.metrics.batchDuration.WithLabelValues(c.name).Observe(time.Since(start).Seconds())
+		}
+		if err != nil {
 			c.client.AllowRebalance()
 			if errors.Is(err, context.Canceled) {
 				return nil
@@ -195,6 +214,9 @@ func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) error {
 			return err
 		}
 		wait := backoff(attempt)
+		if c.metrics != nil {
+			c.metrics.retries.WithLabelValues(c.name).Inc()
+		}
 		c.log.Warn("batch failed, retrying", "records", len(recs), "attempt", attempt+1, "in", wait, "err", err)
 		select {
 		case <-ctx.Done():

@@ -44,6 +44,7 @@ type deployment struct {
 	broker    *proc
 	procs     map[string]*proc
 	url       string
+	admin     string // the api process's /metrics, /livez, /readyz
 }
 
 func newDeployment(t *testing.T, e *env) *deployment {
@@ -51,7 +52,7 @@ func newDeployment(t *testing.T, e *env) *deployment {
 	d.startBroker("127.0.0.1:0")
 	d.env = []string{
 		"PROZESS_DATABASE_URL=" + e.dbURL, "PROZESS_REDIS_ADDR=" + schematest.RedisAddr(), "PROZESS_REDIS_PREFIX=" + e.prefix,
-		"PROZESS_KAFKA_BROKERS=" + d.brokerArg, "PROZESS_LOG_FORMAT=json", "PROZESS_RATE_LIMIT=0", "PROZESS_LOG_LEVEL=warn", "PROZESS_PAYMENT_DECLINE_RATE=0.2",
+		"PROZESS_KAFKA_BROKERS=" + d.brokerArg, "PROZESS_LOG_FORMAT=json", "PROZESS_RATE_LIMIT=0", "PROZESS_ADMIN_ADDR=127.0.0.1:0", "PROZESS_LOG_LEVEL=warn", "PROZESS_PAYMENT_DECLINE_RATE=0.2",
 	}
 	for _, p := range []string{"api", "inventory", "payment", "delivery", "status"} {
 		d.start(p)
@@ -79,6 +80,7 @@ func (d *deployment) start(name string, extra ...string) *proc {
 		ready := p.ready(d.t)
 		if name == "api" {
 			d.url = "http://" + ready["http"].(string)
+			d.admin = "http://" + ready["admin"].(string)
 		}
 	}
 	return p
@@ -98,6 +100,27 @@ func (d *deployment) dump() {
 	}
 	for name, p := range d.procs {
 		d.t.Logf("last lines of %s:\n%s", name, p.tail())
+	}
+}
+
+// awaitReady polls the api process's /readyz until it says ready (or not,
+// with a reason mentioning why).
+func (d *deployment) awaitReady(ready bool, why string) {
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		resp, err := http.Get(d.admin + "/readyz")
+		if err == nil {
+			var body struct{ Status, Reason string }
+			_ = json.NewDecoder(resp.Body).Decode(&body)
+			resp.Body.Close()
+			if (resp.StatusCode == http.StatusOK) == ready && strings.Contains(body.Reason, why) {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("/readyz did not become ready=%v (%s) within 20s", ready, why)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 
@@ -331,8 +354,10 @@ func TestFaultSuite(t *testing.T) {
 		}},
 		{name: "PostgreSQL immediate restart under load", skip: services, inject: func() {
 			service(t, pgStop)
-			time.Sleep(2 * time.Second)
+			d.awaitReady(false, "PostgreSQL") // readiness goes false while the database is away
+			time.Sleep(time.Second)
 			service(t, pgStart)
+			d.awaitReady(true, "")
 		}},
 		{name: "Redis stopped for 5s, back empty", skip: services, inject: func() {
 			service(t, redisStop)

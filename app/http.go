@@ -2,6 +2,7 @@ package app
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -23,6 +24,8 @@ func (s *System) addHTTP(a *api.API) error {
 	}
 	s.httpAddr = ln.Addr().String()
 	e := NewEcho(s.log)
+	e.Use(s.metrics.middleware)
+	e.GET("/metrics", echo.WrapHandler(s.metrics.Handler()))
 	a.Register(e)
 	srv := &http.Server{
 		Handler: e,
@@ -93,4 +96,40 @@ func NewEcho(log *slog.Logger) *echo.Echo {
 		},
 	}))
 	return e
+}
+
+// addAdmin serves /metrics, /livez (the process is up) and /readyz (it can
+// do its work: database and broker reachable, every consumer in its group)
+// for Prometheus and orchestrators.
+func (s *System) addAdmin(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("--admin-addr %s: %w", addr, err)
+	}
+	s.adminAddr = ln.Addr().String()
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", s.metrics.Handler())
+	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(`{"status":"ok"}` + "\n"))
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		w.Header().Set("Content-Type", "application/json")
+		if err := s.ready(ctx); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_ = json.NewEncoder(w).Encode(map[string]string{"status": "not ready", "reason": err.Error()})
+			return
+		}
+		_, _ = w.Write([]byte(`{"status":"ready"}` + "\n"))
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	s.group.Add(func() error {
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("admin server: %w", err)
+		}
+		return nil
+	}, func(error) { srv.Close() })
+	return nil
 }

@@ -172,7 +172,7 @@ func TestParticipantsInSeparateProcesses(t *testing.T) {
 		"PROZESS_REDIS_ADDR=" + schematest.RedisAddr(),
 		"PROZESS_REDIS_PREFIX=" + e.prefix,
 		"PROZESS_KAFKA_BROKERS=" + addr,
-		"PROZESS_LOG_FORMAT=json", "PROZESS_RATE_LIMIT=0",
+		"PROZESS_LOG_FORMAT=json", "PROZESS_RATE_LIMIT=0", "PROZESS_ADMIN_ADDR=127.0.0.1:0",
 		"PROZESS_PAYMENT_DECLINE_RATE=0",
 	}
 	apiProc := spawn(t, env, "serve", "api", "--http-addr", "127.0.0.1:0")

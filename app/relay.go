@@ -30,11 +30,13 @@ type Relay struct {
 	batch    int
 	poll     time.Duration
 	fault    FaultFunc
+	metrics  *Metrics
 }
 
 // NewRelay creates the relay and its producer.
-func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string, fault FaultFunc) (*Relay, error) {
+func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string, fault FaultFunc, m *Metrics) (*Relay, error) {
 	producer, err := kgo.NewClient(
+		m.kafkaHooks(),
 		kgo.SeedBrokers(brokers...),
 		kgo.ClientID("prozess-relay"),
 		// The relay hands over whole batches; lingering only adds latency.
@@ -44,8 +46,11 @@ func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string, fault Faul
 	if err != nil {
 		return nil, fmt.Errorf("creating relay kafka client: %w", err)
 	}
-	return &Relay{log: log, pool: pool, producer: producer, batch: 1000, poll: time.Second, fault: fault}, nil
+	return &Relay{log: log, pool: pool, producer: producer, batch: 1000, poll: time.Second, fault: fault, metrics: m}, nil
 }
+
+// Ping checks that the broker answers, for readiness.
+func (r *Relay) Ping(ctx context.Context) error { return r.producer.Ping(ctx) }
 
 // Close flushes nothing (every publish is synchronous) and closes the client.
 func (r *Relay) Close() { r.producer.Close() }
@@ -159,6 +164,7 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 	if err := r.producer.ProduceSync(pctx, recs...).FirstErr(); err != nil {
 		return 0, fmt.Errorf("publishing %d outbox records: %w", len(recs), err)
 	}
+	r.metrics.published.Add(float64(len(recs)))
 	if err := r.faultAt(FaultRelayAfterPublish); err != nil {
 		return 0, err
 	}

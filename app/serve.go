@@ -81,14 +81,20 @@ func ParseParticipants(args []string) ([]string, error) {
 
 // System is a running set of participants in one process.
 type System struct {
-	log      *slog.Logger
-	cfg      Config
-	group    run.Group
-	closers  []func() // in creation order; closed in reverse
-	httpAddr string
-	brokers  []string
-	stats    map[string]*ConsumerStats
+	log       *slog.Logger
+	cfg       Config
+	group     run.Group
+	closers   []func() // in creation order; closed in reverse
+	httpAddr  string
+	adminAddr string
+	brokers   []string
+	stats     map[string]*ConsumerStats
+	metrics   *Metrics
+	ready     func(ctx context.Context) error
 }
+
+// AdminAddr is where /metrics, /livez and /readyz are served (empty when off).
+func (s *System) AdminAddr() string { return s.adminAddr }
 
 // Stats returns each consumer participant's counters.
 func (s *System) Stats() map[string]*ConsumerStats { return s.stats }
@@ -107,7 +113,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &System{log: log, cfg: cfg, stats: map[string]*ConsumerStats{}}
+	s := &System{log: log, cfg: cfg, stats: map[string]*ConsumerStats{}, metrics: NewMetrics()}
 	defer func() {
 		if err != nil {
 			s.close()
@@ -154,7 +160,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		return nil, err
 	}
 
-	relay, err := NewRelay(log.With("participant", "relay"), pool, s.brokers, cfg.Fault)
+	relay, err := NewRelay(log.With("participant", "relay"), pool, s.brokers, cfg.Fault, s.metrics)
 	if err != nil {
 		return nil, err
 	}
@@ -177,6 +183,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 			return nil, err
 		}
 	}
+	var joined []*Consumer
 	for _, p := range consumers() {
 		if !slices.Contains(names, p.name) {
 			continue
@@ -188,20 +195,29 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		}
 		c, err := NewConsumer(p.name, plog, pool, h, ConsumerConfig{
 			Brokers: s.brokers, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: kafkaLogger(cfg.KafkaLogLevel, plog),
+			Metrics: s.metrics,
 		})
 		if err != nil {
 			return nil, err
 		}
 		s.closers = append(s.closers, c.Close)
 		s.stats[p.name] = c.Stats()
+		joined = append(joined, c)
 		s.addActor(c.Run)
+	}
+	s.metrics.reg.MustRegister(newStateCollector(pool, s.stats))
+	s.ready = readiness(pool, relay, joined)
+	if cfg.AdminAddr != "" {
+		if err := s.addAdmin(cfg.AdminAddr); err != nil {
+			return nil, err
+		}
 	}
 	if cfg.PprofAddr != "" {
 		if err := s.addPprof(cfg.PprofAddr); err != nil {
 			return nil, err
 		}
 	}
-	log.Info("prozess ready", "participants", names, "http", s.httpAddr, "kafka", s.brokers, "topic", cfg.Topic)
+	log.Info("prozess ready", "participants", names, "http", s.httpAddr, "admin", s.adminAddr, "kafka", s.brokers, "topic", cfg.Topic)
 	return s, nil
 }
 
@@ -255,4 +271,23 @@ func demoKeyActive(ctx context.Context, pool *pgxpool.Pool) (bool, error) {
 		return false, fmt.Errorf("reading API keys: %w", err)
 	}
 	return n > 0, nil
+}
+
+// readiness is ready when PostgreSQL and the broker answer and every
+// consumer is a member of its group.
+func readiness(pool *pgxpool.Pool, relay *Relay, consumers []*Consumer) func(ctx context.Context) error {
+	return func(ctx context.Context) error {
+		if err := pool.Ping(ctx); err != nil {
+			return fmt.Errorf("PostgreSQL: %s", oneLine(err))
+		}
+		if err := relay.Ping(ctx); err != nil {
+			return fmt.Errorf("Kafka: %s", oneLine(err))
+		}
+		for _, c := range consumers {
+			if !c.Joined() {
+				return fmt.Errorf("%s has not joined its consumer group", c.name)
+			}
+		}
+		return nil
+	}
 }

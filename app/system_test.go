@@ -68,6 +68,7 @@ func (e *env) config() app.Config {
 	cfg.RedisAddr = schematest.RedisAddr()
 	cfg.RedisPrefix = e.prefix
 	cfg.HTTPAddr = "127.0.0.1:0"
+	cfg.AdminAddr = "127.0.0.1:0"
 	cfg.BrokerAddr = "127.0.0.1:0"
 	cfg.DataDir = e.dataDir
 	cfg.Partitions = 3

@@ -1,0 +1,150 @@
+package app
+
+import (
+	"context"
+	"net/http"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/labstack/echo/v4"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/plugin/kprom"
+)
+
+// Metrics is a process's Prometheus registry and the instruments the
+// machinery updates. Names follow Prometheus conventions: the prozess_
+// prefix, base units, _total for counters.
+type Metrics struct {
+	reg           *prometheus.Registry
+	httpRequests  *prometheus.CounterVec
+	httpDuration  *prometheus.HistogramVec
+	batchDuration *prometheus.HistogramVec
+	batchSize     *prometheus.HistogramVec
+	retries       *prometheus.CounterVec
+	published     prometheus.Counter
+}
+
+// NewMetrics registers the process's instruments, the Go runtime's and the
+// process's own.
+func NewMetrics() *Metrics {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m := &Metrics{
+		reg: reg,
+		httpRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "prozess_http_requests_total",
+			Help: "HTTP requests answered, by route, method and status code."}, []string{"route", "method", "code"}),
+		httpDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "prozess_http_request_duration_seconds",
+			Help: "Time to answer an HTTP request, by route and method.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)},
+			[]string{"route", "method"}),
+		batchDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "prozess_consumer_batch_duration_seconds",
+			Help: "Time to apply one polled batch (transaction and commits), by participant.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)},
+			[]string{"participant"}),
+		batchSize: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "prozess_consumer_batch_records",
+			Help: "Records in one polled batch, by participant.", Buckets: prometheus.ExponentialBuckets(1, 2, 11)},
+			[]string{"participant"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "prozess_consumer_retries_total",
+			Help: "Batches retried after a transient failure, by participant."}, []string{"participant"}),
+		published: prometheus.NewCounter(prometheus.CounterOpts{Name: "prozess_relay_published_records_total",
+			Help: "Outbox records the relay published to Kafka."}),
+	}
+	reg.MustRegister(m.httpRequests, m.httpDuration, m.batchDuration, m.batchSize, m.retries, m.published)
+	return m
+}
+
+// Handler serves the registry in the Prometheus text format.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
+}
+
+// kafkaHooks gives a Kafka client franz-go's own metrics (kprom), labelled
+// with its client id.
+func (m *Metrics) kafkaHooks() kgo.Opt {
+	return kgo.WithHooks(kprom.NewMetrics("prozess", kprom.Subsystem("kafka"), kprom.Registerer(m.reg), kprom.WithClientLabel()))
+}
+
+// middleware counts and times every request by its route pattern, never
+// its raw path, so ids do not explode the label space.
+func (m *Metrics) middleware(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		start := time.Now()
+		err := next(c)
+		if err != nil {
+			c.Error(err) // write the error response now, so its code is counted
+		}
+		route := c.Path()
+		if route == "" {
+			route = "unmatched"
+		}
+		m.httpRequests.WithLabelValues(route, c.Request().Method, strconv.Itoa(c.Response().Status)).Inc()
+		m.httpDuration.WithLabelValues(route, c.Request().Method).Observe(time.Since(start).Seconds())
+		return nil
+	}
+}
+
+// stateCollector reads, at scrape time, what lives elsewhere: each
+// consumer's counters, the database's orders by status, the outbox, and the
+// connection pool.
+type stateCollector struct {
+	pool      *pgxpool.Pool
+	consumers map[string]*ConsumerStats
+
+	records, orders, outboxRows, outboxAge, poolConns, poolAcquires *prometheus.Desc
+}
+
+func newStateCollector(pool *pgxpool.Pool, consumers map[string]*ConsumerStats) *stateCollector {
+	return &stateCollector{
+		pool: pool, consumers: consumers,
+		records: prometheus.NewDesc("prozess_consumer_records_total",
+			"Records a participant handled, by outcome: applied, duplicate (skipped by the inbox) or dead_lettered.",
+			[]string{"participant", "outcome"}, nil),
+		orders:     prometheus.NewDesc("prozess_orders", "Orders by status, from PostgreSQL.", []string{"status"}, nil),
+		outboxRows: prometheus.NewDesc("prozess_outbox_rows", "Outbox rows waiting for the relay.", nil, nil),
+		outboxAge: prometheus.NewDesc("prozess_outbox_oldest_age_seconds",
+			"Age of the oldest outbox row waiting for the relay (0 when empty).", nil, nil),
+		poolConns:    prometheus.NewDesc("prozess_db_pool_connections", "PostgreSQL pool connections, by state.", []string{"state"}, nil),
+		poolAcquires: prometheus.NewDesc("prozess_db_pool_acquires_total", "Connections acquired from the PostgreSQL pool.", nil, nil),
+	}
+}
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.records, c.orders, c.outboxRows, c.outboxAge, c.poolConns, c.poolAcquires} {
+		ch <- d
+	}
+}
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	for name, st := range c.consumers {
+		for outcome, v := range map[string]*atomic.Int64{"applied": &st.Applied, "duplicate": &st.Duplicates, "dead_lettered": &st.DeadLettered} {
+			ch <- prometheus.MustNewConstMetric(c.records, prometheus.CounterValue, float64(v.Load()), name, outcome)
+		}
+	}
+	s := c.pool.Stat()
+	ch <- prometheus.MustNewConstMetric(c.poolConns, prometheus.GaugeValue, float64(s.AcquiredConns()), "acquired")
+	ch <- prometheus.MustNewConstMetric(c.poolConns, prometheus.GaugeValue, float64(s.IdleConns()), "idle")
+	ch <- prometheus.MustNewConstMetric(c.poolAcquires, prometheus.CounterValue, float64(s.AcquireCount()))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	rows, err := c.pool.Query(ctx, `SELECT status, count(*) FROM orders GROUP BY status`)
+	if err == nil {
+		var status string
+		var n int64
+		for rows.Next() {
+			if rows.Scan(&status, &n) == nil {
+				ch <- prometheus.MustNewConstMetric(c.orders, prometheus.GaugeValue, float64(n), status)
+			}
+		}
+		rows.Close()
+	}
+	var n int64
+	var age float64
+	if err := c.pool.QueryRow(ctx, `SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM outbox`).Scan(&n, &age); err == nil {
+		ch <- prometheus.MustNewConstMetric(c.outboxRows, prometheus.GaugeValue, float64(n))
+		ch <- prometheus.MustNewConstMetric(c.outboxAge, prometheus.GaugeValue, age)
+	}
+}

@@ -1,0 +1,107 @@
+package app_test
+
+import (
+	"io"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prozess/prozess/modules/event"
+)
+
+func scrape(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %d %s", url, resp.StatusCode, b)
+	}
+	return string(b)
+}
+
+// value returns the value of the first sample whose line starts with
+// prefix (a metric name with its labels), or -1.
+func value(metrics, prefix string) float64 {
+	for _, line := range strings.Split(metrics, "\n") {
+		if strings.HasPrefix(line, prefix) {
+			f := strings.Fields(line)
+			v, err := strconv.ParseFloat(f[len(f)-1], 64)
+			if err == nil {
+				return v
+			}
+		}
+	}
+	return -1
+}
+
+// After a few orders, /metrics (on the admin address and on the api's
+// port) has the saga's metrics with values that match what happened, and
+// /livez and /readyz answer.
+func TestMetricsAndHealth(t *testing.T) {
+	e := newEnv(t)
+	r := e.start(e.config())
+	admin := "http://" + r.sys.AdminAddr()
+	for _, p := range []string{"/livez", "/readyz"} {
+		deadline := time.Now().Add(15 * time.Second)
+		for {
+			resp, err := http.Get(admin + p)
+			if err == nil && resp.StatusCode == 200 {
+				resp.Body.Close()
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s not 200 within 15s (%v)", p, err)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	var ids []string
+	for range 3 {
+		ids = append(ids, r.order(t, "u1", "", mouse(1)).OrderID.String())
+	}
+	for _, id := range ids {
+		if o := r.await(t, id, 15*time.Second); o.Status != event.StatusShipped {
+			t.Fatalf("order %s", o.Status)
+		}
+	}
+	e.awaitQuiet(10 * time.Second)
+	m := scrape(t, admin+"/metrics")
+	checks := map[string]func(float64) bool{
+		`prozess_http_requests_total{code="201",method="POST",route="/orders"}`:         func(v float64) bool { return v == 3 },
+		`prozess_http_request_duration_seconds_count{method="POST",route="/orders"}`:    func(v float64) bool { return v == 3 },
+		`prozess_consumer_records_total{outcome="applied",participant="inventory"}`:     func(v float64) bool { return v == 3 },
+		`prozess_consumer_records_total{outcome="applied",participant="status"}`:        func(v float64) bool { return v == 12 },
+		`prozess_consumer_records_total{outcome="dead_lettered",participant="payment"}`: func(v float64) bool { return v == 0 },
+		`prozess_consumer_batch_records_count{participant="delivery"}`:                  func(v float64) bool { return v >= 1 },
+		`prozess_consumer_batch_duration_seconds_sum{participant="payment"}`:            func(v float64) bool { return v > 0 },
+		`prozess_relay_published_records_total`:                                         func(v float64) bool { return v == 12 },
+		`prozess_orders{status="SHIPPED"}`:                                              func(v float64) bool { return v == 3 },
+		`prozess_outbox_rows`:                                                           func(v float64) bool { return v == 0 },
+		`prozess_outbox_oldest_age_seconds`:                                             func(v float64) bool { return v == 0 },
+		`prozess_db_pool_acquires_total`:                                                func(v float64) bool { return v > 0 },
+		`go_goroutines`:                                                                 func(v float64) bool { return v > 10 },
+	}
+	for prefix, ok := range checks {
+		if v := value(m, prefix); !ok(v) {
+			t.Errorf("%s = %v", prefix, v)
+		}
+	}
+	// franz-go's own client metrics, one series per client.
+	if !regexp.MustCompile(`prozess_kafka_\w+\{client_id="prozess-inventory"`).MatchString(m) {
+		t.Error("no Kafka client metrics for prozess-inventory")
+	}
+	if v := value(scrape(t, r.url+"/metrics"), `prozess_http_requests_total{code="201",method="POST",route="/orders"}`); v != 3 {
+		t.Errorf("api port /metrics: POST count %v", v)
+	}
+	// Routes are patterns, never raw ids.
+	if strings.Contains(m, ids[0]) {
+		t.Error("an order id appears in a metric label")
+	}
+}
