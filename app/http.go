@@ -70,13 +70,7 @@ func (s *System) addPprof(addr string) error {
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	s.group.Add(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("pprof server: %w", err)
-		}
-		return nil
-	}, func(error) { srv.Close() })
+	s.addServer("pprof", ln, mux)
 	return nil
 }
 
@@ -124,12 +118,18 @@ func (s *System) addAdmin(addr string) error {
 		}
 		_, _ = w.Write([]byte(`{"status":"ready"}` + "\n"))
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	s.addServer("admin", ln, mux)
+	return nil
+}
+
+// addServer runs an operator endpoint (admin, pprof) until the group stops;
+// unlike the api, it has no requests worth draining.
+func (s *System) addServer(name string, ln net.Listener, h http.Handler) {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 	s.group.Add(func() error {
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("admin server: %w", err)
+			return fmt.Errorf("%s server: %w", name, err)
 		}
 		return nil
 	}, func(error) { srv.Close() })
-	return nil
 }

@@ -108,20 +108,7 @@ func TestConcurrentOrdersConserveStock(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		pending := e.count(`SELECT count(*) FROM orders WHERE status NOT IN ('SHIPPED', 'CANCELLED')`)
-		// A declined order is done once its stock is back.
-		unreleased := e.count(`SELECT count(*) FROM payments p JOIN reservations r USING (order_id)
-			WHERE p.status = 'DECLINED' AND r.released_at IS NULL`)
-		if pending == 0 && unreleased == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d orders not terminal and %d declined reservations unreleased after 60s", pending, unreleased)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	e.awaitQuiet(60 * time.Second) // terminal, declined stock released, outbox empty
 	if got := e.count(`SELECT count(*) FROM orders`); got != n {
 		t.Fatalf("%d orders stored, want %d", got, n)
 	}
