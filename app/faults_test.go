@@ -68,17 +68,21 @@ func (d *deployment) startBroker(addr string) {
 // start runs one participant in a process of its own and waits until it is ready.
 func (d *deployment) start(name string, extra ...string) *proc {
 	args := append([]string{"serve", name, "--log-level", "info", "--kafka-log-level", "info"}, extra...)
+	first := name == "api" && d.url == ""
 	if name == "api" {
-		args = append(args, "--http-addr", "127.0.0.1:0")
-		if d.url != "" {
-			args[len(args)-1] = strings.TrimPrefix(d.url, "http://") // same address after a restart
+		// A restarted api takes the same addresses, so the load (which
+		// reads d.url concurrently) never needs a new one.
+		httpAddr, adminAddr := "127.0.0.1:0", "127.0.0.1:0"
+		if !first {
+			httpAddr, adminAddr = strings.TrimPrefix(d.url, "http://"), strings.TrimPrefix(d.admin, "http://")
 		}
+		args = append(args, "--http-addr", httpAddr, "--admin-addr", adminAddr)
 	}
 	p := spawn(d.t, d.env, args...)
 	d.procs[name] = p
 	if len(extra) == 0 {
 		ready := p.ready(d.t)
-		if name == "api" {
+		if first {
 			d.url = "http://" + ready["http"].(string)
 			d.admin = "http://" + ready["admin"].(string)
 		}
