@@ -291,9 +291,9 @@ func service(t *testing.T, script string) {
 
 const (
 	pgStop     = `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | head -n1) main stop -m immediate`
-	pgStart    = `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | head -n1) main start && for i in $(seq 1 30); do pg_isready -q -h 127.0.0.1 && exit 0; sleep 1; done; exit 1`
+	pgStart    = `pg_isready -q -h 127.0.0.1 || pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | head -n1) main start; for i in $(seq 1 30); do pg_isready -q -h 127.0.0.1 && exit 0; sleep 1; done; exit 1`
 	redisStop  = `redis-cli -h 127.0.0.1 shutdown nosave || true`
-	redisStart = `mkdir -p /var/lib/redis /var/log/redis && redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log && for i in $(seq 1 30); do redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && exit 0; sleep 0.2; done; exit 1`
+	redisStart = `redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 || { mkdir -p /var/lib/redis /var/log/redis && redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log; }; for i in $(seq 1 30); do redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && exit 0; sleep 0.2; done; exit 1`
 )
 
 // TestFaultSuite drives a steady load through participants in separate
@@ -303,6 +303,14 @@ const (
 func TestFaultSuite(t *testing.T) {
 	e := newEnv(t)
 	d := newDeployment(t, e)
+	if servicesFaults() {
+		// Whatever happens to the test, the machine's PostgreSQL and Redis
+		// are left running (this runs before the test database is dropped).
+		t.Cleanup(func() {
+			service(t, pgStart)
+			service(t, redisStart)
+		})
+	}
 	l := d.startLoad(25)
 	defer l.halt()
 

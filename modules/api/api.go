@@ -27,6 +27,11 @@ const MaxBodyBytes = 64 << 10
 // remembers it for as long as the order exists.
 const idempotencyTTL = 24 * time.Hour
 
+// redisTimeout bounds every Redis call on the request path: Redis is a fast
+// path only, so when it is slow or down a request goes on without it
+// instead of waiting.
+const redisTimeout = 150 * time.Millisecond
+
 // API serves the HTTP endpoints.
 type API struct {
 	log    *slog.Logger

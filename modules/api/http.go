@@ -200,7 +200,10 @@ func (a *API) getOrder(c echo.Context) error {
 		return err
 	}
 	ctx := c.Request().Context()
-	if e, ok, err := a.cache.Get(ctx, id); err != nil {
+	rctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	e, ok, err := a.cache.Get(rctx, id)
+	cancel()
+	if err != nil {
 		a.log.Warn("status cache unavailable, reading PostgreSQL", "order_id", id, "err", err)
 	} else if ok {
 		var o Order
@@ -227,6 +230,8 @@ func (a *API) getOrder(c echo.Context) error {
 
 // cacheOrder fills the status cache; failures only cost the fast path.
 func (a *API) cacheOrder(ctx context.Context, o Order) {
+	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	defer cancel()
 	doc := o
 	doc.Status = ""
 	b, err := json.Marshal(doc)

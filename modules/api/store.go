@@ -17,6 +17,8 @@ func (a *API) idemKey(user, key string) string { return a.prefix + "idem:" + use
 // only on a sure match; anything else (miss, Redis down, other body) falls
 // through to PostgreSQL, which decides.
 func (a *API) rememberedKey(ctx context.Context, user, key string, hash []byte) (uuid.UUID, bool) {
+	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	defer cancel()
 	v, err := a.rdb.Do(ctx, a.rdb.B().Get().Key(a.idemKey(user, key)).Build()).ToString()
 	if err != nil {
 		return uuid.Nil, false
@@ -30,6 +32,8 @@ func (a *API) rememberedKey(ctx context.Context, user, key string, hash []byte) 
 }
 
 func (a *API) rememberKey(ctx context.Context, user, key string, hash []byte, id uuid.UUID) {
+	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	defer cancel()
 	v := hex.EncodeToString(hash) + ":" + id.String()
 	cmd := a.rdb.B().Set().Key(a.idemKey(user, key)).Value(v).Ex(idempotencyTTL).Build()
 	if err := a.rdb.Do(ctx, cmd).Error(); err != nil {

@@ -94,6 +94,9 @@ func (s *Status) AfterCommit(ctx context.Context, evs []event.Event) {
 			us = append(us, statuscache.Update{OrderID: ev.OrderID, Status: next})
 		}
 	}
+	// Bounded: a Redis outage must not hold up the saga.
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
 	if err := s.cache.Advance(ctx, us); err != nil {
 		s.log.Warn("status cache not updated", "orders", len(us), "err", err)
 	}
