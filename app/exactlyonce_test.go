@@ -61,20 +61,10 @@ func duplicate(t *testing.T, brokers []string, topic string) *atomic.Int64 {
 func (e *env) assertExactlyOnce(initial map[string]int64, current map[string]int64) {
 	t := e.t
 	t.Helper()
-	if n := e.count(`SELECT count(*) FROM (SELECT order_id FROM reservations GROUP BY order_id, product_id HAVING count(*) > 1) d`); n != 0 {
-		t.Errorf("%d doubled reservations", n)
-	}
-	if n := e.count(`SELECT count(*) FROM orders o WHERE (SELECT count(*) FROM order_events v WHERE v.order_id = o.id)
-			<> (SELECT count(DISTINCT type) FROM order_events v WHERE v.order_id = o.id)`); n != 0 {
-		t.Errorf("%d orders with a repeated event in their audit trail", n)
-	}
-	if n := e.count(`SELECT count(*) FROM orders o WHERE o.status = 'SHIPPED' AND
-			(SELECT count(*) FROM shipments s WHERE s.order_id = o.id) <> 1`); n != 0 {
-		t.Errorf("%d shipped orders without exactly one shipment", n)
-	}
-	if n := e.count(`SELECT count(*) FROM shipments s JOIN payments p USING (order_id) WHERE p.status <> 'COMPLETED'`); n != 0 {
-		t.Errorf("%d shipments without a completed payment", n)
-	}
+	// prozess check holds every at-most-once rule (one decision of each
+	// kind per order, a shipment only with a completed payment, releases
+	// only for declines); the stock is also compared with the snapshot the
+	// test took before its orders.
 	rdb, _ := schematest.NewRedis(t)
 	rep, err := check.Run(context.Background(), e.pool, check.Config{Deadline: 0, Redis: rdb, Prefix: e.prefix})
 	if err != nil {
