@@ -104,7 +104,7 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	opts := []kgo.Opt{
 		kgo.SeedBrokers(cfg.Brokers...),
 		kgo.ClientID("prozess-" + name),
-		kgo.ConsumerGroup("prozess-" + name),
+		kgo.ConsumerGroup(groupName(name)),
 		kgo.ConsumeTopics(cfg.Topic),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
 		kgo.DisableAutoCommit(),
@@ -132,6 +132,9 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	return &Consumer{name: name, log: log, client: client, pool: pool, handler: h,
 		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, metrics: cfg.Metrics}, nil
 }
+
+// groupName is participant name's consumer group.
+func groupName(name string) string { return "prozess-" + name }
 
 // Stats returns the consumer's counters.
 func (c *Consumer) Stats() *ConsumerStats { return &c.stats }
@@ -358,7 +361,25 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	if ac, ok := c.handler.(afterCommitter); ok && len(handled) > 0 {
 		ac.AfterCommit(ctx, handled)
 	}
+	c.observeSteps(batch, emits)
 	return nil
+}
+
+// observeSteps times each saga step this batch took: from the event a
+// participant answered to the event it emitted for the same order.
+func (c *Consumer) observeSteps(in, out []event.Event) {
+	if c.metrics == nil || len(out) == 0 {
+		return
+	}
+	cause := make(map[uuid.UUID]event.Event, len(in))
+	for _, e := range in {
+		cause[e.OrderID] = e
+	}
+	for _, e := range out {
+		if from, ok := cause[e.OrderID]; ok {
+			c.metrics.stepDuration.WithLabelValues(string(from.Type), string(e.Type)).Observe(e.Time.Sub(from.Time).Seconds())
+		}
+	}
 }
 
 func (c *Consumer) faultAt(point string) error {

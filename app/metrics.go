@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/plugin/kprom"
 )
@@ -27,6 +28,7 @@ type Metrics struct {
 	batchSize     *prometheus.HistogramVec
 	retries       *prometheus.CounterVec
 	published     prometheus.Counter
+	stepDuration  *prometheus.HistogramVec
 }
 
 // NewMetrics registers the process's instruments, the Go runtime's and the
@@ -51,8 +53,12 @@ func NewMetrics() *Metrics {
 			Help: "Batches retried after a transient failure, by participant."}, []string{"participant"}),
 		published: prometheus.NewCounter(prometheus.CounterOpts{Name: "prozess_relay_published_records_total",
 			Help: "Outbox records the relay published to Kafka."}),
+		stepDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "prozess_saga_step_duration_seconds",
+			Help: "Time from one saga event to the event a participant emitted in answer (outbox, relay, " +
+				"Kafka and handling), by the two event types: OrderCreated to InventoryReserved is the reserve step.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16)}, []string{"from", "to"}),
 	}
-	reg.MustRegister(m.httpRequests, m.httpDuration, m.batchDuration, m.batchSize, m.retries, m.published)
+	reg.MustRegister(m.httpRequests, m.httpDuration, m.batchDuration, m.batchSize, m.retries, m.published, m.stepDuration)
 	return m
 }
 
@@ -91,14 +97,18 @@ func (m *Metrics) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 // connection pool.
 type stateCollector struct {
 	pool      *pgxpool.Pool
+	admin     *kadm.Client
 	consumers map[string]*ConsumerStats
 
-	records, orders, outboxRows, outboxAge, poolConns, poolAcquires *prometheus.Desc
+	records, orders, outboxRows, outboxAge, poolConns, poolAcquires, lag *prometheus.Desc
 }
 
-func newStateCollector(pool *pgxpool.Pool, consumers map[string]*ConsumerStats) *stateCollector {
+func newStateCollector(pool *pgxpool.Pool, admin *kadm.Client, consumers map[string]*ConsumerStats) *stateCollector {
 	return &stateCollector{
-		pool: pool, consumers: consumers,
+		pool: pool, admin: admin, consumers: consumers,
+		lag: prometheus.NewDesc("prozess_consumer_lag_records",
+			"Records on the topic a participant's consumer group has not committed yet, summed over partitions (from the broker).",
+			[]string{"participant"}, nil),
 		records: prometheus.NewDesc("prozess_consumer_records_total",
 			"Records a participant handled, by outcome: applied, duplicate (skipped by the inbox) or dead_lettered.",
 			[]string{"participant", "outcome"}, nil),
@@ -112,7 +122,7 @@ func newStateCollector(pool *pgxpool.Pool, consumers map[string]*ConsumerStats) 
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.records, c.orders, c.outboxRows, c.outboxAge, c.poolConns, c.poolAcquires} {
+	for _, d := range []*prometheus.Desc{c.records, c.orders, c.outboxRows, c.outboxAge, c.poolConns, c.poolAcquires, c.lag} {
 		ch <- d
 	}
 }
@@ -146,5 +156,30 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	if err := c.pool.QueryRow(ctx, `SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM outbox`).Scan(&n, &age); err == nil {
 		ch <- prometheus.MustNewConstMetric(c.outboxRows, prometheus.GaugeValue, float64(n))
 		ch <- prometheus.MustNewConstMetric(c.outboxAge, prometheus.GaugeValue, age)
+	}
+	c.collectLag(ctx, ch)
+}
+
+// collectLag asks the broker for each local participant's group lag. A
+// group the broker cannot describe right now is left out of the scrape
+// rather than reported as zero.
+func (c *stateCollector) collectLag(ctx context.Context, ch chan<- prometheus.Metric) {
+	if c.admin == nil || len(c.consumers) == 0 {
+		return
+	}
+	groups := make([]string, 0, len(c.consumers))
+	for name := range c.consumers {
+		groups = append(groups, groupName(name))
+	}
+	lags, err := c.admin.Lag(ctx, groups...)
+	if err != nil {
+		return
+	}
+	for name := range c.consumers {
+		l, ok := lags[groupName(name)]
+		if !ok || l.Error() != nil {
+			continue
+		}
+		ch <- prometheus.MustNewConstMetric(c.lag, prometheus.GaugeValue, float64(l.Lag.Total()), name)
 	}
 }

@@ -87,6 +87,15 @@ func TestMetricsAndHealth(t *testing.T) {
 		`prozess_outbox_oldest_age_seconds`:                                             func(v float64) bool { return v == 0 },
 		`prozess_db_pool_acquires_total`:                                                func(v float64) bool { return v > 0 },
 		`go_goroutines`:                                                                 func(v float64) bool { return v > 10 },
+		// Every record committed: nothing left behind by any group.
+		`prozess_consumer_lag_records{participant="inventory"}`: func(v float64) bool { return v == 0 },
+		`prozess_consumer_lag_records{participant="status"}`:    func(v float64) bool { return v == 0 },
+		// Three orders took each step once; a step takes more than nothing
+		// and less than the test's patience.
+		`prozess_saga_step_duration_seconds_count{from="OrderCreated",to="InventoryReserved"}`:     func(v float64) bool { return v == 3 },
+		`prozess_saga_step_duration_seconds_count{from="InventoryReserved",to="PaymentCompleted"}`: func(v float64) bool { return v == 3 },
+		`prozess_saga_step_duration_seconds_count{from="PaymentCompleted",to="OrderShipped"}`:      func(v float64) bool { return v == 3 },
+		`prozess_saga_step_duration_seconds_sum{from="OrderCreated",to="InventoryReserved"}`:       func(v float64) bool { return v > 0 && v < 45 },
 	}
 	for prefix, ok := range checks {
 		if v := value(m, prefix); !ok(v) {

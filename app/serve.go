@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/oklog/run"
 	"github.com/redis/rueidis"
+	"github.com/twmb/franz-go/pkg/kadm"
 
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/delivery"
@@ -205,7 +206,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		joined = append(joined, c)
 		s.addActor(c.Run)
 	}
-	s.metrics.reg.MustRegister(newStateCollector(pool, s.stats))
+	s.metrics.reg.MustRegister(newStateCollector(pool, kadm.NewClient(relay.producer), s.stats))
 	s.ready = readiness(pool, relay, joined)
 	if cfg.AdminAddr != "" {
 		if err := s.addAdmin(cfg.AdminAddr); err != nil {
