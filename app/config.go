@@ -2,6 +2,7 @@ package app
 
 import (
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"strings"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Config is everything a prozess process is told at start. Flags are
@@ -39,6 +41,9 @@ type Config struct {
 
 	// Fault, when set, is called at the consumers' fault points (tests).
 	Fault FaultFunc
+	// TracerProvider, when set, traces with it instead of what the OTEL_
+	// environment variables say (tests export to memory).
+	TracerProvider trace.TracerProvider
 }
 
 // DefaultConfig returns the defaults, which work on a fresh machine with
@@ -143,6 +148,12 @@ func EnvName(flag string) string {
 
 // NewLogger builds the process's one logger.
 func NewLogger(level, format string) (*slog.Logger, error) {
+	return NewLoggerTo(os.Stderr, level, format)
+}
+
+// NewLoggerTo is NewLogger writing to w. Lines logged with a context that
+// has a span, or naming an order of a traced batch, carry its trace_id.
+func NewLoggerTo(w io.Writer, level, format string) (*slog.Logger, error) {
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(level)); err != nil {
 		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
@@ -150,9 +161,9 @@ func NewLogger(level, format string) (*slog.Logger, error) {
 	opts := &slog.HandlerOptions{Level: l}
 	switch format {
 	case "text":
-		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+		return slog.New(traceLogHandler{slog.NewTextHandler(w, opts)}), nil
 	case "json":
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+		return slog.New(traceLogHandler{slog.NewJSONHandler(w, opts)}), nil
 	}
 	return nil, fmt.Errorf("--log-format %q: want text or json", format)
 }

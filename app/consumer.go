@@ -70,6 +70,7 @@ type Consumer struct {
 	fault    FaultFunc
 	stats    ConsumerStats
 	metrics  *Metrics
+	tracing  *Tracing
 }
 
 // ConsumerStats counts what a consumer did with the records it polled.
@@ -93,6 +94,8 @@ type ConsumerConfig struct {
 	// Metrics, when set, gets batch sizes, durations and retries, and the
 	// Kafka client's own metrics.
 	Metrics *Metrics
+	// Tracing, when set, traces every record through the participant.
+	Tracing *Tracing
 }
 
 // NewConsumer creates the Kafka client for participant name, in consumer
@@ -125,12 +128,13 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	if cfg.Metrics != nil {
 		opts = append(opts, cfg.Metrics.kafkaHooks())
 	}
+	opts = append(opts, cfg.Tracing.kafkaHooks("prozess-"+name, groupName(name))...)
 	client, err := kgo.NewClient(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
 	}
 	return &Consumer{name: name, log: log, client: client, pool: pool, handler: h,
-		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, metrics: cfg.Metrics}, nil
+		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, metrics: cfg.Metrics, tracing: cfg.Tracing}, nil
 }
 
 // groupName is participant name's consumer group.
@@ -196,11 +200,14 @@ func (c *Consumer) commitOffsets() {
 
 // process applies a batch, retrying transient failures. A record found
 // poisonous is dead-lettered and the batch applied again without it.
-func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) error {
+func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) (err error) {
 	b := c.decode(recs)
+	var end func(error)
+	b.traces, end = c.tracing.handleSpans(c.name, recs, b)
+	defer func() { end(err) }()
 	// Once started, a batch finishes even if shutdown begins: only waiting
 	// between retries watches ctx.
-	work := context.WithoutCancel(ctx)
+	work := withOrderTraces(context.WithoutCancel(ctx), b.traces)
 	for attempt := 0; ; attempt++ {
 		err := c.apply(work, b)
 		if err == nil {
@@ -209,7 +216,7 @@ func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) error {
 		var p *poisonError
 		if errors.As(err, &p) {
 			b.poison[p.index] = p.err.Error()
-			c.log.Warn("dead-lettering record", "order_id", b.evs[p.index].OrderID, "reason", p.err)
+			c.log.WarnContext(work, "dead-lettering record", "order_id", b.evs[p.index].OrderID, "reason", p.err)
 			continue
 		}
 		var crash *crashError
@@ -235,6 +242,7 @@ type batch struct {
 	ids    []uuid.UUID    // inbox key per record
 	skip   []bool         // not handled by this participant
 	poison map[int]string // record index -> reason
+	traces map[string]context.Context // order id -> its handling span, when tracing
 }
 
 // decode reads every record once. Records the participant does not handle
@@ -339,6 +347,7 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 		}
 	}
 	applied := len(batch)
+	eventTrace(emits, b.traces)
 	if err := event.Emit(ctx, tx, c.topic, emits...); err != nil {
 		return err
 	}

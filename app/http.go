@@ -24,6 +24,9 @@ func (s *System) addHTTP(a *api.API) error {
 	}
 	s.httpAddr = ln.Addr().String()
 	e := NewEcho(s.log)
+	if s.tracing != nil {
+		e.Use(s.tracing.httpMiddleware)
+	}
 	e.Use(s.metrics.middleware)
 	e.GET("/metrics", echo.WrapHandler(s.metrics.Handler()))
 	a.Register(e)

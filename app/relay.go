@@ -31,22 +31,24 @@ type Relay struct {
 	poll     time.Duration
 	fault    FaultFunc
 	metrics  *Metrics
+	tracing  *Tracing
 }
 
 // NewRelay creates the relay and its producer.
-func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string, fault FaultFunc, m *Metrics) (*Relay, error) {
-	producer, err := kgo.NewClient(
+func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string, fault FaultFunc, m *Metrics, t *Tracing) (*Relay, error) {
+	opts := append([]kgo.Opt{
 		m.kafkaHooks(),
 		kgo.SeedBrokers(brokers...),
 		kgo.ClientID("prozess-relay"),
 		// The relay hands over whole batches; lingering only adds latency.
 		kgo.ProducerLinger(0),
 		kgo.RequiredAcks(kgo.AllISRAcks()),
-	)
+	}, t.kafkaHooks("prozess-relay", "")...)
+	producer, err := kgo.NewClient(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("creating relay kafka client: %w", err)
 	}
-	return &Relay{log: log, pool: pool, producer: producer, batch: 1000, poll: time.Second, fault: fault, metrics: m}, nil
+	return &Relay{log: log, pool: pool, producer: producer, batch: 1000, poll: time.Second, fault: fault, metrics: m, tracing: t}, nil
 }
 
 // Ping checks that the broker answers, for readiness.
@@ -161,6 +163,9 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 	}
 	pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
+	for _, rec := range recs {
+		r.tracing.continueFromHeaders(pctx, rec)
+	}
 	if err := r.producer.ProduceSync(pctx, recs...).FirstErr(); err != nil {
 		return 0, fmt.Errorf("publishing %d outbox records: %w", len(recs), err)
 	}

@@ -91,6 +91,7 @@ type System struct {
 	brokers   []string
 	stats     map[string]*ConsumerStats
 	metrics   *Metrics
+	tracing   *Tracing
 	ready     func(ctx context.Context) error
 }
 
@@ -122,6 +123,16 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	}()
 	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
+	if cfg.TracerProvider != nil {
+		s.tracing = NewTracing(cfg.TracerProvider)
+	} else {
+		t, stop, err := tracingFromEnv(startCtx)
+		if err != nil {
+			return nil, err
+		}
+		s.tracing = t
+		s.closers = append(s.closers, stop) // closed last: flushes every span
+	}
 
 	pool, err := OpenDB(startCtx, cfg.DatabaseURL, cfg.StatementTimeout, log)
 	if err != nil {
@@ -161,7 +172,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		return nil, err
 	}
 
-	relay, err := NewRelay(log.With("participant", "relay"), pool, s.brokers, cfg.Fault, s.metrics)
+	relay, err := NewRelay(log.With("participant", "relay"), pool, s.brokers, cfg.Fault, s.metrics, s.tracing)
 	if err != nil {
 		return nil, err
 	}
@@ -196,7 +207,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		}
 		c, err := NewConsumer(p.name, plog, pool, h, ConsumerConfig{
 			Brokers: s.brokers, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: kafkaLogger(cfg.KafkaLogLevel, plog),
-			Metrics: s.metrics,
+			Metrics: s.metrics, Tracing: s.tracing,
 		})
 		if err != nil {
 			return nil, err
@@ -218,7 +229,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 			return nil, err
 		}
 	}
-	log.Info("prozess ready", "participants", names, "http", s.httpAddr, "admin", s.adminAddr, "kafka", s.brokers, "topic", cfg.Topic)
+	log.Info("prozess ready", "participants", names, "tracing", s.tracing != nil, "http", s.httpAddr, "admin", s.adminAddr, "kafka", s.brokers, "topic", cfg.Topic)
 	return s, nil
 }
 

@@ -89,14 +89,19 @@ type running struct {
 // start runs a system for cfg until the test ends (or stop is called).
 func (e *env) start(cfg app.Config, names ...string) *running {
 	e.t.Helper()
-	if len(names) == 0 {
-		names = app.Participants()
-	}
 	level := slog.LevelWarn
 	if os.Getenv("PROZESS_TEST_LOG") != "" {
 		level = slog.LevelDebug
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	return e.startLogged(cfg, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})), names...)
+}
+
+// startLogged is start with the system logging to log.
+func (e *env) startLogged(cfg app.Config, log *slog.Logger, names ...string) *running {
+	e.t.Helper()
+	if len(names) == 0 {
+		names = app.Participants()
+	}
 	sys, err := app.NewSystem(context.Background(), cfg, names, log)
 	if err != nil {
 		e.t.Fatalf("starting system: %v", err)

@@ -110,7 +110,7 @@ func (a *API) createOrder(c echo.Context) error {
 		return replay(c, res.order.OrderID)
 	}
 	a.cacheOrder(ctx, res.order)
-	a.log.Info("order created", "order_id", res.order.OrderID, "user_id", req.UserID, "amount_cents", res.order.AmountCents)
+	a.log.InfoContext(ctx, "order created", "order_id", res.order.OrderID, "user_id", req.UserID, "amount_cents", res.order.AmountCents)
 	return c.JSON(http.StatusCreated, CreateResponse{OrderID: res.order.OrderID, Status: event.StatusCreated})
 }
 
@@ -204,7 +204,7 @@ func (a *API) getOrder(c echo.Context) error {
 	e, ok, err := a.cache.Get(rctx, id)
 	cancel()
 	if err != nil {
-		a.log.Warn("status cache unavailable, reading PostgreSQL", "order_id", id, "err", err)
+		a.log.WarnContext(c.Request().Context(), "status cache unavailable, reading PostgreSQL", "order_id", id, "err", err)
 	} else if ok {
 		var o Order
 		if err := json.Unmarshal(e.Doc, &o); err == nil {
@@ -239,7 +239,7 @@ func (a *API) cacheOrder(ctx context.Context, o Order) {
 		err = a.cache.Put(ctx, o.OrderID, statuscache.Entry{Doc: b, Status: o.Status})
 	}
 	if err != nil {
-		a.log.Warn("status cache not filled", "order_id", o.OrderID, "err", err)
+		a.log.WarnContext(ctx, "status cache not filled", "order_id", o.OrderID, "err", err)
 	}
 }
 

@@ -37,7 +37,7 @@ func (a *API) rememberKey(ctx context.Context, user, key string, hash []byte, id
 	v := hex.EncodeToString(hash) + ":" + id.String()
 	cmd := a.rdb.B().Set().Key(a.idemKey(user, key)).Value(v).Ex(idempotencyTTL).Build()
 	if err := a.rdb.Do(ctx, cmd).Error(); err != nil {
-		a.log.Warn("idempotency key not cached", "order_id", id, "err", err)
+		a.log.WarnContext(ctx, "idempotency key not cached", "order_id", id, "err", err)
 	}
 }
 

@@ -30,10 +30,11 @@ type writer struct {
 
 // pending is one POST waiting for its batch.
 type pending struct {
-	req  CreateRequest
-	key  string
-	hash []byte
-	done chan written
+	req   CreateRequest
+	key   string
+	hash  []byte
+	trace map[string]string // the request's trace context, for OrderCreated
+	done  chan written
 }
 
 type written struct {
@@ -83,7 +84,7 @@ func (w *writer) run(ctx context.Context) {
 
 // submit queues one order and waits for its batch to commit.
 func (w *writer) submit(ctx context.Context, req CreateRequest, key string, hash []byte) (written, error) {
-	p := &pending{req: req, key: key, hash: hash, done: make(chan written, 1)}
+	p := &pending{req: req, key: key, hash: hash, trace: event.TraceOf(ctx), done: make(chan written, 1)}
 	select {
 	case w.queue <- p:
 	case <-ctx.Done():
@@ -198,6 +199,7 @@ func (w *writer) insert(ctx context.Context, tx pgx.Tx, batch []*pending, result
 		if err != nil {
 			return err
 		}
+		ev.Trace = batch[i].trace
 		evs = append(evs, ev)
 	}
 	if _, err := tx.Exec(ctx, `

@@ -68,7 +68,7 @@ func (d *Delivery) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]
 	var out []event.Event
 	for i, id := range ids {
 		if !created[id] {
-			d.log.Warn("order already shipped", "order_id", orders[i])
+			d.log.WarnContext(ctx, "order already shipped", "order_id", orders[i])
 			continue
 		}
 		ev, err := event.New(event.OrderShipped, orders[i], Name, event.Shipped{ShipmentID: id, Carrier: Carrier, Tracking: trackings[i]})

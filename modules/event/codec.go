@@ -2,13 +2,18 @@ package event
 
 import (
 	"bytes"
+	"context"
 	"io"
+	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // CloudEvents Kafka binding (binary mode) header names.
@@ -28,7 +33,7 @@ func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }
 
 // Record encodes e as a Kafka record for topic, keyed by order id.
 func (e Event) Record(topic string) *kgo.Record {
-	return &kgo.Record{
+	r := &kgo.Record{
 		Topic: topic,
 		Key:   []byte(e.OrderID.String()),
 		Value: e.Data,
@@ -43,6 +48,21 @@ func (e Event) Record(topic string) *kgo.Record {
 			{Key: hdrContentType, Value: []byte("application/json")},
 		},
 	}
+	for _, k := range slices.Sorted(maps.Keys(e.Trace)) {
+		r.Headers = append(r.Headers, kgo.RecordHeader{Key: k, Value: []byte(e.Trace[k])})
+	}
+	return r
+}
+
+// TraceOf returns the W3C trace context of ctx's span, for an event to
+// carry; nil when ctx has no span (tracing off), which costs nothing.
+func TraceOf(ctx context.Context) map[string]string {
+	if !trace.SpanContextFromContext(ctx).IsValid() {
+		return nil
+	}
+	c := propagation.MapCarrier{}
+	propagation.TraceContext{}.Inject(ctx, c)
+	return c
 }
 
 // FromRecord decodes and validates a record. Every failure wraps ErrInvalid:

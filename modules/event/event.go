@@ -63,6 +63,12 @@ type Event struct {
 	Time    time.Time       // when the emitter decided it
 	Source  string          // the participant that emitted it
 	Data    json.RawMessage // the type's payload, JSON
+
+	// Trace is the W3C trace context (traceparent, tracestate) of the work
+	// that emitted the event, written as record headers so one order is one
+	// trace. Empty when tracing is off. Decoding leaves it empty: a
+	// consumer's tracing hooks read those headers themselves.
+	Trace map[string]string
 }
 
 // New builds an event with a fresh UUIDv7 id, the current time and data

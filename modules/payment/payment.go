@@ -101,7 +101,7 @@ func (p *Payment) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]e
 		if !decided[c.id] {
 			// Decided before under another event id: that decision's event
 			// is already in the outbox, so emitting again would charge twice.
-			p.log.Warn("payment already decided", "order_id", c.order)
+			p.log.WarnContext(ctx, "payment already decided", "order_id", c.order)
 			continue
 		}
 		var ev event.Event
