@@ -239,9 +239,9 @@ func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) (err error) 
 type batch struct {
 	recs   []*kgo.Record
 	evs    []event.Event
-	ids    []uuid.UUID    // inbox key per record
-	skip   []bool         // not handled by this participant
-	poison map[int]string // record index -> reason
+	ids    []uuid.UUID                // inbox key per record
+	skip   []bool                     // not handled by this participant
+	poison map[int]string             // record index -> reason
 	traces map[string]context.Context // order id -> its handling span, when tracing
 }
 
