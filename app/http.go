@@ -39,6 +39,7 @@ func (s *System) addHTTP(a *api.API) error {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
+	srv.RegisterOnShutdown(a.CloseStreams) // live streams never end by themselves
 	shutdown := make(chan struct{})
 	s.group.Add(func() error {
 		// The order writer outlives the server: requests still in flight

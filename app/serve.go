@@ -181,6 +181,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 
 	if slices.Contains(names, api.Name) {
 		alog := log.With("participant", api.Name)
+		auth := api.AuthConfig{Disabled: cfg.NoAuth, Rate: cfg.RateLimit, Burst: cfg.RateBurst}
 		if cfg.NoAuth {
 			alog.Warn("AUTHENTICATION IS OFF (--no-auth): anyone can place orders as any user and read every order; never expose this")
 		} else if active, err := demoKeyActive(startCtx, pool); err != nil {
@@ -188,12 +189,13 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		} else if active {
 			alog.Warn("the public demo API key is active; for anything but a demo run with --seed=false and revoke it",
 				"key", seed.DemoKey, "user", seed.DemoUser, "revoke", "prozess apikey revoke "+seed.DemoKeyID)
+			auth.DemoKey = seed.DemoKey
 		}
-		a := api.New(alog, pool, d.rdb, cfg.RedisPrefix, cfg.Topic,
-			api.AuthConfig{Disabled: cfg.NoAuth, Rate: cfg.RateLimit, Burst: cfg.RateBurst})
+		a := api.New(alog, pool, d.rdb, cfg.RedisPrefix, cfg.Topic, auth)
 		if err := s.addHTTP(a); err != nil {
 			return nil, err
 		}
+		s.addLiveFeed(a)
 	}
 	var joined []*Consumer
 	for _, p := range consumers() {

@@ -6,8 +6,10 @@ package api
 
 import (
 	"context"
+	_ "embed" // the OpenAPI document
 	"log/slog"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -41,16 +43,25 @@ type API struct {
 	prefix string
 	topic  string
 	writer *writer
-	auth   AuthConfig
-	limits *limiter
+	auth    AuthConfig
+	limits  *limiter
+	live    *hub
+	demoKey string        // shown on the live page while active
+	stop    chan struct{} // closed to end every live stream
+	once    sync.Once
 }
 
 // New returns the api participant. Redis keys go under prefix; events go to
 // topic through the outbox.
 func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, prefix, topic string, auth AuthConfig) *API {
 	return &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, prefix), prefix: prefix, topic: topic,
-		writer: newWriter(pool, topic), auth: auth, limits: newLimiter(auth.Rate, auth.Burst)}
+		writer: newWriter(pool, topic), auth: auth, limits: newLimiter(auth.Rate, auth.Burst),
+		live: newHub(), demoKey: auth.DemoKey, stop: make(chan struct{})}
 }
+
+// CloseStreams ends every live stream, so a server shutdown need not wait
+// for pages that never hang up.
+func (a *API) CloseStreams() { a.once.Do(func() { close(a.stop) }) }
 
 // Run writes submitted orders until ctx ends; POST /orders needs it running.
 // Stop it only after the HTTP server has stopped taking requests.
@@ -66,10 +77,22 @@ func (a *API) Register(e *echo.Echo) {
 	orders.GET("/:id", a.getOrder)
 	orders.GET("/:id/events", a.orderEvents)
 	e.GET("/products", a.products) // the catalogue is public
+	e.GET("/live", a.livePage)     // the page asks for a key itself
+	e.GET("/live/stream", a.liveStream, a.authenticate)
+	e.GET("/openapi.json", func(c echo.Context) error {
+		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, OpenAPI)
+	})
 	e.GET("/", func(c echo.Context) error {
 		return c.JSON(http.StatusOK, map[string]any{
-			"service":   "prozess",
-			"endpoints": []string{"POST /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products"},
+			"service": "prozess",
+			"endpoints": []string{"POST /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products",
+				"GET /live", "GET /live/stream", "GET /openapi.json", "GET /metrics"},
 		})
 	})
 }
+
+// OpenAPI is the OpenAPI 3 document of the HTTP API, served at
+// /openapi.json; a contract test checks real responses against it.
+//
+//go:embed openapi.json
+var OpenAPI []byte

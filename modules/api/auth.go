@@ -21,6 +21,9 @@ type AuthConfig struct {
 	// limit a request gets 429 with Retry-After.
 	Rate  float64
 	Burst int
+	// DemoKey, when set, is the public demo key, still active; the live
+	// page offers it so a newcomer can place an order at once.
+	DemoKey string
 }
 
 const principalKey = "prozess.principal"

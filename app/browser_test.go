@@ -1,0 +1,199 @@
+package app_test
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/prozess/prozess/modules/event"
+)
+
+// browser starts a headless Chromium for the test, or skips when there is
+// none, unless PROZESS_REQUIRE_BROWSER is set (CI sets it), which makes a
+// missing browser a failure.
+func browser(t *testing.T) context.Context {
+	t.Helper()
+	path := os.Getenv("PROZESS_CHROMIUM")
+	if path == "" {
+		for _, name := range []string{"chromium", "chromium-browser", "google-chrome"} {
+			if p, err := exec.LookPath(name); err == nil {
+				path = p
+				break
+			}
+		}
+	}
+	if path == "" {
+		if os.Getenv("PROZESS_REQUIRE_BROWSER") != "" {
+			t.Fatal("no Chromium found (apt-get install chromium, or set PROZESS_CHROMIUM) and PROZESS_REQUIRE_BROWSER is set")
+		}
+		t.Skip("no Chromium found: apt-get install chromium to run the browser test")
+	}
+	opts := append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath(path),
+		chromedp.NoSandbox,
+		chromedp.DisableGPU,
+		chromedp.UserDataDir(t.TempDir()),
+		chromedp.Flag("disable-quic", true),
+		chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true),
+		chromedp.WindowSize(1440, 900),
+	)
+	actx, cancelAlloc := chromedp.NewExecAllocator(t.Context(), opts...)
+	ctx, cancel := chromedp.NewContext(actx)
+	t.Cleanup(func() { cancel(); cancelAlloc() })
+	return ctx
+}
+
+// The live page in a real browser: place an order with the page's form and
+// watch its card reach SHIPPED as the events stream in, stock go down, the
+// event list fill; with an admin key, a dead letter appears.
+func TestLivePageInBrowser(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	r := e.start(e.config())
+	// The first action starts the browser, which lives as long as ctx: it
+	// gets no timeout of its own (chromedp's rule); the later ones do.
+	if err := chromedp.Do(ctx, chromedp.Navigate(r.url+"/live")); err != nil {
+		t.Fatalf("opening the page: %v", err)
+	}
+	tctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	mouseStock := chromedp.CSS(`#stock tr[data-product-id="prod-mouse"] td.n`)
+	if err := chromedp.Do(tctx, chromedp.WaitVisible(mouseStock)); err != nil {
+		t.Fatalf("stock table: %v", err)
+	}
+	before, err := chromedp.Run(tctx, chromedp.Text(mouseStock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = chromedp.Do(tctx,
+		chromedp.SetValue(chromedp.CSS(`#key`), e.keyFor("u1")),
+		chromedp.Click(chromedp.CSS(`#key-form button`)),
+		chromedp.WaitVisible(chromedp.CSS(`#conn.on`)),
+		chromedp.SetValue(chromedp.CSS(`#product`), "prod-mouse"),
+		chromedp.SetValue(chromedp.CSS(`#qty`), "2"),
+		chromedp.Click(chromedp.CSS(`#place`)),
+		chromedp.WaitVisible(chromedp.CSS(`#order-result[data-order-id]`)),
+	)
+	if err != nil {
+		t.Fatalf("placing an order in the page: %v", err)
+	}
+	res, err := chromedp.Run(tctx, chromedp.AttributeValue(chromedp.CSS(`#order-result`), "data-order-id"))
+	if err != nil || !res.Exists {
+		t.Fatalf("no order id on the page: %v", err)
+	}
+	id := res.Value
+	// The order really exists, and the page shows it SHIPPED once the
+	// saga is done.
+	if o := r.await(t, id, 20*time.Second); o.Status != event.StatusShipped {
+		t.Fatalf("order ended %s", o.Status)
+	}
+	err = chromedp.Do(tctx,
+		chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`.col[data-status="SHIPPED"] .card[data-order-id="%s"]`, id))),
+		discard(chromedp.Poll[bool](fmt.Sprintf(
+			`document.querySelector('#stock tr[data-product-id="prod-mouse"] td.n').textContent === "%d"`, atoi(t, before)-2))),
+	)
+	if err != nil {
+		t.Fatalf("watching the order reach SHIPPED and the stock go down: %v", err)
+	}
+	if last, err := chromedp.Run(tctx, chromedp.Text(chromedp.CSS(`#events li:first-child span`))); err != nil || last != string(event.OrderShipped) {
+		t.Errorf("latest event on the page is %q (%v)", last, err)
+	}
+	cards, err := chromedp.Run(tctx, chromedp.Evaluate[int](fmt.Sprintf(`document.querySelectorAll('.card[data-order-id="%s"]').length`, id)))
+	if err != nil || cards != 1 {
+		t.Errorf("the order has %d cards on the board (%v), want exactly one", cards, err)
+	}
+
+	// An admin sees dead letters: a record no participant can read is
+	// dead-lettered by the status writer and shows up on the page.
+	err = chromedp.Do(tctx,
+		chromedp.SetValue(chromedp.CSS(`#key`), e.keyFor("admin")),
+		chromedp.Click(chromedp.CSS(`#key-form button`)),
+		discard(chromedp.Poll[bool](`document.querySelector('#dlq-note').textContent === ""`)),
+	)
+	if err != nil {
+		t.Fatalf("reconnecting as admin: %v", err)
+	}
+	cl, err := kgo.NewClient(kgo.SeedBrokers(r.sys.Brokers()...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	poison := &kgo.Record{Topic: "order-events", Key: []byte(id), Value: []byte("{not json"), Headers: []kgo.RecordHeader{
+		{Key: "ce_specversion", Value: []byte("1.0")}, {Key: "ce_type", Value: []byte("OrderShipped")}}}
+	if err := cl.ProduceSync(tctx, poison).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	if err := chromedp.Do(tctx, chromedp.WaitVisible(chromedp.CSS(`#dlq li`))); err != nil {
+		t.Fatalf("dead letter not shown: %v", err)
+	}
+	if dl, err := chromedp.Run(tctx, chromedp.Text(chromedp.CSS(`#dlq li span`))); err != nil || !strings.Contains(dl, "status:") {
+		t.Errorf("dead letter line %q (%v) does not name the participant", dl, err)
+	}
+
+	if path := os.Getenv("PROZESS_SCREENSHOT"); path != "" {
+		screenshot(t, tctx, r, path)
+	}
+}
+
+// discard runs a that returns a value as a step of chromedp.Do.
+func discard[T any](a chromedp.Action[T]) chromedp.Action[chromedp.Void] {
+	return func(ctx context.Context, tg *chromedp.Target) (chromedp.Void, error) {
+		_, err := a(ctx, tg)
+		return chromedp.Void{}, err
+	}
+}
+
+// screenshot keeps orders flowing (some out of stock) and saves the page,
+// for the README: PROZESS_SCREENSHOT=docs/live.png go test -run TestLivePageInBrowser ./app
+func screenshot(t *testing.T, ctx context.Context, r *running, path string) {
+	products := []string{"prod-mouse", "prod-keyboard", "prod-headset", "prod-monitor", "prod-webcam"}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(60 * time.Millisecond):
+				r.order(t, "u1", "", event.Item{ProductID: products[rand.N(len(products))], Qty: 1 + rand.N(3)})
+			}
+		}
+	}()
+	err := chromedp.Do(ctx,
+		chromedp.SetValue(chromedp.CSS(`#key`), r.e.keyFor("admin")),
+		chromedp.Click(chromedp.CSS(`#key-form button`)),
+		chromedp.Sleep(4*time.Second),
+	)
+	var png []byte
+	if err == nil {
+		png, err = chromedp.Run(ctx, chromedp.CaptureScreenshot())
+	}
+	close(stop)
+	<-done
+	if err != nil {
+		t.Fatalf("screenshot: %v", err)
+	}
+	if err := os.WriteFile(path, png, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("screenshot written to %s", path)
+}
+
+func atoi(t *testing.T, s string) int {
+	t.Helper()
+	var n int
+	if _, err := fmt.Sscan(strings.TrimSpace(s), &n); err != nil {
+		t.Fatalf("not a number: %q", s)
+	}
+	return n
+}
