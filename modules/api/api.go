@@ -36,13 +36,13 @@ const redisTimeout = 150 * time.Millisecond
 
 // API serves the HTTP endpoints.
 type API struct {
-	log    *slog.Logger
-	pool   *pgxpool.Pool
-	rdb    rueidis.Client
-	cache  *statuscache.Cache
-	prefix string
-	topic  string
-	writer *writer
+	log     *slog.Logger
+	pool    *pgxpool.Pool
+	rdb     rueidis.Client
+	cache   *statuscache.Cache
+	prefix  string
+	topic   string
+	writer  *writer
 	auth    AuthConfig
 	limits  *limiter
 	live    *hub
