@@ -141,11 +141,7 @@ func (a *API) Publish(ctx context.Context, ev event.Event) {
 	if !a.live.watched() {
 		return
 	}
-	st, ok := event.StatusAfter(ev.Type)
-	if !ok {
-		st = event.StatusCancelled // InventoryReleased follows PaymentFailed only
-	}
-	b, err := json.Marshal(LiveEvent{EventID: ev.ID, OrderID: ev.OrderID, Type: ev.Type, Source: ev.Source, Time: ev.Time, Status: st})
+	b, err := json.Marshal(LiveEvent{EventID: ev.ID, OrderID: ev.OrderID, Type: ev.Type, Source: ev.Source, Time: ev.Time, Status: ev.Type.OrderStatus()})
 	if err != nil {
 		return
 	}

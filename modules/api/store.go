@@ -41,9 +41,17 @@ func (a *API) rememberKey(ctx context.Context, user, key string, hash []byte, id
 	}
 }
 
-func (a *API) loadOrder(ctx context.Context, id uuid.UUID) (Order, error) {
+func (a *API) loadOrder(ctx context.Context, id uuid.UUID) (Order, error) { return ReadOrder(ctx, a.pool, id) }
+
+// ErrNotFound is the answer for an order that does not exist (or that the
+// caller may not read).
+var ErrNotFound = errNotFound
+
+// ReadOrder reads an order and its items from PostgreSQL, the source of
+// truth, with no access check (operators' `prozess orders get`).
+func ReadOrder(ctx context.Context, db Querier, id uuid.UUID) (Order, error) {
 	o := Order{OrderID: id}
-	err := a.pool.QueryRow(ctx, `SELECT user_id, status, amount_cents, created_at FROM orders WHERE id = $1`, id).
+	err := db.QueryRow(ctx, `SELECT user_id, status, amount_cents, created_at FROM orders WHERE id = $1`, id).
 		Scan(&o.UserID, &o.Status, &o.AmountCents, &o.CreatedAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return Order{}, errNotFound
@@ -51,7 +59,7 @@ func (a *API) loadOrder(ctx context.Context, id uuid.UUID) (Order, error) {
 	if err != nil {
 		return Order{}, fmt.Errorf("reading order %s: %w", id, err)
 	}
-	rows, err := a.pool.Query(ctx, `SELECT product_id, qty, price_cents FROM order_items WHERE order_id = $1 ORDER BY product_id`, id)
+	rows, err := db.Query(ctx, `SELECT product_id, qty, price_cents FROM order_items WHERE order_id = $1 ORDER BY product_id`, id)
 	if err != nil {
 		return Order{}, fmt.Errorf("reading items of order %s: %w", id, err)
 	}
@@ -70,7 +78,13 @@ func (a *API) loadEvents(ctx context.Context, id uuid.UUID, p Principal) ([]Audi
 	if err != nil {
 		return nil, fmt.Errorf("reading order %s: %w", id, err)
 	}
-	rows, err := a.pool.Query(ctx, `
+	return ReadEvents(ctx, a.pool, id)
+}
+
+// ReadEvents reads an order's audit trail, oldest first, with no access
+// check; an order without events has an empty trail.
+func ReadEvents(ctx context.Context, db Querier, id uuid.UUID) ([]AuditEvent, error) {
+	rows, err := db.Query(ctx, `
 		SELECT event_id, type, source, occurred_at, payload::text
 		FROM order_events WHERE order_id = $1 ORDER BY seq`, id)
 	if err != nil {
@@ -85,6 +99,9 @@ func (a *API) loadEvents(ctx context.Context, id uuid.UUID, p Principal) ([]Audi
 	})
 	if err != nil {
 		return nil, fmt.Errorf("reading events of order %s: %w", id, err)
+	}
+	if evs == nil {
+		evs = []AuditEvent{}
 	}
 	return evs, nil
 }

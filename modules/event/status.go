@@ -50,3 +50,16 @@ func StatusAfter(t Type) (Status, bool) {
 	}
 	return "", false
 }
+
+// OrderStatus is the status an order has once an event of type t has
+// happened to it: StatusAfter's, and CANCELLED after InventoryReleased,
+// which only follows PaymentFailed. For views of the event stream.
+func (t Type) OrderStatus() Status {
+	if st, ok := StatusAfter(t); ok {
+		return st
+	}
+	if t == InventoryReleased {
+		return StatusCancelled
+	}
+	return ""
+}
