@@ -41,7 +41,9 @@ func (a *API) rememberKey(ctx context.Context, user, key string, hash []byte, id
 	}
 }
 
-func (a *API) loadOrder(ctx context.Context, id uuid.UUID) (Order, error) { return ReadOrder(ctx, a.pool, id) }
+func (a *API) loadOrder(ctx context.Context, id uuid.UUID) (Order, error) {
+	return ReadOrder(ctx, a.pool, id)
+}
 
 // ErrNotFound is the answer for an order that does not exist (or that the
 // caller may not read).
