@@ -126,7 +126,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	if cfg.TracerProvider != nil {
 		s.tracing = NewTracing(cfg.TracerProvider)
 	} else {
-		t, stop, err := tracingFromEnv(startCtx)
+		t, stop, err := tracingFromEnv(startCtx, names)
 		if err != nil {
 			return nil, err
 		}

@@ -46,6 +46,9 @@ func (s *System) addLiveFeed(a *api.API) {
 	s.addActor(func(ctx context.Context) error {
 		for attempt := 0; ; attempt++ {
 			err := Tail(ctx, s.brokers, []string{topic, dlq}, false, func(r *kgo.Record) {
+				if !a.Watched() {
+					return // nobody to tell: not even decoded
+				}
 				if r.Topic == dlq {
 					d := toDeadLetter(r)
 					at, _ := time.Parse(time.RFC3339Nano, d.Time)

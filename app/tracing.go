@@ -42,7 +42,10 @@ type Tracing struct {
 // (nil, and free) otherwise or when OTEL_SDK_DISABLED=true. The exporter,
 // protocol, sampler and resource are the SDK's to read from the environment.
 // The returned func flushes and stops the exporter.
-func tracingFromEnv(ctx context.Context) (*Tracing, func(), error) {
+//
+// The service is named for the participants it runs (prozess for all of
+// them, prozess-payment for one), unless OTEL_SERVICE_NAME says otherwise.
+func tracingFromEnv(ctx context.Context, participants []string) (*Tracing, func(), error) {
 	if !tracingWanted(os.Getenv) {
 		return nil, func() {}, nil
 	}
@@ -51,7 +54,7 @@ func tracingFromEnv(ctx context.Context) (*Tracing, func(), error) {
 		return nil, nil, fmt.Errorf("OTEL_TRACES_EXPORTER: %w", err)
 	}
 	res, err := resource.New(ctx,
-		resource.WithAttributes(semconv.ServiceName("prozess")),
+		resource.WithAttributes(semconv.ServiceName(serviceName(participants))),
 		resource.WithFromEnv(), // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win
 		resource.WithTelemetrySDK(),
 		resource.WithHost(),
@@ -66,6 +69,13 @@ func tracingFromEnv(ctx context.Context) (*Tracing, func(), error) {
 		_ = tp.Shutdown(ctx)
 	}
 	return NewTracing(tp), stop, nil
+}
+
+func serviceName(participants []string) string {
+	if len(participants) == 0 || len(participants) == len(Participants()) {
+		return "prozess"
+	}
+	return "prozess-" + strings.Join(participants, "-")
 }
 
 func tracingWanted(getenv func(string) string) bool {

@@ -135,12 +135,16 @@ func (h *hub) watched() bool {
 	return len(h.subs) > 0
 }
 
+// Watched reports whether any live stream is open; with none, the feed
+// need not even decode what it reads.
+func (a *API) Watched() bool { return a.live.watched() }
+
 // Publish hands a saga event from the topic to the open streams.
 func (a *API) Publish(ctx context.Context, ev event.Event) {
-	owner := a.owner(ctx, ev)
 	if !a.live.watched() {
 		return
 	}
+	owner := a.owner(ctx, ev)
 	b, err := json.Marshal(LiveEvent{EventID: ev.ID, OrderID: ev.OrderID, Type: ev.Type, Source: ev.Source, Time: ev.Time, Status: ev.Type.OrderStatus()})
 	if err != nil {
 		return
@@ -158,7 +162,8 @@ func (a *API) PublishDeadLetter(d LiveDeadLetter) {
 }
 
 // owner returns the user whose order ev is about: from OrderCreated's
-// payload, remembered, else from PostgreSQL ("" if unknown).
+// payload, remembered while any stream is open, else from PostgreSQL (""
+// if unknown).
 func (a *API) owner(ctx context.Context, ev event.Event) string {
 	h := a.live
 	if ev.Type == event.OrderCreated {
@@ -176,7 +181,7 @@ func (a *API) owner(ctx context.Context, ev event.Event) string {
 	h.mu.Lock()
 	u, ok := h.owners[ev.OrderID]
 	h.mu.Unlock()
-	if ok || !h.watched() {
+	if ok {
 		return u
 	}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
