@@ -70,7 +70,7 @@ type Consumer struct {
 	fault    FaultFunc
 	stats    ConsumerStats
 	metrics  *Metrics
-	tracing  *Tracing
+	tracer   *participantTracer
 }
 
 // ConsumerStats counts what a consumer did with the records it polled.
@@ -128,13 +128,12 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	if cfg.Metrics != nil {
 		opts = append(opts, cfg.Metrics.kafkaHooks())
 	}
-	opts = append(opts, cfg.Tracing.kafkaHooks("prozess-"+name, groupName(name))...)
 	client, err := kgo.NewClient(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
 	}
 	return &Consumer{name: name, log: log, client: client, pool: pool, handler: h,
-		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, metrics: cfg.Metrics, tracing: cfg.Tracing}, nil
+		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, metrics: cfg.Metrics, tracer: cfg.Tracing.forParticipant(name)}, nil
 }
 
 // groupName is participant name's consumer group.
@@ -203,7 +202,7 @@ func (c *Consumer) commitOffsets() {
 func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) (err error) {
 	b := c.decode(recs)
 	var end func(error)
-	b.traces, end = c.tracing.handleSpans(c.name, recs, b)
+	b.traces, end = c.tracer.handleSpans(recs, b)
 	defer func() { end(err) }()
 	// Once started, a batch finishes even if shutdown begins: only waiting
 	// between retries watches ctx.

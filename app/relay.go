@@ -43,7 +43,7 @@ func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string, fault Faul
 		// The relay hands over whole batches; lingering only adds latency.
 		kgo.ProducerLinger(0),
 		kgo.RequiredAcks(kgo.AllISRAcks()),
-	}, t.kafkaHooks("prozess-relay", "")...)
+	}, t.publishHooks("prozess-relay")...)
 	producer, err := kgo.NewClient(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("creating relay kafka client: %w", err)

@@ -77,7 +77,7 @@ const maxOwners = 100_000
 
 // streamBuffer is how many messages a stream may fall behind before it is
 // cut off (the page reconnects to a fresh snapshot).
-const streamBuffer = 256
+const streamBuffer = 1024
 
 type stream struct {
 	p    Principal
@@ -230,7 +230,7 @@ func (a *API) liveStream(c echo.Context) error {
 	_ = rc.SetReadDeadline(time.Time{})
 	_ = rc.SetWriteDeadline(time.Time{})
 	b, _ := json.Marshal(snap) // cannot fail: plain values
-	if err := writeSSE(w, rc, sseMessage{name: "snapshot", data: b}); err != nil {
+	if writeSSE(w, sseMessage{name: "snapshot", data: b}) != nil || rc.Flush() != nil {
 		return nil
 	}
 	keepAlive := time.NewTicker(15 * time.Second)
@@ -244,7 +244,13 @@ func (a *API) liveStream(c echo.Context) error {
 		case <-a.stop:
 			return nil
 		case m := <-s.ch:
-			if writeSSE(w, rc, m) != nil {
+			// Write what else is waiting too, then flush once: one write
+			// per burst, not per event, keeps a stream up with the saga.
+			err := writeSSE(w, m)
+			for n := 0; err == nil && n < streamBuffer && len(s.ch) > 0; n++ {
+				err = writeSSE(w, <-s.ch)
+			}
+			if err != nil || rc.Flush() != nil {
 				return nil
 			}
 		case <-keepAlive.C:
@@ -255,11 +261,9 @@ func (a *API) liveStream(c echo.Context) error {
 	}
 }
 
-func writeSSE(w http.ResponseWriter, rc *http.ResponseController, m sseMessage) error {
-	if _, err := fmt.Fprintf(w, "event: %s\ndata: %s\n\n", m.name, m.data); err != nil {
-		return err
-	}
-	return rc.Flush()
+func writeSSE(w http.ResponseWriter, m sseMessage) error {
+	_, err := fmt.Fprintf(w, "event: %s\ndata: %s\n\n", m.name, m.data)
+	return err
 }
 
 // snapshotOrders is how many of the latest orders a stream starts with.
