@@ -93,8 +93,9 @@ func NewTracing(tp trace.TracerProvider) *Tracing {
 	return &Tracing{
 		provider: tp,
 		tracer:   tp.Tracer("github.com/prozess/prozess"),
-		// W3C trace context only: it is what the outbox headers and
-		// CloudEvents' distributed tracing extension carry.
+		// W3C trace context only (traceparent, tracestate): the format of
+		// kotel and of CloudEvents' distributed tracing extension. It rides
+		// in the record headers, and so through the outbox.
 		prop: propagation.TraceContext{},
 	}
 }
@@ -105,9 +106,9 @@ func NewTracing(tp trace.TracerProvider) *Tracing {
 // Consumers get no receive hooks: every participant fetches every record,
 // so kotel's receive spans would add one span per record per participant,
 // most of them for records the participant skips (16 per order where 7
-// are handled; measured, they cost a third of the throughput with every
-// trace sampled). The handling span is parented on the publish span
-// directly, from the same headers.
+// are handled) and telling a reader nothing. The handling span is parented
+// on the publish span directly, from the same headers. (Dropping them did
+// not move the measured knee; see docs/PERFORMANCE.md.)
 func (t *Tracing) publishHooks(clientID string) []kgo.Opt {
 	if t == nil {
 		return nil
