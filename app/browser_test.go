@@ -197,3 +197,37 @@ func atoi(t *testing.T, s string) int {
 	}
 	return n
 }
+
+// With authentication off (serve --no-auth) the page needs no key: it
+// connects by itself and places orders as user "web".
+func TestLivePageWithoutAuth(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.NoAuth = true
+	r := e.start(cfg)
+	if err := chromedp.Do(ctx, chromedp.Navigate(r.url+"/live")); err != nil {
+		t.Fatalf("opening the page: %v", err)
+	}
+	tctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	err := chromedp.Do(tctx,
+		chromedp.WaitVisible(chromedp.CSS(`#conn.on`)),
+		discard(chromedp.Poll[bool](`document.querySelectorAll('#product option').length > 0`)),
+		chromedp.Click(chromedp.CSS(`#place`)),
+		chromedp.WaitVisible(chromedp.CSS(`#order-result[data-order-id]`)),
+	)
+	if err != nil {
+		t.Fatalf("placing an order without a key: %v", err)
+	}
+	res, err := chromedp.Run(tctx, chromedp.AttributeValue(chromedp.CSS(`#order-result`), "data-order-id"))
+	if err != nil || !res.Exists {
+		t.Fatalf("no order id on the page: %v", err)
+	}
+	if err := chromedp.Do(tctx, chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`.col[data-status="SHIPPED"] .card[data-order-id="%s"]`, res.Value)))); err != nil {
+		t.Fatalf("order never shown SHIPPED: %v", err)
+	}
+	if o := r.await(t, res.Value, 15*time.Second); o.UserID != "web" {
+		t.Errorf("order placed as %q, want web", o.UserID)
+	}
+}

@@ -199,14 +199,18 @@ func (a *API) owner(ctx context.Context, ev event.Event) string {
 }
 
 // livePageData is what the page template is given: the demo key, when it
-// is active, so the README's walkthrough works without pasting one.
-type livePageData struct{ DemoKey string }
+// is active, so the README's walkthrough works without pasting one, and
+// whether keys are needed at all.
+type livePageData struct {
+	DemoKey string
+	AuthOff bool
+}
 
 func (a *API) livePage(c echo.Context) error {
 	c.Response().Header().Set("Content-Type", "text/html; charset=utf-8")
 	c.Response().Header().Set("Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'")
 	c.Response().WriteHeader(http.StatusOK)
-	return livePage.Execute(c.Response(), livePageData{DemoKey: a.demoKey})
+	return livePage.Execute(c.Response(), livePageData{DemoKey: a.demoKey, AuthOff: a.auth.Disabled})
 }
 
 // liveStream serves one page's Server-Sent Events: a snapshot of the
