@@ -143,6 +143,9 @@ func (e Event) Decode(v any) error {
 	if err := decodeStrict(e.Data, v); err != nil {
 		return invalid("%s payload: %v", e.Type, err)
 	}
+	if err := required(v); err != nil {
+		return invalid("%s payload: %v", e.Type, err)
+	}
 	var items []Item
 	switch p := v.(type) {
 	case *Created:
@@ -155,6 +158,43 @@ func (e Event) Decode(v any) error {
 		return nil
 	}
 	return ValidateItems(items)
+}
+
+// required checks the fields a participant acts on are there: a payload
+// of {} decodes, but an OrderShipped without a shipment is not a fact.
+func required(v any) error {
+	switch p := v.(type) {
+	case *Created:
+		return userAndAmount(p.UserID, p.AmountCents)
+	case *Reserved:
+		return userAndAmount(p.UserID, p.AmountCents)
+	case *Failed:
+		if p.Reason == "" {
+			return errors.New("reason is required")
+		}
+	case *Paid:
+		if p.PaymentID == uuid.Nil {
+			return errors.New("payment_id is required")
+		}
+		if p.AmountCents < 0 {
+			return errors.New("amount_cents must not be negative")
+		}
+	case *Shipped:
+		if p.ShipmentID == uuid.Nil || p.Carrier == "" || p.Tracking == "" {
+			return errors.New("shipment_id, carrier and tracking are required")
+		}
+	}
+	return nil
+}
+
+func userAndAmount(user string, amount int64) error {
+	if user == "" || len(user) > maxIDLen {
+		return fmt.Errorf("user_id must be 1 to %d characters", maxIDLen)
+	}
+	if amount < 0 {
+		return errors.New("amount_cents must not be negative")
+	}
+	return nil
 }
 
 // ValidateItems checks an order's lines against the limits every participant

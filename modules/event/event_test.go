@@ -75,6 +75,16 @@ func TestFromRecordRefusesWhatItCannotTrust(t *testing.T) {
 		{"bad time", func(r *kgo.Record) { setHeader(r, "ce_time", "yesterday") }, "ce_time"},
 		{"oversized", func(r *kgo.Record) { r.Value = []byte(strings.Repeat(" ", event.MaxPayloadBytes+1)) }, "bytes"},
 		{"no headers", func(r *kgo.Record) { r.Headers = nil }, "specversion"},
+		{"no user", func(r *kgo.Record) { r.Value = []byte(`{"items":[{"product_id":"p","qty":1}],"amount_cents":1}`) }, "user_id"},
+		{"negative amount", func(r *kgo.Record) {
+			r.Value = []byte(`{"user_id":"u","items":[{"product_id":"p","qty":1}],"amount_cents":-5}`)
+		}, "amount_cents"},
+		{"empty shipment", func(r *kgo.Record) { setHeader(r, "ce_type", "OrderShipped"); r.Value = []byte(`{}`) }, "shipment_id"},
+		{"payment without id", func(r *kgo.Record) {
+			setHeader(r, "ce_type", "PaymentCompleted")
+			r.Value = []byte(`{"amount_cents":5}`)
+		}, "payment_id"},
+		{"failure without reason", func(r *kgo.Record) { setHeader(r, "ce_type", "PaymentFailed"); r.Value = []byte(`{}`) }, "reason"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := sample(t).Record("order-events")
