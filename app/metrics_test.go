@@ -6,9 +6,11 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/prozess/prozess/app"
 	"github.com/prozess/prozess/modules/event"
 )
 
@@ -112,5 +114,48 @@ func TestMetricsAndHealth(t *testing.T) {
 	// Routes are patterns, never raw ids.
 	if strings.Contains(m, ids[0]) {
 		t.Error("an order id appears in a metric label")
+	}
+}
+
+// Consumer lag is what a stalled participant has not committed: it grows
+// while payment is held inside its transaction and is back to 0 once
+// payment catches up.
+func TestConsumerLagMetric(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	hold := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(hold) }) }
+	t.Cleanup(release)
+	cfg.Fault = func(participant, point string) error {
+		if participant == "payment" && point == app.FaultBeforeCommit {
+			<-hold
+		}
+		return nil
+	}
+	r := e.start(cfg)
+	admin := "http://" + r.sys.AdminAddr() + "/metrics"
+	lag := func() float64 { return value(scrape(t, admin), `prozess_consumer_lag_records{participant="payment"}`) }
+	var ids []string
+	for range 3 {
+		ids = append(ids, r.order(t, "u1", "", mouse(1)).OrderID.String())
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for lag() < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("payment's lag is %v with payment stalled and 3 orders reserved, want >= 3", lag())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	release()
+	for _, id := range ids {
+		r.await(t, id, 15*time.Second)
+	}
+	deadline = time.Now().Add(15 * time.Second)
+	for lag() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("payment's lag still %v after it caught up", lag())
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
