@@ -80,17 +80,11 @@ func TestLivePageInBrowser(t *testing.T) {
 		chromedp.WaitVisible(chromedp.CSS(`#conn.on`)),
 		chromedp.SetValue(chromedp.CSS(`#product`), "prod-mouse"),
 		chromedp.SetValue(chromedp.CSS(`#qty`), "2"),
-		chromedp.Click(chromedp.CSS(`#place`)),
-		chromedp.WaitVisible(chromedp.CSS(`#order-result[data-order-id]`)),
 	)
 	if err != nil {
-		t.Fatalf("placing an order in the page: %v", err)
+		t.Fatalf("filling in the order form: %v", err)
 	}
-	res, err := chromedp.Run(tctx, chromedp.AttributeValue(chromedp.CSS(`#order-result`), "data-order-id"))
-	if err != nil || !res.Exists {
-		t.Fatalf("no order id on the page: %v", err)
-	}
-	id := res.Value
+	id := placeInPage(t, tctx)
 	// The order really exists, and the page shows it SHIPPED once the
 	// saga is done.
 	if o := r.await(t, id, 20*time.Second); o.Status != event.StatusShipped {
@@ -142,6 +136,23 @@ func TestLivePageInBrowser(t *testing.T) {
 	if path := os.Getenv("PROZESS_SCREENSHOT"); path != "" {
 		screenshot(t, tctx, r, path)
 	}
+}
+
+// placeInPage presses Place order and returns the id the page shows.
+func placeInPage(t *testing.T, ctx context.Context) string {
+	t.Helper()
+	err := chromedp.Do(ctx,
+		chromedp.Click(chromedp.CSS(`#place`)),
+		chromedp.WaitVisible(chromedp.CSS(`#order-result[data-order-id]`)),
+	)
+	if err != nil {
+		t.Fatalf("placing an order in the page: %v", err)
+	}
+	res, err := chromedp.Run(ctx, chromedp.AttributeValue(chromedp.CSS(`#order-result`), "data-order-id"))
+	if err != nil || !res.Exists {
+		t.Fatalf("no order id on the page: %v", err)
+	}
+	return res.Value
 }
 
 // discard runs a that returns a value as a step of chromedp.Do.
@@ -214,20 +225,15 @@ func TestLivePageWithoutAuth(t *testing.T) {
 	err := chromedp.Do(tctx,
 		chromedp.WaitVisible(chromedp.CSS(`#conn.on`)),
 		discard(chromedp.Poll[bool](`document.querySelectorAll('#product option').length > 0`)),
-		chromedp.Click(chromedp.CSS(`#place`)),
-		chromedp.WaitVisible(chromedp.CSS(`#order-result[data-order-id]`)),
 	)
 	if err != nil {
-		t.Fatalf("placing an order without a key: %v", err)
+		t.Fatalf("the page did not connect by itself: %v", err)
 	}
-	res, err := chromedp.Run(tctx, chromedp.AttributeValue(chromedp.CSS(`#order-result`), "data-order-id"))
-	if err != nil || !res.Exists {
-		t.Fatalf("no order id on the page: %v", err)
-	}
-	if err := chromedp.Do(tctx, chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`.col[data-status="SHIPPED"] .card[data-order-id="%s"]`, res.Value)))); err != nil {
+	id := placeInPage(t, tctx)
+	if err := chromedp.Do(tctx, chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`.col[data-status="SHIPPED"] .card[data-order-id="%s"]`, id)))); err != nil {
 		t.Fatalf("order never shown SHIPPED: %v", err)
 	}
-	if o := r.await(t, res.Value, 15*time.Second); o.UserID != "web" {
+	if o := r.await(t, id, 15*time.Second); o.UserID != "web" {
 		t.Errorf("order placed as %q, want web", o.UserID)
 	}
 }
