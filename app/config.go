@@ -36,6 +36,7 @@ type Config struct {
 	RateLimit          float64       // requests per second per API key
 	RateBurst          int           // requests a key may burst above RateLimit
 	HTTPReadTimeout    time.Duration // a request's headers and body must arrive within this
+	KeyCacheTTL        time.Duration // how long the api may cache a valid API key (0: never)
 	StatementTimeout   time.Duration // PostgreSQL statement_timeout for every connection
 	KafkaLogLevel      string        // the Kafka client's own log level; empty for none
 
@@ -65,6 +66,7 @@ func DefaultConfig() Config {
 		RateLimit:          50,
 		RateBurst:          100,
 		HTTPReadTimeout:    10 * time.Second,
+		KeyCacheTTL:        10 * time.Second,
 		StatementTimeout:   30 * time.Second,
 		LogLevel:           "info",
 		LogFormat:          "text",
@@ -102,6 +104,8 @@ func (c *Config) serveFlags(fs *pflag.FlagSet) {
 	fs.Float64Var(&c.RateLimit, "rate-limit", c.RateLimit, "requests per second allowed per API key (0: unlimited)")
 	fs.IntVar(&c.RateBurst, "rate-burst", c.RateBurst, "requests an API key may burst above --rate-limit")
 	fs.DurationVar(&c.HTTPReadTimeout, "http-read-timeout", c.HTTPReadTimeout, "time a client has to send a request's headers and body")
+	fs.DurationVar(&c.KeyCacheTTL, "key-cache-ttl", c.KeyCacheTTL,
+		"how long the api may keep a valid API key in memory (revocations reach it at once); 0 looks every request's key up")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long in-flight work may take to finish at shutdown")
 	fs.StringVar(&c.AdminAddr, "admin-addr", c.AdminAddr, "listen address of /metrics, /livez and /readyz (empty: off)")
 	fs.StringVar(&c.KafkaLogLevel, "kafka-log-level", c.KafkaLogLevel, "log the Kafka client's own messages at this level (error, warn, info, debug); off when empty")
@@ -117,6 +121,9 @@ func (c Config) validate() error {
 	}
 	if c.Topic == "" || strings.ContainsAny(c.Topic, " /\\") || len(c.Topic) > 200 {
 		return fmt.Errorf("--topic %q: must be a valid Kafka topic name", c.Topic)
+	}
+	if c.KeyCacheTTL < 0 {
+		return fmt.Errorf("--key-cache-ttl %s: must not be negative", c.KeyCacheTTL)
 	}
 	return nil
 }

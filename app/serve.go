@@ -181,7 +181,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 
 	if slices.Contains(names, api.Name) {
 		alog := log.With("participant", api.Name)
-		auth := api.AuthConfig{Disabled: cfg.NoAuth, Rate: cfg.RateLimit, Burst: cfg.RateBurst}
+		auth := api.AuthConfig{Disabled: cfg.NoAuth, Rate: cfg.RateLimit, Burst: cfg.RateBurst, KeyCacheTTL: cfg.KeyCacheTTL}
 		if cfg.NoAuth {
 			alog.Warn("AUTHENTICATION IS OFF (--no-auth): anyone can place orders as any user and read every order; never expose this")
 		} else if active, err := demoKeyActive(startCtx, pool); err != nil {

@@ -46,6 +46,7 @@ type API struct {
 	auth    AuthConfig
 	limits  *limiter
 	live    *hub
+	keys    *keyCache     // nil: every request's key is looked up
 	demoKey string        // shown on the live page while active
 	stop    chan struct{} // closed to end every live stream
 	once    sync.Once
@@ -54,19 +55,27 @@ type API struct {
 // New returns the api participant. Redis keys go under prefix; events go to
 // topic through the outbox.
 func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, prefix, topic string, auth AuthConfig) *API {
-	return &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, prefix), prefix: prefix, topic: topic,
+	a := &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, prefix), prefix: prefix, topic: topic,
 		writer: newWriter(pool, topic), auth: auth, limits: newLimiter(auth.Rate, auth.Burst),
 		live: newHub(), demoKey: auth.DemoKey, stop: make(chan struct{})}
+	if auth.KeyCacheTTL > 0 && !auth.Disabled {
+		a.keys = newKeyCache(auth.KeyCacheTTL)
+	}
+	return a
 }
 
 // CloseStreams ends every live stream, so a server shutdown need not wait
 // for pages that never hang up.
 func (a *API) CloseStreams() { a.once.Do(func() { close(a.stop) }) }
 
-// Run writes submitted orders until ctx ends; POST /orders needs it running.
-// Stop it only after the HTTP server has stopped taking requests.
+// Run writes submitted orders and follows key revocations until ctx ends;
+// POST /orders needs it running. Stop it only after the HTTP server has
+// stopped taking requests.
 func (a *API) Run(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { defer close(done); a.keys.listen(ctx, a.pool, a.log) }()
 	a.writer.run(ctx)
+	<-done
 	return nil
 }
 

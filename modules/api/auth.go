@@ -1,6 +1,8 @@
 package api
 
 import (
+	"context"
+	"crypto/sha256"
 	"math"
 	"net/http"
 	"strconv"
@@ -24,6 +26,10 @@ type AuthConfig struct {
 	// DemoKey, when set, is the public demo key, still active; the live
 	// page offers it so a newcomer can place an order at once.
 	DemoKey string
+	// KeyCacheTTL, when positive, caches valid keys in the process for at
+	// most that long; RevokeKey's notification drops a key at once. Zero
+	// looks every request's key up in PostgreSQL.
+	KeyCacheTTL time.Duration
 }
 
 const principalKey = "prozess.principal"
@@ -49,7 +55,7 @@ func (a *API) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 			c.Response().Header().Set("WWW-Authenticate", `Bearer realm="prozess"`)
 			return errUnauthorized
 		}
-		p, ok, err := lookupKey(c.Request().Context(), a.pool, strings.TrimSpace(key))
+		p, ok, err := a.principalFor(c.Request().Context(), strings.TrimSpace(key))
 		if err != nil {
 			return err
 		}
@@ -65,6 +71,23 @@ func (a *API) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 		c.Set(principalKey, p)
 		return next(c)
 	}
+}
+
+// principalFor resolves a key from the cache, else from PostgreSQL.
+func (a *API) principalFor(ctx context.Context, key string) (Principal, bool, error) {
+	if !validKey(key) {
+		return Principal{}, false, nil
+	}
+	h := sha256.Sum256([]byte(key))
+	if p, ok := a.keys.get(h); ok {
+		return p, true, nil
+	}
+	gen := a.keys.begin()
+	p, ok, err := lookupKey(ctx, a.pool, h[:])
+	if ok {
+		a.keys.put(gen, h, p)
+	}
+	return p, ok, err
 }
 
 // limiter keeps one token bucket per key.

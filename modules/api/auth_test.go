@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/schema/schematest"
@@ -120,5 +121,82 @@ func TestBurstOverTheRateLimitIs429(t *testing.T) {
 	// Limits are per key: u2 is not slowed by u1.
 	if code, _, _ := ts.do(t, http.MethodGet, "/orders/0192f0c4-0000-7000-8000-000000000000", "u2", ""); code != 404 {
 		t.Fatalf("u2 after u1's burst: %d", code)
+	}
+}
+
+// With the key cache on, a cached key costs no lookup (a revocation made by
+// hand in SQL, without the notification, is not seen until the entry
+// expires), but `RevokeKey` reaches the cache at once.
+func TestKeyCacheKeepsRevocationImmediate(t *testing.T) {
+	const ttl = 2 * time.Second
+	ts := serverWith(t, api.AuthConfig{Rate: 1000, Burst: 1000, KeyCacheTTL: ttl})
+	path := "/orders/0192f0c4-0000-7000-8000-000000000000" // 404 once authenticated
+	silently := func(user string, revoked bool) {
+		t.Helper()
+		at := "now()"
+		if !revoked {
+			at = "NULL"
+		}
+		schematest.Exec(t, ts.pool, `UPDATE api_keys SET revoked_at = `+at+` WHERE user_id = $1`, user)
+	}
+	// Until the api listens for revocations it does not cache; wait for it:
+	// a key revoked silently right after a request still works only from
+	// the cache.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if code, _, _ := ts.do(t, http.MethodGet, path, "u2", ""); code != 404 {
+			t.Fatalf("u2: %d", code)
+		}
+		silently("u2", true)
+		code, _, _ := ts.do(t, http.MethodGet, path, "u2", "")
+		if code == 404 {
+			break // answered from the cache
+		}
+		silently("u2", false)
+		if time.Now().After(deadline) {
+			t.Fatal("the key cache never came into use")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	revokedAt := time.Now()
+	// RevokeKey notifies: u1's cached key stops working at once, long
+	// before the entry would expire.
+	if code, _, _ := ts.do(t, http.MethodGet, path, "u1", ""); code != 404 {
+		t.Fatalf("u1: %d", code)
+	}
+	var id string
+	if err := ts.pool.QueryRow(t.Context(), `SELECT id FROM api_keys WHERE hash = sha256(convert_to($1, 'UTF8'))`, ts.keys["u1"]).Scan(&id); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := api.RevokeKey(t.Context(), ts.pool, id); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		code, _, _ := ts.do(t, http.MethodGet, path, "u1", "")
+		if code == 401 {
+			break
+		}
+		if time.Since(start) > ttl/4 {
+			t.Fatalf("u1's key still answered %d %s after RevokeKey", code, time.Since(start))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("revocation reached the cache in %s", time.Since(start).Round(time.Millisecond))
+	// The silently revoked key expires with its entry.
+	for {
+		code, _, _ := ts.do(t, http.MethodGet, path, "u2", "")
+		if code == 401 {
+			break
+		}
+		if time.Since(revokedAt) > ttl+time.Second {
+			t.Fatalf("silently revoked key still answered %d after the cache's lifetime", code)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// Unknown keys are never cached, so they are always refused.
+	ts.keys["nobody"] = "pz_knope_" + strings.Repeat("0", 64)
+	if code, _, _ := ts.do(t, http.MethodGet, path, "nobody", ""); code != 401 {
+		t.Fatalf("unknown key: %d", code)
 	}
 }

@@ -93,9 +93,12 @@ func ListKeys(ctx context.Context, q Querier) ([]Key, error) {
 // ErrNoKey is returned for revoking a key that does not exist.
 var ErrNoKey = errors.New("no such API key")
 
-// RevokeKey stops a key from working, at once.
+// RevokeKey stops a key from working, at once: the notification, sent when
+// the update commits, makes every api process drop the key from its cache.
 func RevokeKey(ctx context.Context, q Querier, id string) error {
-	tag, err := q.Exec(ctx, `UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1`, id)
+	tag, err := q.Exec(ctx, `
+		WITH k AS (UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING id)
+		SELECT pg_notify('`+keysChannel+`', id) FROM k`, id)
 	if err != nil {
 		return fmt.Errorf("revoking API key: %w", err)
 	}
@@ -105,14 +108,15 @@ func RevokeKey(ctx context.Context, q Querier, id string) error {
 	return nil
 }
 
-// lookupKey returns who a key acts as, and false for an unknown or revoked
-// key. Every request looks its key up, so a revocation takes effect at once.
-func lookupKey(ctx context.Context, q Querier, key string) (Principal, bool, error) {
-	if !strings.HasPrefix(key, keyPrefix) || len(key) > 200 {
-		return Principal{}, false, nil
-	}
+// validKey reports whether key looks like one of ours at all; anything
+// else is refused without a lookup.
+func validKey(key string) bool { return strings.HasPrefix(key, keyPrefix) && len(key) <= 200 }
+
+// lookupKey returns who the key with hash h acts as, and false for an
+// unknown or revoked key.
+func lookupKey(ctx context.Context, q Querier, h []byte) (Principal, bool, error) {
 	var p Principal
-	err := q.QueryRow(ctx, `SELECT id, user_id, admin FROM api_keys WHERE hash = $1 AND revoked_at IS NULL`, hashKey(key)).
+	err := q.QueryRow(ctx, `SELECT id, user_id, admin FROM api_keys WHERE hash = $1 AND revoked_at IS NULL`, h).
 		Scan(&p.KeyID, &p.UserID, &p.Admin)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return Principal{}, false, nil
