@@ -85,6 +85,21 @@ func (c *Config) connectionFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.Topic, "topic", c.Topic, "the saga's topic (dead letters go to <topic>.dlq)")
 }
 
+// runningKafkaFlags are for commands that talk to the brokers of a running
+// system (dlq, orders tail): they start no broker of their own, so
+// requireBrokers insists on --kafka-brokers.
+func (c *Config) runningKafkaFlags(fs *pflag.FlagSet) {
+	fs.StringSliceVar(&c.KafkaBrokers, "kafka-brokers", c.KafkaBrokers, "Kafka bootstrap brokers, comma-separated")
+	fs.StringVar(&c.Topic, "topic", c.Topic, "the saga's topic (dead letters are in <topic>.dlq)")
+}
+
+func (c Config) requireBrokers() error {
+	if len(c.KafkaBrokers) == 0 {
+		return fmt.Errorf("--kafka-brokers: name the brokers the system uses")
+	}
+	return nil
+}
+
 func (c *Config) logFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn, error")
 	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "log format: text or json")

@@ -160,6 +160,13 @@ func toDeadLetter(r *kgo.Record) DeadLetter {
 	}
 }
 
+// At is when the record was dead-lettered (zero if its header is missing
+// or malformed).
+func (d DeadLetter) At() time.Time {
+	at, _ := time.Parse(time.RFC3339Nano, d.Time)
+	return at
+}
+
 // Original is the record as it was before it was dead-lettered: its topic,
 // key, value and headers without the dead-letter ones.
 func (d DeadLetter) Original() *kgo.Record {
@@ -183,8 +190,8 @@ func dlqCommand(cfg *Config) *cobra.Command {
 		Short: "List the dead-letter topic's records with their reason, participant and origin",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if len(cfg.KafkaBrokers) == 0 {
-				return fmt.Errorf("--kafka-brokers: name the brokers the system uses")
+			if err := cfg.requireBrokers(); err != nil {
+				return err
 			}
 			dls, err := ReadDeadLetters(cmd.Context(), cfg.KafkaBrokers, cfg.DLQTopic())
 			if err != nil {
@@ -212,8 +219,8 @@ inbox knows the event id); the others process them now. A record that still
 cannot be processed is dead-lettered again.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if len(cfg.KafkaBrokers) == 0 {
-				return fmt.Errorf("--kafka-brokers: name the brokers the system uses")
+			if err := cfg.requireBrokers(); err != nil {
+				return err
 			}
 			if all == (len(which) > 0) {
 				return fmt.Errorf("give either --all or at least one --record PARTITION@OFFSET")
@@ -266,8 +273,7 @@ cannot be processed is dead-lettered again.`,
 	replay.Flags().BoolVar(&all, "all", false, "replay every dead letter")
 	replay.Flags().StringSliceVar(&which, "record", nil, "a dead letter to replay, PARTITION@OFFSET as dlq list prints it (repeatable)")
 	for _, c := range []*cobra.Command{list, replay} {
-		c.Flags().StringSliceVar(&cfg.KafkaBrokers, "kafka-brokers", cfg.KafkaBrokers, "Kafka bootstrap brokers, comma-separated")
-		c.Flags().StringVar(&cfg.Topic, "topic", cfg.Topic, "the saga's topic (dead letters are in <topic>.dlq)")
+		cfg.runningKafkaFlags(c.Flags())
 	}
 	cmd.AddCommand(list, replay)
 	return cmd

@@ -123,8 +123,8 @@ changes nothing. --from-start replays the topic's retained history first.`,
 			"  prozess orders tail --kafka-brokers 127.0.0.1:9092 --order 01a2154b-12fe-7269-98f9-3dd93c718619 --from-start",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if len(cfg.KafkaBrokers) == 0 {
-				return fmt.Errorf("--kafka-brokers: name the brokers the system uses")
+			if err := cfg.requireBrokers(); err != nil {
+				return err
 			}
 			wantOrder := map[string]bool{}
 			for _, o := range orders {
@@ -164,8 +164,7 @@ changes nothing. --from-start replays the topic's retained history first.`,
 			})
 		},
 	}
-	cmd.Flags().StringSliceVar(&cfg.KafkaBrokers, "kafka-brokers", cfg.KafkaBrokers, "Kafka bootstrap brokers, comma-separated")
-	cmd.Flags().StringVar(&cfg.Topic, "topic", cfg.Topic, "the saga's topic")
+	cfg.runningKafkaFlags(cmd.Flags())
 	cmd.Flags().StringSliceVar(&orders, "order", nil, "only this order's events (repeatable)")
 	cmd.Flags().StringSliceVar(&types, "type", nil, "only events of this type, e.g. PaymentFailed (repeatable)")
 	cmd.Flags().BoolVar(&fromStart, "from-start", false, "start at the oldest retained event instead of now")
@@ -179,8 +178,7 @@ changes nothing. --from-start replays the topic's retained history first.`,
 func toTailLine(r *kgo.Record, dlq string) (tailLine, bool) {
 	if r.Topic == dlq {
 		d := toDeadLetter(r)
-		at, _ := time.Parse(time.RFC3339Nano, d.Time)
-		return tailLine{Time: at, OrderID: d.Key, Type: d.Type, Partition: r.Partition, Offset: r.Offset,
+		return tailLine{Time: d.At(), OrderID: d.Key, Type: d.Type, Partition: r.Partition, Offset: r.Offset,
 			Reason: strings.TrimSpace(d.Participant + ": " + d.Reason)}, true
 	}
 	ev, err := event.FromRecord(r)

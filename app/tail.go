@@ -2,7 +2,6 @@ package app
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -40,38 +39,24 @@ func Tail(ctx context.Context, brokers []string, topics []string, fromStart bool
 
 // addLiveFeed tails the saga topic and its dead letters into the api's live
 // streams. Every api process tails for itself: its streams see every event
-// whichever process's participants handled it.
+// whichever process's participants handled it. The Kafka client rides out
+// broker outages itself; Tail fails only on a client it cannot create.
 func (s *System) addLiveFeed(a *api.API) {
 	topic, dlq := s.cfg.Topic, s.cfg.DLQTopic()
 	s.addActor(func(ctx context.Context) error {
-		for attempt := 0; ; attempt++ {
-			err := Tail(ctx, s.brokers, []string{topic, dlq}, false, func(r *kgo.Record) {
-				if !a.Watched() {
-					return // nobody to tell: not even decoded
-				}
-				if r.Topic == dlq {
-					d := toDeadLetter(r)
-					at, _ := time.Parse(time.RFC3339Nano, d.Time)
-					a.PublishDeadLetter(api.LiveDeadLetter{Partition: d.Partition, Offset: d.Offset, Participant: d.Participant,
-						Reason: d.Reason, Type: d.Type, OrderID: d.Key, Time: at})
-					return
-				}
-				if ev, err := event.FromRecord(r); err == nil {
-					a.Publish(ctx, ev)
-				}
-			})
-			if ctx.Err() != nil || err == nil {
-				return nil
+		return Tail(ctx, s.brokers, []string{topic, dlq}, false, func(r *kgo.Record) {
+			if !a.Watched() {
+				return // nobody to tell: not even decoded
 			}
-			if errors.Is(err, context.Canceled) {
-				return nil
+			if r.Topic == dlq {
+				d := toDeadLetter(r)
+				a.PublishDeadLetter(api.LiveDeadLetter{Partition: d.Partition, Offset: d.Offset, Participant: d.Participant,
+					Reason: d.Reason, Type: d.Type, OrderID: d.Key, Time: d.At()})
+				return
 			}
-			s.log.Warn("live feed interrupted, retrying", "err", err)
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-time.After(backoff(attempt)):
+			if ev, err := event.FromRecord(r); err == nil {
+				a.Publish(ctx, ev)
 			}
-		}
+		})
 	})
 }

@@ -117,8 +117,9 @@ func (t *Tracing) publishHooks(clientID string) []kgo.Opt {
 	return []kgo.Opt{kgo.WithHooks(kotel.NewKotel(kotel.WithTracer(tracer)).Hooks()...)}
 }
 
-// continueFromHeaders points a record read from the outbox at the span its
-// headers name, so the publish span joins the order's trace.
+// continueFromHeaders points a record at the span its headers name: for
+// the relay, so the publish span joins the order's trace; for a consumer,
+// so the handling span is the publish span's child.
 func (t *Tracing) continueFromHeaders(ctx context.Context, r *kgo.Record) {
 	if t == nil {
 		return
@@ -158,7 +159,7 @@ func (pt *participantTracer) handleSpans(recs []*kgo.Record, b *batch) (map[stri
 		if b.skip[i] {
 			continue
 		}
-		r.Context = pt.t.prop.Extract(context.Background(), kotel.NewRecordCarrier(r))
+		pt.t.continueFromHeaders(context.Background(), r)
 		ctx, span := pt.kotel.WithProcessSpan(r)
 		typ := recordType(r)
 		span.SetName(pt.participant + " handle " + string(typ))
