@@ -15,6 +15,7 @@ import (
 
 	"github.com/prozess/prozess/app"
 	"github.com/prozess/prozess/app/check"
+	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/schema/schematest"
 )
@@ -143,11 +144,11 @@ func TestDeadLetterListAndReplay(t *testing.T) {
 	}
 	rec := ev.Record(cfg.DLQTopic())
 	rec.Headers = append(rec.Headers,
-		kgo.RecordHeader{Key: app.HeaderDLQReason, Value: []byte("database constraint violated (fixed in v2)")},
-		kgo.RecordHeader{Key: app.HeaderDLQParticipant, Value: []byte("inventory")},
-		kgo.RecordHeader{Key: app.HeaderDLQTopic, Value: []byte(cfg.Topic)},
-		kgo.RecordHeader{Key: app.HeaderDLQPartition, Value: []byte("0")},
-		kgo.RecordHeader{Key: app.HeaderDLQOffset, Value: []byte("41")},
+		kgo.RecordHeader{Key: saga.HeaderDLQReason, Value: []byte("database constraint violated (fixed in v2)")},
+		kgo.RecordHeader{Key: saga.HeaderDLQParticipant, Value: []byte("inventory")},
+		kgo.RecordHeader{Key: saga.HeaderDLQTopic, Value: []byte(cfg.Topic)},
+		kgo.RecordHeader{Key: saga.HeaderDLQPartition, Value: []byte("0")},
+		kgo.RecordHeader{Key: saga.HeaderDLQOffset, Value: []byte("41")},
 	)
 	cl, err := kgo.NewClient(kgo.SeedBrokers(r.sys.Brokers()...))
 	if err != nil {
@@ -168,7 +169,7 @@ func TestDeadLetterListAndReplay(t *testing.T) {
 	if _, err := runCLI(t, "dlq", "replay", "--kafka-brokers", brokers); err == nil || !strings.Contains(err.Error(), "--all") {
 		t.Fatalf("replay without a choice: %v", err)
 	}
-	dls, err := app.ReadDeadLetters(t.Context(), r.sys.Brokers(), cfg.DLQTopic())
+	dls, err := saga.ReadDeadLetters(t.Context(), r.sys.Brokers(), cfg.DLQTopic())
 	if err != nil || len(dls) != 1 {
 		t.Fatalf("%d dead letters (%v)", len(dls), err)
 	}

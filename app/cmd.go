@@ -1,6 +1,7 @@
-// Package app is prozess's wiring: the commands, their configuration, the
-// shared clients, and the machinery every participant runs on (the consumer
-// loop, the outbox relay, the embedded broker, the HTTP server).
+// Package app is prozess's wiring and nothing else: the commands, their
+// configuration, and a System that connects the clients, builds the
+// participants chosen and runs them as actors of one run group. The machinery
+// they run on is in app/saga, what observes them in app/telemetry.
 package app
 
 import (
@@ -15,6 +16,8 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/cobra"
 
+	"github.com/prozess/prozess/app/saga"
+	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/schema"
 	"github.com/prozess/prozess/seed"
 )
@@ -66,7 +69,7 @@ started on --broker-addr with its data in --data-dir.`,
 			if err != nil {
 				return err
 			}
-			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
+			log, err := telemetry.NewLogger(cfg.LogLevel, cfg.LogFormat)
 			if err != nil {
 				return err
 			}
@@ -94,13 +97,13 @@ started on --broker-addr with its data in --data-dir.`,
 
 // exitAtFault makes a fault point end the process at once, like SIGKILL:
 // no deferred cleanup, no offset commit.
-func exitAtFault(spec string, log *slog.Logger) (FaultFunc, error) {
+func exitAtFault(spec string, log *slog.Logger) (saga.FaultFunc, error) {
 	who, point, ok := strings.Cut(spec, ":")
-	consumerPoint := point == FaultAfterDBCommit || point == FaultBeforeCommit
-	relayPoint := point == FaultRelayBeforePublish || point == FaultRelayAfterPublish
+	consumerPoint := point == saga.FaultAfterDBCommit || point == saga.FaultBeforeCommit
+	relayPoint := point == saga.FaultRelayBeforePublish || point == saga.FaultRelayAfterPublish
 	if !ok || (who == "relay" && !relayPoint) || (who != "relay" && !consumerPoint) {
 		return nil, fmt.Errorf("--fault %q: want PARTICIPANT:%s, PARTICIPANT:%s, relay:%s or relay:%s", spec,
-			FaultAfterDBCommit, FaultBeforeCommit, FaultRelayBeforePublish, FaultRelayAfterPublish)
+			saga.FaultAfterDBCommit, saga.FaultBeforeCommit, saga.FaultRelayBeforePublish, saga.FaultRelayAfterPublish)
 	}
 	return func(participant, p string) error {
 		if participant == who && p == point {
@@ -120,11 +123,11 @@ separate processes can share it without Docker and a restart loses nothing.
 For development and tests; production uses real Kafka.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
+			log, err := telemetry.NewLogger(cfg.LogLevel, cfg.LogFormat)
 			if err != nil {
 				return err
 			}
-			b, err := StartBroker(cfg.BrokerAddr, cfg.DataDir, log)
+			b, err := saga.StartBroker(cfg.BrokerAddr, cfg.DataDir, log)
 			if err != nil {
 				return err
 			}
@@ -189,7 +192,7 @@ func seedCommand(cfg *Config) *cobra.Command {
 // --database-url, closed when the body returns.
 func (c *Config) withDB(fn func(ctx context.Context, log *slog.Logger, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, _ []string) error {
-		log, err := NewLogger(c.LogLevel, c.LogFormat)
+		log, err := telemetry.NewLogger(c.LogLevel, c.LogFormat)
 		if err != nil {
 			return err
 		}

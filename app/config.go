@@ -2,12 +2,11 @@ package app
 
 import (
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"strings"
 	"time"
 
+	"github.com/prozess/prozess/app/saga"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"go.opentelemetry.io/otel/trace"
@@ -41,7 +40,7 @@ type Config struct {
 	KafkaLogLevel      string        // the Kafka client's own log level; empty for none
 
 	// Fault, when set, is called at the consumers' fault points (tests).
-	Fault FaultFunc
+	Fault saga.FaultFunc
 	// TracerProvider, when set, traces with it instead of what the OTEL_
 	// environment variables say (tests export to memory).
 	TracerProvider trace.TracerProvider
@@ -166,26 +165,4 @@ func envFallback(cmd *cobra.Command) error {
 // EnvName is the environment variable behind a flag.
 func EnvName(flag string) string {
 	return "PROZESS_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
-}
-
-// NewLogger builds the process's one logger.
-func NewLogger(level, format string) (*slog.Logger, error) {
-	return NewLoggerTo(os.Stderr, level, format)
-}
-
-// NewLoggerTo is NewLogger writing to w. Lines logged with a context that
-// has a span, or naming an order of a traced batch, carry its trace_id.
-func NewLoggerTo(w io.Writer, level, format string) (*slog.Logger, error) {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
-	}
-	opts := &slog.HandlerOptions{Level: l}
-	switch format {
-	case "text":
-		return slog.New(traceLogHandler{slog.NewTextHandler(w, opts)}), nil
-	case "json":
-		return slog.New(traceLogHandler{slog.NewJSONHandler(w, opts)}), nil
-	}
-	return nil, fmt.Errorf("--log-format %q: want text or json", format)
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/prozess/prozess/app"
 	"github.com/prozess/prozess/app/check"
+	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/schema/schematest"
 )
@@ -138,10 +139,10 @@ func TestEveryEventDeliveredTwiceChangesNothing(t *testing.T) {
 // the copies.
 func TestCrashBetweenCommitsLosesAndDoublesNothing(t *testing.T) {
 	for _, tc := range []struct{ who, point string }{
-		{"inventory", app.FaultAfterDBCommit}, {"payment", app.FaultAfterDBCommit},
-		{"delivery", app.FaultAfterDBCommit}, {"status", app.FaultAfterDBCommit},
-		{"inventory", app.FaultBeforeCommit},
-		{"relay", app.FaultRelayBeforePublish}, {"relay", app.FaultRelayAfterPublish},
+		{"inventory", saga.FaultAfterDBCommit}, {"payment", saga.FaultAfterDBCommit},
+		{"delivery", saga.FaultAfterDBCommit}, {"status", saga.FaultAfterDBCommit},
+		{"inventory", saga.FaultBeforeCommit},
+		{"relay", saga.FaultRelayBeforePublish}, {"relay", saga.FaultRelayAfterPublish},
 	} {
 		t.Run(tc.who+"/"+tc.point, func(t *testing.T) {
 			e := newEnv(t)
@@ -187,10 +188,10 @@ func TestCrashBetweenCommitsLosesAndDoublesNothing(t *testing.T) {
 			for _, st := range r2.sys.Stats() {
 				dups += st.Duplicates.Load()
 			}
-			if tc.point == app.FaultAfterDBCommit && r2.sys.Stats()[tc.who].Duplicates.Load() == 0 {
+			if tc.point == saga.FaultAfterDBCommit && r2.sys.Stats()[tc.who].Duplicates.Load() == 0 {
 				t.Fatalf("%s saw no duplicates after the crash: the crashed batch was not delivered again", tc.who)
 			}
-			if tc.point == app.FaultRelayAfterPublish && dups == 0 {
+			if tc.point == saga.FaultRelayAfterPublish && dups == 0 {
 				t.Fatal("no duplicates after the relay crashed between publish and delete")
 			}
 			if n := e.count(`SELECT count(*) FROM orders`); n != int64(len(ids)) {
@@ -238,7 +239,7 @@ func TestPoisonRecordIsDeadLetteredAndPartitionMovesOn(t *testing.T) {
 			for _, kv := range rec.Headers {
 				h[kv.Key] = string(kv.Value)
 			}
-			reasons[h[app.HeaderDLQParticipant]+"/"+h[app.HeaderDLQOffset]] = h[app.HeaderDLQReason]
+			reasons[h[saga.HeaderDLQParticipant]+"/"+h[saga.HeaderDLQOffset]] = h[saga.HeaderDLQReason]
 		})
 	}
 	// Unreadable record 0: status (which reads every type) dead-letters it.

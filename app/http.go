@@ -2,19 +2,21 @@ package app
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/pprof"
 	"time"
 
 	"github.com/labstack/echo/v4"
 	"github.com/labstack/echo/v4/middleware"
+	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/prozess/prozess/app/saga"
+	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/modules/api"
+	"github.com/prozess/prozess/modules/event"
 )
 
 func (s *System) addHTTP(a *api.API) error {
@@ -25,9 +27,9 @@ func (s *System) addHTTP(a *api.API) error {
 	s.httpAddr = ln.Addr().String()
 	e := NewEcho(s.log)
 	if s.tracing != nil {
-		e.Use(s.tracing.httpMiddleware)
+		e.Use(s.tracing.HTTPMiddleware)
 	}
-	e.Use(s.metrics.middleware)
+	e.Use(s.metrics.Middleware)
 	e.GET("/metrics", echo.WrapHandler(s.metrics.Handler()))
 	a.Register(e)
 	srv := &http.Server{
@@ -64,17 +66,13 @@ func (s *System) addHTTP(a *api.API) error {
 	return nil
 }
 
-// addPprof serves Go's profiles, for finding where the time goes.
+// addPprof serves Go's profiles on addr.
 func (s *System) addPprof(addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("--pprof-addr %s: %w", addr, err)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	s.addServer("pprof", ln, mux)
+	s.addServer("pprof", ln, telemetry.PprofHandler())
 	return nil
 }
 
@@ -96,33 +94,15 @@ func NewEcho(log *slog.Logger) *echo.Echo {
 	return e
 }
 
-// addAdmin serves /metrics, /livez (the process is up) and /readyz (it can
-// do its work: database and broker reachable, every consumer in its group)
-// for Prometheus and orchestrators.
+// addAdmin serves the operator endpoints (telemetry.AdminHandler) on addr;
+// ready means database and broker reachable, every consumer in its group.
 func (s *System) addAdmin(addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("--admin-addr %s: %w", addr, err)
 	}
 	s.adminAddr = ln.Addr().String()
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", s.metrics.Handler())
-	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		_, _ = w.Write([]byte(`{"status":"ok"}` + "\n"))
-	})
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
-		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		defer cancel()
-		w.Header().Set("Content-Type", "application/json")
-		if err := s.ready(ctx); err != nil {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			_ = json.NewEncoder(w).Encode(map[string]string{"status": "not ready", "reason": err.Error()})
-			return
-		}
-		_, _ = w.Write([]byte(`{"status":"ready"}` + "\n"))
-	})
-	s.addServer("admin", ln, mux)
+	s.addServer("admin", ln, telemetry.AdminHandler(s.metrics, s.ready))
 	return nil
 }
 
@@ -136,4 +116,28 @@ func (s *System) addServer(name string, ln net.Listener, h http.Handler) {
 		}
 		return nil
 	}, func(error) { srv.Close() })
+}
+
+// addLiveFeed tails the saga topic and its dead letters into the api's live
+// streams. Every api process tails for itself: its streams see every event
+// whichever process's participants handled it. The Kafka client rides out
+// broker outages itself; Tail fails only on a client it cannot create.
+func (s *System) addLiveFeed(a *api.API) {
+	topic, dlq := s.cfg.Topic, s.cfg.DLQTopic()
+	s.addActor(func(ctx context.Context) error {
+		return saga.Tail(ctx, s.brokers, []string{topic, dlq}, false, func(r *kgo.Record) {
+			if !a.Watched() {
+				return // nobody to tell: not even decoded
+			}
+			if r.Topic == dlq {
+				d := saga.ParseDeadLetter(r)
+				a.PublishDeadLetter(api.LiveDeadLetter{Partition: d.Partition, Offset: d.Offset, Participant: d.Participant,
+					Reason: d.Reason, Type: d.Type, OrderID: d.Key, Time: d.At()})
+				return
+			}
+			if ev, err := event.FromRecord(r); err == nil {
+				a.Publish(ctx, ev)
+			}
+		})
+	})
 }

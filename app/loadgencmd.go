@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/prozess/prozess/app/loadgen"
+	"github.com/prozess/prozess/app/telemetry"
 )
 
 func loadgenCommand(cfg *Config) *cobra.Command {
@@ -31,7 +32,7 @@ longer keeps up, and the knee is reported.`,
 		Example: "  prozess loadgen --rate 500 --duration 30s --kafka-brokers 127.0.0.1:9092\n  prozess loadgen --rate 200 --step 200 --max-rate 3000 --duration 10s",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := NewLogger(cfg.LogLevel, cfg.LogFormat)
+			log, err := telemetry.NewLogger(cfg.LogLevel, cfg.LogFormat)
 			if err != nil {
 				return err
 			}

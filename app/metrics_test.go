@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prozess/prozess/app"
+	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/event"
 )
 
@@ -128,7 +128,7 @@ func TestConsumerLagMetric(t *testing.T) {
 	release := func() { once.Do(func() { close(hold) }) }
 	t.Cleanup(release)
 	cfg.Fault = func(participant, point string) error {
-		if participant == "payment" && point == app.FaultBeforeCommit {
+		if participant == "payment" && point == saga.FaultBeforeCommit {
 			<-hold
 		}
 		return nil

@@ -11,12 +11,12 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/prozess/prozess/app/check"
+	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/schema"
 )
@@ -79,106 +79,6 @@ dead letters. Exits non-zero on any violation.`,
 	return cmd
 }
 
-// DeadLetter is one record of the dead-letter topic.
-type DeadLetter struct {
-	Partition   int32             `json:"partition"`
-	Offset      int64             `json:"offset"`
-	Reason      string            `json:"reason"`
-	Participant string            `json:"participant"`
-	Origin      string            `json:"origin"` // topic/partition@offset
-	Time        string            `json:"time"`
-	Type        string            `json:"type"`
-	Key         string            `json:"key"`
-	Headers     map[string]string `json:"-"`
-	record      *kgo.Record
-}
-
-// ReadDeadLetters reads the whole dead-letter topic, start to end.
-func ReadDeadLetters(ctx context.Context, brokers []string, topic string) ([]DeadLetter, error) {
-	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
-	if err != nil {
-		return nil, err
-	}
-	defer cl.Close()
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	adm := kadm.NewClient(cl)
-	ends, err := adm.ListEndOffsets(ctx, topic)
-	if err != nil {
-		return nil, fmt.Errorf("cannot reach Kafka at %v: %w", brokers, err)
-	}
-	starts, err := adm.ListStartOffsets(ctx, topic)
-	if err != nil {
-		return nil, fmt.Errorf("cannot reach Kafka at %v: %w", brokers, err)
-	}
-	want := map[int32]int64{}
-	parts := map[string]map[int32]kgo.Offset{topic: {}}
-	ends.Each(func(o kadm.ListedOffset) {
-		s, _ := starts.Lookup(o.Topic, o.Partition)
-		if o.Offset > s.Offset {
-			want[o.Partition] = o.Offset
-			parts[topic][o.Partition] = kgo.NewOffset().At(s.Offset)
-		}
-	})
-	if len(want) == 0 {
-		return nil, nil
-	}
-	reader, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumePartitions(parts))
-	if err != nil {
-		return nil, err
-	}
-	defer reader.Close()
-	var out []DeadLetter
-	for len(want) > 0 {
-		fs := reader.PollFetches(ctx)
-		if err := ctx.Err(); err != nil {
-			return nil, fmt.Errorf("reading %s: %w", topic, err)
-		}
-		fs.EachRecord(func(r *kgo.Record) {
-			if end, ok := want[r.Partition]; ok {
-				if r.Offset+1 >= end {
-					delete(want, r.Partition)
-				}
-				if r.Offset < end {
-					out = append(out, toDeadLetter(r))
-				}
-			}
-		})
-	}
-	return out, nil
-}
-
-func toDeadLetter(r *kgo.Record) DeadLetter {
-	h := map[string]string{}
-	for _, kv := range r.Headers {
-		h[kv.Key] = string(kv.Value)
-	}
-	return DeadLetter{
-		Partition: r.Partition, Offset: r.Offset, Reason: h[HeaderDLQReason], Participant: h[HeaderDLQParticipant],
-		Origin: h[HeaderDLQTopic] + "/" + h[HeaderDLQPartition] + "@" + h[HeaderDLQOffset], Time: h[HeaderDLQTime],
-		Type: h["ce_type"], Key: string(r.Key), Headers: h, record: r,
-	}
-}
-
-// At is when the record was dead-lettered (zero if its header is missing
-// or malformed).
-func (d DeadLetter) At() time.Time {
-	at, _ := time.Parse(time.RFC3339Nano, d.Time)
-	return at
-}
-
-// Original is the record as it was before it was dead-lettered: its topic,
-// key, value and headers without the dead-letter ones.
-func (d DeadLetter) Original() *kgo.Record {
-	var hs []kgo.RecordHeader
-	for _, h := range d.record.Headers {
-		if !strings.HasPrefix(h.Key, "prozess_dlq_") {
-			hs = append(hs, h)
-		}
-	}
-	return &kgo.Record{Topic: d.Headers[HeaderDLQTopic], Key: d.record.Key, Value: d.record.Value, Headers: hs}
-}
-
 func dlqCommand(cfg *Config) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "dlq",
@@ -193,7 +93,7 @@ func dlqCommand(cfg *Config) *cobra.Command {
 			if err := cfg.requireBrokers(); err != nil {
 				return err
 			}
-			dls, err := ReadDeadLetters(cmd.Context(), cfg.KafkaBrokers, cfg.DLQTopic())
+			dls, err := saga.ReadDeadLetters(cmd.Context(), cfg.KafkaBrokers, cfg.DLQTopic())
 			if err != nil {
 				return err
 			}
@@ -236,7 +136,7 @@ cannot be processed is dead-lettered again.`,
 				}
 				chosen[w] = true
 			}
-			dls, err := ReadDeadLetters(cmd.Context(), cfg.KafkaBrokers, cfg.DLQTopic())
+			dls, err := saga.ReadDeadLetters(cmd.Context(), cfg.KafkaBrokers, cfg.DLQTopic())
 			if err != nil {
 				return err
 			}
@@ -244,8 +144,8 @@ cannot be processed is dead-lettered again.`,
 			for _, d := range dls {
 				id := fmt.Sprintf("%d@%d", d.Partition, d.Offset)
 				if all || chosen[id] {
-					if d.Headers[HeaderDLQTopic] == "" {
-						return fmt.Errorf("dead letter %s has no %s header; not replaying it", id, HeaderDLQTopic)
+					if d.Headers[saga.HeaderDLQTopic] == "" {
+						return fmt.Errorf("dead letter %s has no %s header; not replaying it", id, saga.HeaderDLQTopic)
 					}
 					recs = append(recs, d.Original())
 					delete(chosen, id)

@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/event"
 )
@@ -147,7 +148,7 @@ changes nothing. --from-start replays the topic's retained history first.`,
 			defer stop()
 			out := cmd.OutOrStdout()
 			enc := json.NewEncoder(out)
-			return Tail(ctx, cfg.KafkaBrokers, topics, fromStart, func(r *kgo.Record) {
+			return saga.Tail(ctx, cfg.KafkaBrokers, topics, fromStart, func(r *kgo.Record) {
 				l, ok := toTailLine(r, cfg.DLQTopic())
 				if !ok || len(wantOrder) > 0 && !wantOrder[l.OrderID] || len(types) > 0 && !slices.Contains(types, l.Type) {
 					return
@@ -177,7 +178,7 @@ changes nothing. --from-start replays the topic's retained history first.`,
 // neither (undecodable ones not yet dead-lettered) are not printed.
 func toTailLine(r *kgo.Record, dlq string) (tailLine, bool) {
 	if r.Topic == dlq {
-		d := toDeadLetter(r)
+		d := saga.ParseDeadLetter(r)
 		return tailLine{Time: d.At(), OrderID: d.Key, Type: d.Type, Partition: r.Partition, Offset: r.Offset,
 			Reason: strings.TrimSpace(d.Participant + ": " + d.Reason)}, true
 	}

@@ -13,8 +13,9 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/oklog/run"
 	"github.com/redis/rueidis"
-	"github.com/twmb/franz-go/pkg/kadm"
 
+	"github.com/prozess/prozess/app/saga"
+	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/delivery"
 	"github.com/prozess/prozess/modules/inventory"
@@ -42,18 +43,18 @@ type deps struct {
 // consumer is one row of the participants table: a name and a constructor.
 type consumer struct {
 	name  string
-	build func(d deps) (Handler, error)
+	build func(d deps) (saga.Handler, error)
 }
 
 // consumers is the table of consumer participants.
 func consumers() []consumer {
 	return []consumer{
-		{inventory.Name, func(d deps) (Handler, error) { return inventory.New(d.log), nil }},
-		{payment.Name, func(d deps) (Handler, error) {
+		{inventory.Name, func(d deps) (saga.Handler, error) { return inventory.New(d.log), nil }},
+		{payment.Name, func(d deps) (saga.Handler, error) {
 			return payment.New(d.log, d.cfg.PaymentDeclineRate, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
 		}},
-		{delivery.Name, func(d deps) (Handler, error) { return delivery.New(d.log), nil }},
-		{status.Name, func(d deps) (Handler, error) {
+		{delivery.Name, func(d deps) (saga.Handler, error) { return delivery.New(d.log), nil }},
+		{status.Name, func(d deps) (saga.Handler, error) {
 			return status.New(d.log, statuscache.New(d.rdb, d.cfg.RedisPrefix)), nil
 		}},
 	}
@@ -89,9 +90,9 @@ type System struct {
 	httpAddr  string
 	adminAddr string
 	brokers   []string
-	stats     map[string]*ConsumerStats
-	metrics   *Metrics
-	tracing   *Tracing
+	stats     map[string]*saga.ConsumerStats
+	metrics   *telemetry.Metrics
+	tracing   *telemetry.Tracing
 	ready     func(ctx context.Context) error
 }
 
@@ -99,7 +100,7 @@ type System struct {
 func (s *System) AdminAddr() string { return s.adminAddr }
 
 // Stats returns each consumer participant's counters.
-func (s *System) Stats() map[string]*ConsumerStats { return s.stats }
+func (s *System) Stats() map[string]*saga.ConsumerStats { return s.stats }
 
 // HTTPAddr is where the api listens (empty when it is not served).
 func (s *System) HTTPAddr() string { return s.httpAddr }
@@ -115,7 +116,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &System{log: log, cfg: cfg, stats: map[string]*ConsumerStats{}, metrics: NewMetrics()}
+	s := &System{log: log, cfg: cfg, stats: map[string]*saga.ConsumerStats{}, metrics: telemetry.NewMetrics()}
 	defer func() {
 		if err != nil {
 			s.close()
@@ -124,9 +125,9 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if cfg.TracerProvider != nil {
-		s.tracing = NewTracing(cfg.TracerProvider)
+		s.tracing = telemetry.NewTracing(cfg.TracerProvider)
 	} else {
-		t, stop, err := tracingFromEnv(startCtx, names)
+		t, stop, err := telemetry.TracingFromEnv(startCtx, serviceName(names))
 		if err != nil {
 			return nil, err
 		}
@@ -161,18 +162,18 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 
 	s.brokers = cfg.KafkaBrokers
 	if len(s.brokers) == 0 {
-		b, err := StartBroker(cfg.BrokerAddr, cfg.DataDir, log)
+		b, err := saga.StartBroker(cfg.BrokerAddr, cfg.DataDir, log)
 		if err != nil {
 			return nil, err
 		}
 		s.closers = append(s.closers, b.Close)
 		s.brokers = b.ListenAddrs()
 	}
-	if err := EnsureTopics(startCtx, s.brokers, cfg.Partitions, cfg.Topic, cfg.DLQTopic()); err != nil {
+	if err := saga.EnsureTopics(startCtx, s.brokers, cfg.Partitions, cfg.Topic, cfg.DLQTopic()); err != nil {
 		return nil, err
 	}
 
-	relay, err := NewRelay(log.With("participant", "relay"), pool, s.brokers, cfg.Fault, s.metrics, s.tracing)
+	relay, err := saga.NewRelay(log.With("participant", "relay"), pool, s.brokers, cfg.Fault, s.metrics, s.tracing)
 	if err != nil {
 		return nil, err
 	}
@@ -197,7 +198,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		}
 		s.addLiveFeed(a)
 	}
-	var joined []*Consumer
+	var joined []*saga.Consumer
 	for _, p := range consumers() {
 		if !slices.Contains(names, p.name) {
 			continue
@@ -207,8 +208,8 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		if err != nil {
 			return nil, fmt.Errorf("building %s: %w", p.name, err)
 		}
-		c, err := NewConsumer(p.name, plog, pool, h, ConsumerConfig{
-			Brokers: s.brokers, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: kafkaLogger(cfg.KafkaLogLevel, plog),
+		c, err := saga.NewConsumer(p.name, plog, pool, h, saga.ConsumerConfig{
+			Brokers: s.brokers, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: saga.KafkaLogger(cfg.KafkaLogLevel, plog),
 			Metrics: s.metrics, Tracing: s.tracing,
 		})
 		if err != nil {
@@ -219,7 +220,11 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		joined = append(joined, c)
 		s.addActor(c.Run)
 	}
-	s.metrics.reg.MustRegister(newStateCollector(pool, kadm.NewClient(relay.producer), s.stats))
+	watched := make(map[string]telemetry.Consumer, len(joined))
+	for _, c := range joined {
+		watched[c.Name()] = c.Telemetry()
+	}
+	s.metrics.Register(telemetry.NewStateCollector(pool, relay.Admin(), watched))
 	s.ready = readiness(pool, relay, joined)
 	if cfg.AdminAddr != "" {
 		if err := s.addAdmin(cfg.AdminAddr); err != nil {
@@ -289,7 +294,7 @@ func demoKeyActive(ctx context.Context, pool *pgxpool.Pool) (bool, error) {
 
 // readiness is ready when PostgreSQL and the broker answer and every
 // consumer is a member of its group.
-func readiness(pool *pgxpool.Pool, relay *Relay, consumers []*Consumer) func(ctx context.Context) error {
+func readiness(pool *pgxpool.Pool, relay *saga.Relay, consumers []*saga.Consumer) func(ctx context.Context) error {
 	return func(ctx context.Context) error {
 		if err := pool.Ping(ctx); err != nil {
 			return fmt.Errorf("PostgreSQL: %s", oneLine(err))
@@ -299,9 +304,18 @@ func readiness(pool *pgxpool.Pool, relay *Relay, consumers []*Consumer) func(ctx
 		}
 		for _, c := range consumers {
 			if !c.Joined() {
-				return fmt.Errorf("%s has not joined its consumer group", c.name)
+				return fmt.Errorf("%s has not joined its consumer group", c.Name())
 			}
 		}
 		return nil
 	}
+}
+
+// serviceName names the traced service for the participants it runs:
+// prozess for all of them, prozess-payment for one.
+func serviceName(participants []string) string {
+	if len(participants) == 0 || len(participants) == len(Participants()) {
+		return "prozess"
+	}
+	return "prozess-" + strings.Join(participants, "-")
 }

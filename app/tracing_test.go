@@ -14,7 +14,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/prozess/prozess/app"
+	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/modules/event"
 )
 
@@ -55,7 +55,7 @@ func TestOneOrderIsOneTrace(t *testing.T) {
 	cfg := e.config()
 	cfg.TracerProvider = tp
 	logs := &syncBuffer{}
-	log, err := app.NewLoggerTo(logs, "info", "json")
+	log, err := telemetry.NewLoggerTo(logs, "info", "json")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/prozess/prozess/modules/retry"
 )
 
 // keysChannel is the PostgreSQL channel RevokeKey notifies, with the key's
@@ -121,10 +123,8 @@ func (c *keyCache) listen(ctx context.Context, pool *pgxpool.Pool, log *slog.Log
 			return
 		}
 		log.Warn("API key cache off until revocations can be followed again", "err", err)
-		select {
-		case <-ctx.Done():
+		if retry.Wait(ctx, attempt) != nil {
 			return
-		case <-time.After(min(time.Duration(attempt+1)*time.Second, 10*time.Second)):
 		}
 	}
 }

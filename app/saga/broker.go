@@ -1,4 +1,4 @@
-package app
+package saga
 
 import (
 	"context"

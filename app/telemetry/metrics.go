@@ -1,10 +1,13 @@
-package app
+// Package telemetry is how a prozess process is observed: its Prometheus
+// metrics, its OpenTelemetry traces, its logger, and the operator endpoints
+// that serve them (/metrics, /livez, /readyz, pprof). It knows nothing of
+// participants or of the saga runtime; they report to it.
+package telemetry
 
 import (
 	"context"
 	"net/http"
 	"strconv"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -67,15 +70,54 @@ func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
 }
 
-// kafkaHooks gives a Kafka client franz-go's own metrics (kprom), labelled
-// with its client id.
-func (m *Metrics) kafkaHooks() kgo.Opt {
-	return kgo.WithHooks(kprom.NewMetrics("prozess", kprom.Subsystem("kafka"), kprom.Registerer(m.reg), kprom.WithClientLabel()))
+// Register adds collectors that read state at scrape time.
+func (m *Metrics) Register(cs ...prometheus.Collector) { m.reg.MustRegister(cs...) }
+
+// KafkaHooks gives a Kafka client franz-go's own metrics (kprom), labelled
+// with its client id; none on a nil *Metrics.
+func (m *Metrics) KafkaHooks() []kgo.Opt {
+	if m == nil {
+		return nil
+	}
+	return []kgo.Opt{kgo.WithHooks(kprom.NewMetrics("prozess", kprom.Subsystem("kafka"), kprom.Registerer(m.reg), kprom.WithClientLabel()))}
 }
 
-// middleware counts and times every request by its route pattern, never
+// ObserveBatch records one applied batch of a participant's consumer. The
+// Observe and Count methods do nothing on a nil *Metrics, so code that
+// reports to them needs no metrics to run.
+func (m *Metrics) ObserveBatch(participant string, records int, took time.Duration) {
+	if m == nil {
+		return
+	}
+	m.batchSize.WithLabelValues(participant).Observe(float64(records))
+	m.batchDuration.WithLabelValues(participant).Observe(took.Seconds())
+}
+
+// CountRetry counts a batch retried after a transient failure.
+func (m *Metrics) CountRetry(participant string) {
+	if m != nil {
+		m.retries.WithLabelValues(participant).Inc()
+	}
+}
+
+// CountPublished counts records the relay published.
+func (m *Metrics) CountPublished(n int) {
+	if m != nil {
+		m.published.Add(float64(n))
+	}
+}
+
+// ObserveStep records one saga step: from an event to the event a
+// participant emitted in answer for the same order.
+func (m *Metrics) ObserveStep(from, to string, took time.Duration) {
+	if m != nil {
+		m.stepDuration.WithLabelValues(from, to).Observe(took.Seconds())
+	}
+}
+
+// Middleware counts and times every request by its route pattern, never
 // its raw path, so ids do not explode the label space.
-func (m *Metrics) middleware(next echo.HandlerFunc) echo.HandlerFunc {
+func (m *Metrics) Middleware(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		start := time.Now()
 		err := next(c)
@@ -92,19 +134,29 @@ func (m *Metrics) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
-// stateCollector reads, at scrape time, what lives elsewhere: each
-// consumer's counters, the database's orders by status, the outbox, and the
-// connection pool.
-type stateCollector struct {
+// Consumer is what the state collector reads of one participant's consumer
+// at scrape time.
+type Consumer struct {
+	Group string // its consumer group, for the lag
+	// Counts returns the records it applied, skipped as duplicates and
+	// dead-lettered.
+	Counts func() (applied, duplicates, deadLettered int64)
+}
+
+// StateCollector reads, at scrape time, what lives elsewhere: each
+// consumer's counters and lag, the database's orders by status, the outbox,
+// and the connection pool.
+type StateCollector struct {
 	pool      *pgxpool.Pool
 	admin     *kadm.Client
-	consumers map[string]*ConsumerStats
+	consumers map[string]Consumer // by participant
 
 	records, orders, outboxRows, outboxAge, poolConns, poolAcquires, lag *prometheus.Desc
 }
 
-func newStateCollector(pool *pgxpool.Pool, admin *kadm.Client, consumers map[string]*ConsumerStats) *stateCollector {
-	return &stateCollector{
+// NewStateCollector reads pool and, through admin, the consumers' groups.
+func NewStateCollector(pool *pgxpool.Pool, admin *kadm.Client, consumers map[string]Consumer) *StateCollector {
+	return &StateCollector{
 		pool: pool, admin: admin, consumers: consumers,
 		lag: prometheus.NewDesc("prozess_consumer_lag_records",
 			"Records on the topic a participant's consumer group has not committed yet, summed over partitions (from the broker).",
@@ -121,16 +173,17 @@ func newStateCollector(pool *pgxpool.Pool, admin *kadm.Client, consumers map[str
 	}
 }
 
-func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+func (c *StateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.records, c.orders, c.outboxRows, c.outboxAge, c.poolConns, c.poolAcquires, c.lag} {
 		ch <- d
 	}
 }
 
-func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
-	for name, st := range c.consumers {
-		for outcome, v := range map[string]*atomic.Int64{"applied": &st.Applied, "duplicate": &st.Duplicates, "dead_lettered": &st.DeadLettered} {
-			ch <- prometheus.MustNewConstMetric(c.records, prometheus.CounterValue, float64(v.Load()), name, outcome)
+func (c *StateCollector) Collect(ch chan<- prometheus.Metric) {
+	for name, cs := range c.consumers {
+		applied, dups, dead := cs.Counts()
+		for outcome, v := range map[string]int64{"applied": applied, "duplicate": dups, "dead_lettered": dead} {
+			ch <- prometheus.MustNewConstMetric(c.records, prometheus.CounterValue, float64(v), name, outcome)
 		}
 	}
 	s := c.pool.Stat()
@@ -163,20 +216,20 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 // collectLag asks the broker for each local participant's group lag. A
 // group the broker cannot describe right now is left out of the scrape
 // rather than reported as zero.
-func (c *stateCollector) collectLag(ctx context.Context, ch chan<- prometheus.Metric) {
+func (c *StateCollector) collectLag(ctx context.Context, ch chan<- prometheus.Metric) {
 	if c.admin == nil || len(c.consumers) == 0 {
 		return
 	}
 	groups := make([]string, 0, len(c.consumers))
-	for name := range c.consumers {
-		groups = append(groups, groupName(name))
+	for _, cs := range c.consumers {
+		groups = append(groups, cs.Group)
 	}
 	lags, err := c.admin.Lag(ctx, groups...)
 	if err != nil {
 		return
 	}
-	for name := range c.consumers {
-		l, ok := lags[groupName(name)]
+	for name, cs := range c.consumers {
+		l, ok := lags[cs.Group]
 		if !ok || l.Error() != nil {
 			continue
 		}

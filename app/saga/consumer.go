@@ -1,11 +1,14 @@
-package app
+// Package saga is the runtime every participant runs on: the exactly-once
+// consumer loop (inbox, one transaction per batch, offsets after commit,
+// dead letters, fault points), the outbox relay, the embedded broker and the
+// topics. A participant gives it a Handler; app/ wires it to the clients.
+package saga
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -16,7 +19,9 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/modules/retry"
 )
 
 // Handler is what a saga participant gives the consumer loop.
@@ -69,8 +74,8 @@ type Consumer struct {
 	maxBatch int
 	fault    FaultFunc
 	stats    ConsumerStats
-	metrics  *Metrics
-	tracer   *participantTracer
+	metrics  *telemetry.Metrics
+	tracer   *telemetry.ParticipantTracer
 }
 
 // ConsumerStats counts what a consumer did with the records it polled.
@@ -93,9 +98,9 @@ type ConsumerConfig struct {
 	KafkaLog kgo.Logger
 	// Metrics, when set, gets batch sizes, durations and retries, and the
 	// Kafka client's own metrics.
-	Metrics *Metrics
+	Metrics *telemetry.Metrics
 	// Tracing, when set, traces every record through the participant.
-	Tracing *Tracing
+	Tracing *telemetry.Tracing
 }
 
 // NewConsumer creates the Kafka client for participant name, in consumer
@@ -107,7 +112,7 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	opts := []kgo.Opt{
 		kgo.SeedBrokers(cfg.Brokers...),
 		kgo.ClientID("prozess-" + name),
-		kgo.ConsumerGroup(groupName(name)),
+		kgo.ConsumerGroup(GroupName(name)),
 		kgo.ConsumeTopics(cfg.Topic),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
 		kgo.DisableAutoCommit(),
@@ -125,22 +130,30 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	if cfg.KafkaLog != nil {
 		opts = append(opts, kgo.WithLogger(cfg.KafkaLog))
 	}
-	if cfg.Metrics != nil {
-		opts = append(opts, cfg.Metrics.kafkaHooks())
-	}
+	opts = append(opts, cfg.Metrics.KafkaHooks()...)
 	client, err := kgo.NewClient(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
 	}
 	return &Consumer{name: name, log: log, client: client, pool: pool, handler: h,
-		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, metrics: cfg.Metrics, tracer: cfg.Tracing.forParticipant(name)}, nil
+		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, metrics: cfg.Metrics, tracer: cfg.Tracing.ForParticipant(name, GroupName(name))}, nil
 }
 
-// groupName is participant name's consumer group.
-func groupName(name string) string { return "prozess-" + name }
+// GroupName is participant name's consumer group.
+func GroupName(name string) string { return "prozess-" + name }
+
+// Name is the participant the consumer runs.
+func (c *Consumer) Name() string { return c.name }
 
 // Stats returns the consumer's counters.
 func (c *Consumer) Stats() *ConsumerStats { return &c.stats }
+
+// Telemetry is what the metrics read of this consumer at scrape time.
+func (c *Consumer) Telemetry() telemetry.Consumer {
+	return telemetry.Consumer{Group: GroupName(c.name), Counts: func() (int64, int64, int64) {
+		return c.stats.Applied.Load(), c.stats.Duplicates.Load(), c.stats.DeadLettered.Load()
+	}}
+}
 
 // Joined reports whether the consumer is a member of its group.
 func (c *Consumer) Joined() bool {
@@ -171,10 +184,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 		}
 		start := time.Now()
 		err := c.process(ctx, recs)
-		if c.metrics != nil {
-			c.metrics.batchSize.WithLabelValues(c.name).Observe(float64(len(recs)))
-			c.metrics.batchDuration.WithLabelValues(c.name).Observe(time.Since(start).Seconds())
-		}
+		c.metrics.ObserveBatch(c.name, len(recs), time.Since(start))
 		if err != nil {
 			c.client.AllowRebalance()
 			if errors.Is(err, context.Canceled) {
@@ -202,11 +212,11 @@ func (c *Consumer) commitOffsets() {
 func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) (err error) {
 	b := c.decode(recs)
 	var end func(error)
-	b.traces, end = c.tracer.handleSpans(recs, b)
+	b.traces, end = c.tracer.HandleSpans(b.handled())
 	defer func() { end(err) }()
 	// Once started, a batch finishes even if shutdown begins: only waiting
 	// between retries watches ctx.
-	work := withOrderTraces(context.WithoutCancel(ctx), b.traces)
+	work := telemetry.WithOrderTraces(context.WithoutCancel(ctx), b.traces)
 	for attempt := 0; ; attempt++ {
 		err := c.apply(work, b)
 		if err == nil {
@@ -222,15 +232,10 @@ func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) (err error) 
 		if errors.As(err, &crash) {
 			return err
 		}
-		wait := backoff(attempt)
-		if c.metrics != nil {
-			c.metrics.retries.WithLabelValues(c.name).Inc()
-		}
-		c.log.Warn("batch failed, retrying", "records", len(recs), "attempt", attempt+1, "in", wait, "err", err)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(wait):
+		c.metrics.CountRetry(c.name)
+		c.log.Warn("batch failed, retrying", "records", len(recs), "attempt", attempt+1, "err", err)
+		if err := retry.Wait(ctx, attempt); err != nil {
+			return err
 		}
 	}
 }
@@ -266,6 +271,22 @@ func (c *Consumer) decode(recs []*kgo.Record) *batch {
 		b.evs[i], b.ids[i] = ev, ev.ID
 	}
 	return b
+}
+
+// handled lists the records the participant handles, for their spans.
+func (b *batch) handled() []telemetry.Handled {
+	var hs []telemetry.Handled
+	for i, r := range b.recs {
+		if b.skip[i] {
+			continue
+		}
+		h := telemetry.Handled{Record: r, Type: string(recordType(r))}
+		if _, bad := b.poison[i]; !bad {
+			h.OrderID = b.evs[i].OrderID.String()
+		}
+		hs = append(hs, h)
+	}
+	return hs
 }
 
 func recordType(r *kgo.Record) event.Type {
@@ -385,7 +406,7 @@ func (c *Consumer) observeSteps(in, out []event.Event) {
 	}
 	for _, e := range out {
 		if from, ok := cause[e.OrderID]; ok {
-			c.metrics.stepDuration.WithLabelValues(string(from.Type), string(e.Type)).Observe(e.Time.Sub(from.Time).Seconds())
+			c.metrics.ObserveStep(string(from.Type), string(e.Type), e.Time.Sub(from.Time))
 		}
 	}
 }
@@ -417,16 +438,6 @@ func claim(ctx context.Context, tx pgx.Tx, name string, ids []uuid.UUID) (map[uu
 	return fresh, nil
 }
 
-// Dead-letter headers, beside the original record's own.
-const (
-	HeaderDLQReason      = "prozess_dlq_reason"
-	HeaderDLQParticipant = "prozess_dlq_participant"
-	HeaderDLQTopic       = "prozess_dlq_topic"
-	HeaderDLQPartition   = "prozess_dlq_partition"
-	HeaderDLQOffset      = "prozess_dlq_offset"
-	HeaderDLQTime        = "prozess_dlq_time"
-)
-
 func (c *Consumer) deadLetter(r *kgo.Record, reason string) *kgo.Record {
 	hs := append([]kgo.RecordHeader(nil), r.Headers...)
 	hs = append(hs,
@@ -440,15 +451,8 @@ func (c *Consumer) deadLetter(r *kgo.Record, reason string) *kgo.Record {
 	return &kgo.Record{Topic: c.dlqTopic, Key: r.Key, Value: r.Value, Headers: hs}
 }
 
-// backoff is capped exponential backoff with jitter: 100ms, 200ms, ... 5s.
-func backoff(attempt int) time.Duration {
-	d := 100 * time.Millisecond << min(attempt, 6)
-	d = min(d, 5*time.Second)
-	return d/2 + rand.N(d/2+1)
-}
-
-// kafkaLogger passes the Kafka client's log to slog at level (empty: none).
-func kafkaLogger(level string, log *slog.Logger) kgo.Logger {
+// KafkaLogger passes the Kafka client's log to slog at level (empty: none).
+func KafkaLogger(level string, log *slog.Logger) kgo.Logger {
 	var l kgo.LogLevel
 	switch level {
 	case "":
@@ -471,4 +475,17 @@ type slogWriter struct{ log *slog.Logger }
 func (w slogWriter) Write(p []byte) (int, error) {
 	w.log.Info("kafka", "msg", strings.TrimSpace(string(p)))
 	return len(p), nil
+}
+
+// eventTrace sets, on each emitted event, the trace context of the span that
+// handled its order.
+func eventTrace(evs []event.Event, byOrder map[string]context.Context) {
+	if len(byOrder) == 0 {
+		return
+	}
+	for i := range evs {
+		if ctx, ok := byOrder[evs[i].OrderID.String()]; ok {
+			evs[i].Trace = event.TraceOf(ctx)
+		}
+	}
 }

@@ -1,7 +1,6 @@
-package app
+package telemetry
 
 import (
-	"strings"
 	"testing"
 )
 
@@ -22,17 +21,5 @@ func TestTracingWanted(t *testing.T) {
 		if got := tracingWanted(func(k string) string { return c.env[k] }); got != c.want {
 			t.Errorf("%v: tracing %v, want %v", c.env, got, c.want)
 		}
-	}
-	for names, want := range map[string]string{"": "prozess", "payment": "prozess-payment", "delivery status": "prozess-delivery-status"} {
-		var ps []string
-		if names != "" {
-			ps = strings.Fields(names)
-		}
-		if got := serviceName(ps); got != want {
-			t.Errorf("serviceName(%v) = %q, want %q", ps, got, want)
-		}
-	}
-	if got := serviceName(Participants()); got != "prozess" {
-		t.Errorf("serviceName(all) = %q", got)
 	}
 }

@@ -1,4 +1,4 @@
-package app
+package saga
 
 import (
 	"context"
@@ -9,9 +9,12 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/modules/retry"
 )
 
 // relayLockID is the advisory lock that elects the one active relay among
@@ -30,20 +33,20 @@ type Relay struct {
 	batch    int
 	poll     time.Duration
 	fault    FaultFunc
-	metrics  *Metrics
-	tracing  *Tracing
+	metrics  *telemetry.Metrics
+	tracing  *telemetry.Tracing
 }
 
 // NewRelay creates the relay and its producer.
-func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string, fault FaultFunc, m *Metrics, t *Tracing) (*Relay, error) {
-	opts := append([]kgo.Opt{
-		m.kafkaHooks(),
+func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string, fault FaultFunc, m *telemetry.Metrics, t *telemetry.Tracing) (*Relay, error) {
+	opts := append(m.KafkaHooks(),
 		kgo.SeedBrokers(brokers...),
 		kgo.ClientID("prozess-relay"),
 		// The relay hands over whole batches; lingering only adds latency.
 		kgo.ProducerLinger(0),
 		kgo.RequiredAcks(kgo.AllISRAcks()),
-	}, t.publishHooks("prozess-relay")...)
+	)
+	opts = append(opts, t.PublishHooks("prozess-relay")...)
 	producer, err := kgo.NewClient(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("creating relay kafka client: %w", err)
@@ -53,6 +56,10 @@ func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string, fault Faul
 
 // Ping checks that the broker answers, for readiness.
 func (r *Relay) Ping(ctx context.Context) error { return r.producer.Ping(ctx) }
+
+// Admin is an admin client on the relay's connections, for the metrics'
+// lag.
+func (r *Relay) Admin() *kadm.Client { return kadm.NewClient(r.producer) }
 
 // Close flushes nothing (every publish is synchronous) and closes the client.
 func (r *Relay) Close() { r.producer.Close() }
@@ -68,12 +75,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		if errors.As(err, &crash) {
 			return err
 		}
-		wait := backoff(attempt)
-		r.log.Warn("outbox relay interrupted, retrying", "in", wait, "err", err)
-		select {
-		case <-ctx.Done():
+		r.log.Warn("outbox relay interrupted, retrying", "err", err)
+		if retry.Wait(ctx, attempt) != nil {
 			return nil
-		case <-time.After(wait):
 		}
 	}
 }
@@ -164,12 +168,12 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 	pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	for _, rec := range recs {
-		r.tracing.continueFromHeaders(pctx, rec)
+		r.tracing.ContinueFromHeaders(pctx, rec)
 	}
 	if err := r.producer.ProduceSync(pctx, recs...).FirstErr(); err != nil {
 		return 0, fmt.Errorf("publishing %d outbox records: %w", len(recs), err)
 	}
-	r.metrics.published.Add(float64(len(recs)))
+	r.metrics.CountPublished(len(recs))
 	if err := r.faultAt(FaultRelayAfterPublish); err != nil {
 		return 0, err
 	}
