@@ -42,7 +42,7 @@ func runCLI(t *testing.T, args ...string) (string, error) {
 }
 
 func (e *env) checkArgs(brokers []string) []string {
-	return []string{"check", "--database-url", e.dbURL, "--redis-addr", schematest.RedisAddr(), "--redis-prefix", e.prefix,
+	return []string{"check", "--database-url", e.dbURL, "--redis-addr", schematest.RedisAddr(e.t), "--redis-prefix", e.prefix,
 		"--kafka-brokers", strings.Join(brokers, ","), "--log-level", "warn"}
 }
 

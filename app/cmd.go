@@ -10,12 +10,14 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/cobra"
 
+	"github.com/prozess/prozess/app/embedded"
 	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/schema"
@@ -50,7 +52,7 @@ variable as fallback, e.g. --database-url and PROZESS_DATABASE_URL.`,
 		},
 	}
 	cfg.logFlags(root.PersistentFlags())
-	root.AddCommand(serveCommand(&cfg), brokerCommand(&cfg), migrateCommand(&cfg), seedCommand(&cfg), loadgenCommand(&cfg), checkCommand(&cfg), dlqCommand(&cfg), apikeyCommand(&cfg), ordersCommand(&cfg))
+	root.AddCommand(serveCommand(&cfg), devCommand(&cfg), brokerCommand(&cfg), migrateCommand(&cfg), seedCommand(&cfg), loadgenCommand(&cfg), checkCommand(&cfg), dlqCommand(&cfg), apikeyCommand(&cfg), ordersCommand(&cfg))
 	return root
 }
 
@@ -61,8 +63,10 @@ func serveCommand(cfg *Config) *cobra.Command {
 		Short: "Run saga participants (api, inventory, payment, delivery, status, or all)",
 		Long: `Run the named participants as actors in one process. They talk only through
 the Kafka topic, so 'serve all' on a laptop and one 'serve payment' per
-container run the same code. With no --kafka-brokers, an embedded broker is
-started on --broker-addr with its data in --data-dir.`,
+container run the same code. 'serve all' runs its own Kafka broker, PostgreSQL
+and Redis for whichever of --kafka-brokers, --database-url and --redis-addr is
+not given (data in --data-dir); any other mix uses the local ones, those
+'prozess dev' serves.`,
 		Example: "  prozess serve all\n  prozess serve payment --kafka-brokers 127.0.0.1:9092",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			names, err := ParseParticipants(args)
@@ -90,6 +94,7 @@ started on --broker-addr with its data in --data-dir.`,
 	cfg.connectionFlags(cmd.Flags())
 	cfg.serveFlags(cmd.Flags())
 	cfg.brokerFlags(cmd.Flags(), "broker-addr")
+	cfg.embeddedFlags(cmd.Flags())
 	cmd.Flags().StringVar(&fault, "fault", "", "PARTICIPANT:POINT: exit abruptly at that fault point (for crash tests)")
 	_ = cmd.Flags().MarkHidden("fault")
 	return cmd
@@ -127,7 +132,12 @@ For development and tests; production uses real Kafka.`,
 			if err != nil {
 				return err
 			}
-			b, err := saga.StartBroker(cfg.BrokerAddr, cfg.DataDir, log)
+			unlock, err := embedded.LockDataDir(cfg.DataDir)
+			if err != nil {
+				return err
+			}
+			defer unlock()
+			b, err := saga.StartBroker(cfg.BrokerAddr, cfg.kafkaDir(), log)
 			if err != nil {
 				return err
 			}
@@ -141,6 +151,60 @@ For development and tests; production uses real Kafka.`,
 		},
 	}
 	cfg.brokerFlags(cmd.Flags(), "addr")
+	return cmd
+}
+
+func devCommand(cfg *Config) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "Run the servers for participants in separate processes: Kafka broker, PostgreSQL and Redis",
+		Long: `Run, in one process, an embedded Kafka broker (franz-go's kfake), a PostgreSQL
+server (the machine's installation, or binaries fetched once) and an in-process
+Redis, on their usual local ports and with their data in --data-dir, so that
+'prozess serve PARTICIPANT' in other terminals finds them with no flags. For
+development only; nothing here is meant for production. Ctrl-C stops all three.`,
+		Example: "  prozess dev\n  prozess serve payment   # in another terminal",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := telemetry.NewLogger(cfg.LogLevel, cfg.LogFormat)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			unlock, err := embedded.LockDataDir(cfg.DataDir)
+			if err != nil {
+				return err
+			}
+			defer unlock()
+			pg, err := embedded.StartPostgres(ctx, filepath.Join(cfg.DataDir, "postgres"), cfg.EmbeddedPostgresAddr, "", log)
+			if err != nil {
+				return err
+			}
+			defer func() {
+				if err := pg.Stop(); err != nil {
+					log.Error("embedded PostgreSQL", "err", err)
+				}
+			}()
+			rdb, err := embedded.StartRedis(cfg.EmbeddedRedisAddr, log)
+			if err != nil {
+				return err
+			}
+			defer rdb.Close()
+			b, err := saga.StartBroker(cfg.BrokerAddr, cfg.kafkaDir(), log)
+			if err != nil {
+				return err
+			}
+			defer b.Close()
+			fmt.Printf("prozess dev: Kafka %s, PostgreSQL %s, Redis %s (Ctrl-C stops them)\n",
+				b.ListenAddrs()[0], pg.URL("prozess"), rdb.Addr())
+			<-ctx.Done()
+			log.Info("dev servers shutting down")
+			return nil
+		},
+	}
+	cfg.brokerFlags(cmd.Flags(), "broker-addr")
+	cfg.embeddedFlags(cmd.Flags())
 	return cmd
 }
 
@@ -196,7 +260,7 @@ func (c *Config) withDB(fn func(ctx context.Context, log *slog.Logger, pool *pgx
 		if err != nil {
 			return err
 		}
-		pool, err := OpenDB(cmd.Context(), c.DatabaseURL, c.StatementTimeout, log)
+		pool, err := OpenDB(cmd.Context(), c.databaseURL(), c.StatementTimeout, log)
 		if err != nil {
 			return err
 		}

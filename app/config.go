@@ -3,6 +3,7 @@ package app
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -24,20 +25,25 @@ type Config struct {
 	HTTPAddr           string
 	PaymentDeclineRate float64
 	BrokerAddr         string // embedded broker, when KafkaBrokers is empty
-	DataDir            string // embedded broker's data
-	Seed               bool
-	ShutdownTimeout    time.Duration
-	LogLevel           string
-	LogFormat          string
-	PprofAddr          string        // serves net/http/pprof when set
-	AdminAddr          string        // serves /metrics, /livez, /readyz when set
-	NoAuth             bool          // authentication off, for local use only
-	RateLimit          float64       // requests per second per API key
-	RateBurst          int           // requests a key may burst above RateLimit
-	HTTPReadTimeout    time.Duration // a request's headers and body must arrive within this
-	KeyCacheTTL        time.Duration // how long the api may cache a valid API key (0: never)
-	StatementTimeout   time.Duration // PostgreSQL statement_timeout for every connection
-	KafkaLogLevel      string        // the Kafka client's own log level; empty for none
+	DataDir            string // embedded servers' data: kafka/ and postgres/ in it
+	// EmbeddedPostgresAddr and EmbeddedRedisAddr are where `serve all` and
+	// `dev` serve their own PostgreSQL and Redis when no DatabaseURL or
+	// RedisAddr is given.
+	EmbeddedPostgresAddr string
+	EmbeddedRedisAddr    string
+	Seed                 bool
+	ShutdownTimeout      time.Duration
+	LogLevel             string
+	LogFormat            string
+	PprofAddr            string        // serves net/http/pprof when set
+	AdminAddr            string        // serves /metrics, /livez, /readyz when set
+	NoAuth               bool          // authentication off, for local use only
+	RateLimit            float64       // requests per second per API key
+	RateBurst            int           // requests a key may burst above RateLimit
+	HTTPReadTimeout      time.Duration // a request's headers and body must arrive within this
+	KeyCacheTTL          time.Duration // how long the api may cache a valid API key (0: never)
+	StatementTimeout     time.Duration // PostgreSQL statement_timeout for every connection
+	KafkaLogLevel        string        // the Kafka client's own log level; empty for none
 
 	// Fault, when set, is called at the consumers' fault points (tests).
 	Fault saga.FaultFunc
@@ -46,29 +52,42 @@ type Config struct {
 	TracerProvider trace.TracerProvider
 }
 
-// DefaultConfig returns the defaults, which work on a fresh machine with
-// PostgreSQL and Redis on their standard local ports.
+// The local servers a command talks to when it is given no address: those
+// `prozess dev` (and `serve all`) serve, on their usual ports.
+const (
+	LocalDatabaseURL = "postgres://postgres@127.0.0.1:5432/prozess?sslmode=disable"
+	LocalRedisAddr   = "127.0.0.1:6379"
+	LocalKafkaBroker = "127.0.0.1:9092"
+)
+
+// AdminAuto is the --admin-addr default: a port of the process's own, so
+// participants in separate processes on one machine never collide.
+const AdminAuto = "auto"
+
+// DefaultConfig returns the defaults, which work on a fresh machine: with no
+// database URL or Redis address, `serve all` runs its own PostgreSQL and
+// Redis, and every other command talks to the local ones.
 func DefaultConfig() Config {
 	return Config{
-		DatabaseURL:        "postgres://postgres@127.0.0.1:5432/prozess?sslmode=disable",
-		RedisAddr:          "127.0.0.1:6379",
-		RedisPrefix:        "prozess:",
-		Topic:              "order-events",
-		Partitions:         6,
-		HTTPAddr:           ":8080",
-		AdminAddr:          ":9464",
-		PaymentDeclineRate: 0.15,
-		BrokerAddr:         "127.0.0.1:9092",
-		DataDir:            ".prozess/kafka",
-		Seed:               true,
-		ShutdownTimeout:    15 * time.Second,
-		RateLimit:          50,
-		RateBurst:          100,
-		HTTPReadTimeout:    10 * time.Second,
-		KeyCacheTTL:        10 * time.Second,
-		StatementTimeout:   30 * time.Second,
-		LogLevel:           "info",
-		LogFormat:          "text",
+		EmbeddedPostgresAddr: "127.0.0.1:5432",
+		EmbeddedRedisAddr:    "127.0.0.1:6379",
+		RedisPrefix:          "prozess:",
+		Topic:                "order-events",
+		Partitions:           6,
+		HTTPAddr:             ":8080",
+		AdminAddr:            AdminAuto,
+		PaymentDeclineRate:   0.15,
+		BrokerAddr:           "127.0.0.1:9092",
+		DataDir:              ".prozess",
+		Seed:                 true,
+		ShutdownTimeout:      15 * time.Second,
+		RateLimit:            50,
+		RateBurst:            100,
+		HTTPReadTimeout:      10 * time.Second,
+		KeyCacheTTL:          10 * time.Second,
+		StatementTimeout:     30 * time.Second,
+		LogLevel:             "info",
+		LogFormat:            "text",
 	}
 }
 
@@ -76,11 +95,12 @@ func DefaultConfig() Config {
 func (c Config) DLQTopic() string { return c.Topic + ".dlq" }
 
 func (c *Config) connectionFlags(fs *pflag.FlagSet) {
-	fs.StringVar(&c.DatabaseURL, "database-url", c.DatabaseURL, "PostgreSQL connection URL (the database is created if missing)")
+	fs.StringVar(&c.DatabaseURL, "database-url", c.DatabaseURL,
+		"PostgreSQL connection URL (the database is created if missing); empty: serve all runs its own, other commands use "+LocalDatabaseURL)
 	fs.DurationVar(&c.StatementTimeout, "db-statement-timeout", c.StatementTimeout, "PostgreSQL statement_timeout for every query (0: none)")
-	fs.StringVar(&c.RedisAddr, "redis-addr", c.RedisAddr, "Redis address, host:port")
+	fs.StringVar(&c.RedisAddr, "redis-addr", c.RedisAddr, "Redis address, host:port; empty: serve all runs its own, other commands use "+LocalRedisAddr)
 	fs.StringVar(&c.RedisPrefix, "redis-prefix", c.RedisPrefix, "prefix of every Redis key, so deployments can share one Redis")
-	fs.StringSliceVar(&c.KafkaBrokers, "kafka-brokers", c.KafkaBrokers, "Kafka bootstrap brokers, comma-separated; empty starts the embedded broker")
+	fs.StringSliceVar(&c.KafkaBrokers, "kafka-brokers", c.KafkaBrokers, "Kafka bootstrap brokers, comma-separated; empty: serve all runs its own, other participant mixes use "+LocalKafkaBroker)
 	fs.StringVar(&c.Topic, "topic", c.Topic, "the saga's topic (dead letters go to <topic>.dlq)")
 }
 
@@ -106,7 +126,33 @@ func (c *Config) logFlags(fs *pflag.FlagSet) {
 
 func (c *Config) brokerFlags(fs *pflag.FlagSet, addrName string) {
 	fs.StringVar(&c.BrokerAddr, addrName, c.BrokerAddr, "listen address of the embedded Kafka broker")
-	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for the embedded broker's data, kept across restarts")
+	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory of the embedded servers' data (kafka/, postgres/), kept across restarts")
+}
+
+// embeddedFlags are the addresses of the PostgreSQL and Redis that serve
+// all and dev run themselves.
+func (c *Config) embeddedFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&c.EmbeddedPostgresAddr, "embedded-postgres-addr", c.EmbeddedPostgresAddr, "listen address of the embedded PostgreSQL (without --database-url)")
+	fs.StringVar(&c.EmbeddedRedisAddr, "embedded-redis-addr", c.EmbeddedRedisAddr, "listen address of the embedded Redis (without --redis-addr)")
+}
+
+// kafkaDir is where the embedded broker keeps its data.
+func (c Config) kafkaDir() string { return filepath.Join(c.DataDir, "kafka") }
+
+// databaseURL is --database-url, or the local server's.
+func (c Config) databaseURL() string {
+	if c.DatabaseURL == "" {
+		return LocalDatabaseURL
+	}
+	return c.DatabaseURL
+}
+
+// redisAddr is --redis-addr, or the local server's.
+func (c Config) redisAddr() string {
+	if c.RedisAddr == "" {
+		return LocalRedisAddr
+	}
+	return c.RedisAddr
 }
 
 func (c *Config) serveFlags(fs *pflag.FlagSet) {
@@ -121,7 +167,8 @@ func (c *Config) serveFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.KeyCacheTTL, "key-cache-ttl", c.KeyCacheTTL,
 		"how long the api may keep a valid API key in memory (revocations reach it at once); 0 looks every request's key up")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long in-flight work may take to finish at shutdown")
-	fs.StringVar(&c.AdminAddr, "admin-addr", c.AdminAddr, "listen address of /metrics, /livez and /readyz (empty: off)")
+	fs.StringVar(&c.AdminAddr, "admin-addr", c.AdminAddr, "listen address of /metrics, /livez and /readyz; "+
+		"auto: :9464 for all and api, :9465 inventory, :9466 payment, :9467 delivery, :9468 status (the first named); empty: off")
 	fs.StringVar(&c.KafkaLogLevel, "kafka-log-level", c.KafkaLogLevel, "log the Kafka client's own messages at this level (error, warn, info, debug); off when empty")
 	fs.StringVar(&c.PprofAddr, "pprof-addr", c.PprofAddr, "serve Go's pprof profiles on this address (e.g. 127.0.0.1:6060); off when empty")
 }

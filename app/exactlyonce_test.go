@@ -148,6 +148,9 @@ func TestCrashBetweenCommitsLosesAndDoublesNothing(t *testing.T) {
 			e := newEnv(t)
 			cfg := e.config()
 			cfg.PaymentDeclineRate = 0.5
+			// One broker for all three runs: a partial serve uses the
+			// brokers it is given, as participants in separate processes do.
+			cfg.KafkaBrokers = e.broker()
 			var crashed atomic.Bool
 			cfg.Fault = func(participant, point string) error {
 				if participant == tc.who && point == tc.point && crashed.CompareAndSwap(false, true) {

@@ -51,7 +51,7 @@ func newDeployment(t *testing.T, e *env) *deployment {
 	d := &deployment{t: t, e: e, brokerDir: t.TempDir(), procs: map[string]*proc{}}
 	d.startBroker("127.0.0.1:0")
 	d.env = []string{
-		"PROZESS_DATABASE_URL=" + e.dbURL, "PROZESS_REDIS_ADDR=" + schematest.RedisAddr(), "PROZESS_REDIS_PREFIX=" + e.prefix,
+		"PROZESS_DATABASE_URL=" + e.dbURL, "PROZESS_REDIS_ADDR=" + schematest.RedisAddr(t), "PROZESS_REDIS_PREFIX=" + e.prefix,
 		"PROZESS_KAFKA_BROKERS=" + d.brokerArg, "PROZESS_LOG_FORMAT=json", "PROZESS_RATE_LIMIT=0", "PROZESS_ADMIN_ADDR=127.0.0.1:0", "PROZESS_LOG_LEVEL=warn", "PROZESS_PAYMENT_DECLINE_RATE=0.2",
 	}
 	for _, p := range []string{"api", "inventory", "payment", "delivery", "status"} {

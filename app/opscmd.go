@@ -42,7 +42,7 @@ dead letters. Exits non-zero on any violation.`,
 			}
 			cc := check.Config{Deadline: deadline, Prefix: cfg.RedisPrefix, Brokers: cfg.KafkaBrokers, DLQTopic: cfg.DLQTopic()}
 			if !noCache {
-				rdb, err := OpenRedis(cfg.RedisAddr)
+				rdb, err := OpenRedis(cfg.redisAddr())
 				if err != nil {
 					return err
 				}
@@ -249,7 +249,7 @@ func apikeyCommand(cfg *Config) *cobra.Command {
 		}),
 	}
 	for _, c := range []*cobra.Command{create, list, revoke} {
-		c.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL")
+		c.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL (empty: "+LocalDatabaseURL+")")
 	}
 	cmd.AddCommand(create, list, revoke)
 	return cmd

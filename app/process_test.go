@@ -35,7 +35,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "building prozess:", err)
 		os.Exit(1)
 	}
-	code := m.Run()
+	code := schematest.Main(m)
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
@@ -169,7 +169,7 @@ func TestParticipantsInSeparateProcesses(t *testing.T) {
 	addr := broker.await(t, "broker address", func(m map[string]any) bool { return m["stdout"] == true })["line"].(string)
 	env := []string{
 		"PROZESS_DATABASE_URL=" + e.dbURL,
-		"PROZESS_REDIS_ADDR=" + schematest.RedisAddr(),
+		"PROZESS_REDIS_ADDR=" + schematest.RedisAddr(t),
 		"PROZESS_REDIS_PREFIX=" + e.prefix,
 		"PROZESS_KAFKA_BROKERS=" + addr,
 		"PROZESS_LOG_FORMAT=json", "PROZESS_RATE_LIMIT=0", "PROZESS_ADMIN_ADDR=127.0.0.1:0",

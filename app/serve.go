@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/oklog/run"
 	"github.com/redis/rueidis"
 
+	"github.com/prozess/prozess/app/embedded"
 	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/modules/api"
@@ -135,6 +137,10 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		s.closers = append(s.closers, stop) // closed last: flushes every span
 	}
 
+	if cfg, err = s.startEmbedded(ctx, cfg, len(names) == len(Participants())); err != nil {
+		return nil, err
+	}
+	s.cfg = cfg
 	pool, err := OpenDB(startCtx, cfg.DatabaseURL, cfg.StatementTimeout, log)
 	if err != nil {
 		return nil, err
@@ -162,7 +168,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 
 	s.brokers = cfg.KafkaBrokers
 	if len(s.brokers) == 0 {
-		b, err := saga.StartBroker(cfg.BrokerAddr, cfg.DataDir, log)
+		b, err := saga.StartBroker(cfg.BrokerAddr, cfg.kafkaDir(), log)
 		if err != nil {
 			return nil, err
 		}
@@ -226,8 +232,8 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	}
 	s.metrics.Register(telemetry.NewStateCollector(pool, relay.Admin(), watched))
 	s.ready = readiness(pool, relay, joined)
-	if cfg.AdminAddr != "" {
-		if err := s.addAdmin(cfg.AdminAddr); err != nil {
+	if addr := adminAddr(cfg.AdminAddr, names); addr != "" {
+		if err := s.addAdmin(addr); err != nil {
 			return nil, err
 		}
 	}
@@ -238,6 +244,66 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	}
 	log.Info("prozess ready", "participants", names, "tracing", s.tracing != nil, "http", s.httpAddr, "admin", s.adminAddr, "kafka", s.brokers, "topic", cfg.Topic)
 	return s, nil
+}
+
+// startEmbedded starts, for `serve all` (all), what cfg names no server
+// for: PostgreSQL without a database URL, Redis without an address, each on
+// its --embedded-*-addr, with the data in --data-dir, which it locks first
+// (the embedded broker, started later without --kafka-brokers, keeps its
+// data there too). Other participant mixes never start a server silently:
+// they use the local ones (`prozess dev`'s). It returns cfg with the
+// addresses filled in.
+func (s *System) startEmbedded(ctx context.Context, cfg Config, all bool) (Config, error) {
+	if !all {
+		cfg.DatabaseURL, cfg.RedisAddr = cfg.databaseURL(), cfg.redisAddr()
+		if len(cfg.KafkaBrokers) == 0 {
+			cfg.KafkaBrokers = []string{LocalKafkaBroker}
+		}
+		return cfg, nil
+	}
+	if cfg.DatabaseURL == "" || cfg.RedisAddr == "" || len(cfg.KafkaBrokers) == 0 {
+		unlock, err := embedded.LockDataDir(cfg.DataDir)
+		if err != nil {
+			return cfg, err
+		}
+		s.closers = append(s.closers, unlock)
+	}
+	if cfg.DatabaseURL == "" {
+		pg, err := embedded.StartPostgres(ctx, filepath.Join(cfg.DataDir, "postgres"), cfg.EmbeddedPostgresAddr, "", s.log)
+		if err != nil {
+			return cfg, err
+		}
+		s.closers = append(s.closers, func() {
+			if err := pg.Stop(); err != nil {
+				s.log.Error("embedded PostgreSQL", "err", err)
+			}
+		})
+		cfg.DatabaseURL = pg.URL("prozess")
+	}
+	if cfg.RedisAddr == "" {
+		r, err := embedded.StartRedis(cfg.EmbeddedRedisAddr, s.log)
+		if err != nil {
+			return cfg, err
+		}
+		s.closers = append(s.closers, r.Close)
+		cfg.RedisAddr = r.Addr()
+	}
+	return cfg, nil
+}
+
+// adminAddr resolves --admin-addr: auto gives each participant its own
+// port, that of the first one named, so participants in separate processes
+// on one machine never collide (all and api share :9464).
+func adminAddr(flag string, names []string) string {
+	if flag != AdminAuto {
+		return flag
+	}
+	for i, p := range Participants() {
+		if len(names) > 0 && names[0] == p {
+			return fmt.Sprintf(":%d", 9464+i)
+		}
+	}
+	return ":9464"
 }
 
 // addActor runs fn until the group is interrupted.

@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/prozess/prozess/app"
+	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/schema/schematest"
@@ -65,7 +66,7 @@ func newEnv(t *testing.T) *env {
 func (e *env) config() app.Config {
 	cfg := app.DefaultConfig()
 	cfg.DatabaseURL = e.dbURL
-	cfg.RedisAddr = schematest.RedisAddr()
+	cfg.RedisAddr = schematest.RedisAddr(e.t)
 	cfg.RedisPrefix = e.prefix
 	cfg.HTTPAddr = "127.0.0.1:0"
 	cfg.AdminAddr = "127.0.0.1:0"
@@ -75,6 +76,18 @@ func (e *env) config() app.Config {
 	cfg.PaymentDeclineRate = 0
 	cfg.RateLimit = 0 // tests poll hard; the limit has tests of its own
 	return cfg
+}
+
+// broker starts a Kafka-protocol broker of the test's own, stopped when
+// the test ends, for systems that must share one.
+func (e *env) broker() []string {
+	e.t.Helper()
+	b, err := saga.StartBroker("127.0.0.1:0", e.t.TempDir(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(b.Close)
+	return b.ListenAddrs()
 }
 
 // running is a started System.

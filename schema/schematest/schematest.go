@@ -1,16 +1,23 @@
 // Package schematest gives each test its own PostgreSQL database, migrated
 // with the real schema and dropped when the test ends, and its own Redis key
 // prefix, cleaned up likewise, so tests run in parallel and leave nothing
-// behind. It talks to real servers: a test that cannot reach one fails with
-// a message saying which and where; it never skips.
+// behind. It talks to real servers (those PROZESS_TEST_DATABASE_URL and
+// PROZESS_TEST_REDIS_ADDR name, or a PostgreSQL server and an in-process Redis
+// of the test binary's own): a test that cannot reach one fails with a
+// message saying which and where; it never skips.
 package schematest
 
 import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"log/slog"
+	"net"
 	"os"
+	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -18,24 +25,113 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/rueidis"
 
+	"github.com/prozess/prozess/app/embedded"
 	"github.com/prozess/prozess/schema"
 )
 
-// AdminURL is the server tests create their databases on:
-// PROZESS_TEST_DATABASE_URL, or the local default.
-func AdminURL() string {
-	if u := os.Getenv("PROZESS_TEST_DATABASE_URL"); u != "" {
-		return u
-	}
-	return "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+// servers are the PostgreSQL and Redis of this test binary.
+var servers struct {
+	inMain    bool // Main is running the tests
+	once      sync.Once
+	adminURL  string
+	redisAddr string
+	err       error
+	stop      []func()
 }
 
-// RedisAddr is the Redis tests use: PROZESS_TEST_REDIS_ADDR, or the local default.
-func RedisAddr() string {
-	if a := os.Getenv("PROZESS_TEST_REDIS_ADDR"); a != "" {
-		return a
+// Main runs a package's tests against the servers they need and returns the
+// exit code; call it from TestMain: os.Exit(schematest.Main(m)). With
+// PROZESS_TEST_DATABASE_URL and PROZESS_TEST_REDIS_ADDR set, tests use those
+// servers; without, the first test that needs one starts, for this test
+// binary alone, a real PostgreSQL server (the machine's installation, or
+// binaries fetched once, as `prozess serve all` does) in a temporary
+// directory and an in-process Redis, and Main stops both and removes the
+// directory when the tests end.
+func Main(m *testing.M) int {
+	servers.inMain = true
+	code := m.Run()
+	for i := len(servers.stop) - 1; i >= 0; i-- {
+		servers.stop[i]()
 	}
-	return "127.0.0.1:6379"
+	return code
+}
+
+// start resolves the servers once: the PROZESS_TEST_ variables, or embedded
+// ones.
+func start() {
+	servers.adminURL = os.Getenv("PROZESS_TEST_DATABASE_URL")
+	servers.redisAddr = os.Getenv("PROZESS_TEST_REDIS_ADDR")
+	if (servers.adminURL == "" || servers.redisAddr == "") && !servers.inMain {
+		servers.err = errors.New("this package's TestMain must call schematest.Main (or set PROZESS_TEST_DATABASE_URL and PROZESS_TEST_REDIS_ADDR)")
+		return
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	if servers.adminURL == "" {
+		dir, err := os.MkdirTemp("", "prozess-test-pg-")
+		if err != nil {
+			servers.err = err
+			return
+		}
+		servers.stop = append(servers.stop, func() { os.RemoveAll(dir) })
+		if err := os.Chmod(dir, 0o755); err != nil { // the server may run as another user
+			servers.err = err
+			return
+		}
+		port, err := freePort()
+		if err != nil {
+			servers.err = err
+			return
+		}
+		pg, err := embedded.StartPostgres(context.Background(), filepath.Join(dir, "data"), port, "", log)
+		if err != nil {
+			servers.err = fmt.Errorf("starting the tests' embedded PostgreSQL (or set PROZESS_TEST_DATABASE_URL): %w", err)
+			return
+		}
+		servers.stop = append(servers.stop, func() { _ = pg.Stop() })
+		servers.adminURL = pg.URL("postgres")
+	}
+	if servers.redisAddr == "" {
+		r, err := embedded.StartRedis("127.0.0.1:0", log)
+		if err != nil {
+			servers.err = err
+			return
+		}
+		servers.stop = append(servers.stop, r.Close)
+		servers.redisAddr = r.Addr()
+	}
+}
+
+func freePort() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+func ready(t testing.TB) {
+	t.Helper()
+	servers.once.Do(start)
+	if servers.err != nil {
+		t.Fatalf("test servers: %v", servers.err)
+	}
+}
+
+// AdminURL is the server tests create their databases on:
+// PROZESS_TEST_DATABASE_URL, or this test binary's embedded server.
+func AdminURL(t testing.TB) string {
+	t.Helper()
+	ready(t)
+	return servers.adminURL
+}
+
+// RedisAddr is the Redis tests use: PROZESS_TEST_REDIS_ADDR, or this test
+// binary's in-process one.
+func RedisAddr(t testing.TB) string {
+	t.Helper()
+	ready(t)
+	return servers.redisAddr
 }
 
 // Name returns a fresh name for a test's resources.
@@ -51,9 +147,9 @@ func NewDatabase(t testing.TB) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	admin, err := pgx.Connect(ctx, AdminURL())
+	admin, err := pgx.Connect(ctx, AdminURL(t))
 	if err != nil {
-		t.Fatalf("cannot reach PostgreSQL at %s (set PROZESS_TEST_DATABASE_URL): %v", AdminURL(), err)
+		t.Fatalf("cannot reach PostgreSQL at %s (set PROZESS_TEST_DATABASE_URL): %v", AdminURL(t), err)
 	}
 	defer admin.Close(ctx)
 	name := Name("prozess_test_")
@@ -63,7 +159,7 @@ func NewDatabase(t testing.TB) string {
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		conn, err := pgx.Connect(ctx, AdminURL())
+		conn, err := pgx.Connect(ctx, AdminURL(t))
 		if err != nil {
 			t.Errorf("dropping test database %s: %v", name, err)
 			return
@@ -73,7 +169,7 @@ func NewDatabase(t testing.TB) string {
 			t.Errorf("dropping test database %s: %v", name, err)
 		}
 	})
-	cfg, err := pgx.ParseConfig(AdminURL())
+	cfg, err := pgx.ParseConfig(AdminURL(t))
 	if err != nil {
 		t.Fatalf("PROZESS_TEST_DATABASE_URL: %v", err)
 	}
@@ -110,9 +206,9 @@ func NewPool(t testing.TB) *pgxpool.Pool {
 // under the prefix are deleted when the test ends.
 func NewRedis(t testing.TB) (rueidis.Client, string) {
 	t.Helper()
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{RedisAddr()}, DisableCache: true})
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{RedisAddr(t)}, DisableCache: true, ForceSingleClient: true})
 	if err != nil {
-		t.Fatalf("cannot reach Redis at %s (set PROZESS_TEST_REDIS_ADDR): %v", RedisAddr(), err)
+		t.Fatalf("cannot reach Redis at %s (set PROZESS_TEST_REDIS_ADDR): %v", RedisAddr(t), err)
 	}
 	prefix := Name("prozesstest:") + ":"
 	t.Cleanup(func() {

@@ -1,0 +1,365 @@
+// Package embedded starts the servers prozess needs on a machine that has
+// none running: a real PostgreSQL server (from the machine's installation,
+// or from binaries fetched once into a cache) and an in-process Redis. It is
+// what lets `prozess serve all` and `prozess dev` work with nothing but Go;
+// production passes --database-url and --redis-addr and starts none of it.
+package embedded
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	embeddedpostgres "github.com/fergusstrange/embedded-postgres"
+	"github.com/jackc/pgx/v5"
+)
+
+// Postgres is a PostgreSQL server this process started and stops.
+type Postgres struct {
+	host string
+	port int
+	user string
+	pass string
+	log  *slog.Logger
+	stop func() error
+}
+
+// StartPostgres starts a PostgreSQL server with its data in dir (created
+// with initdb the first time, kept afterwards, so a restart keeps every
+// order) listening on addr, and returns once it accepts connections. It uses
+// the machine's PostgreSQL when it finds one, and otherwise fetches
+// binaries once into cacheDir. As root it runs the server as the postgres
+// system user, since PostgreSQL refuses to run as root.
+func StartPostgres(ctx context.Context, dir, addr, cacheDir string, log *slog.Logger) (*Postgres, error) {
+	host, portStr, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("embedded PostgreSQL address %q: want host:port", addr)
+	}
+	port, err := strconv.Atoi(portStr)
+	if err != nil || port <= 0 || port > 65535 {
+		return nil, fmt.Errorf("embedded PostgreSQL address %q: want a port from 1 to 65535", addr)
+	}
+	if host == "" {
+		host = "127.0.0.1"
+	}
+	if err := portFree(host, port); err != nil {
+		return nil, err
+	}
+	dir, err = filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
+	p := &Postgres{host: host, port: port, user: "postgres", log: log}
+	start := time.Now()
+	if bin, ok := FindBinaries(); ok {
+		err = p.startLocal(ctx, bin, dir)
+	} else {
+		err = p.startFetched(ctx, dir, cacheDir)
+	}
+	if err != nil {
+		return nil, err
+	}
+	log.Info("embedded PostgreSQL started", "addr", net.JoinHostPort(host, portStr), "data_dir", dir, "took", time.Since(start).Round(time.Millisecond))
+	return p, nil
+}
+
+// URL is the connection URL of database on this server.
+func (p *Postgres) URL(database string) string {
+	auth := p.user
+	if p.pass != "" {
+		auth += ":" + p.pass
+	}
+	return fmt.Sprintf("postgres://%s@%s/%s?sslmode=disable", auth, net.JoinHostPort(p.host, strconv.Itoa(p.port)), database)
+}
+
+// Stop shuts the server down (a fast shutdown: open sessions are ended,
+// everything committed is on disk) and waits for it to exit.
+func (p *Postgres) Stop() error {
+	if p.stop == nil {
+		return nil
+	}
+	err := p.stop()
+	p.stop = nil
+	if err != nil {
+		return fmt.Errorf("stopping embedded PostgreSQL: %w", err)
+	}
+	p.log.Info("embedded PostgreSQL stopped")
+	return nil
+}
+
+// portFree fails with one line naming the flag if something already
+// listens on host:port.
+func portFree(host string, port int) error {
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(port)))
+	if err != nil {
+		return fmt.Errorf("embedded PostgreSQL cannot listen on %s:%d (a PostgreSQL already running there?): "+
+			"pass --database-url to use that server, or move the embedded one with --embedded-postgres-addr", host, port)
+	}
+	return ln.Close()
+}
+
+// FindBinaries returns the directory of the machine's PostgreSQL server
+// binaries (initdb and postgres): PROZESS_POSTGRES_BIN, pg_config
+// --bindir, the PATH, then the usual install locations, newest first.
+func FindBinaries() (string, bool) {
+	has := func(dir string) bool {
+		for _, b := range []string{"initdb", "postgres"} {
+			if fi, err := os.Stat(filepath.Join(dir, b)); err != nil || fi.IsDir() {
+				return false
+			}
+		}
+		return true
+	}
+	var candidates []string
+	if d := os.Getenv("PROZESS_POSTGRES_BIN"); d != "" {
+		return d, has(d)
+	}
+	if out, err := exec.Command("pg_config", "--bindir").Output(); err == nil {
+		candidates = append(candidates, strings.TrimSpace(string(out)))
+	}
+	if p, err := exec.LookPath("initdb"); err == nil {
+		if r, err := filepath.EvalSymlinks(p); err == nil {
+			candidates = append(candidates, filepath.Dir(r))
+		}
+	}
+	for _, pattern := range []string{
+		"/usr/lib/postgresql/*/bin",          // Debian, Ubuntu
+		"/usr/pgsql-*/bin",                   // RHEL, Fedora (PGDG)
+		"/usr/local/pgsql/bin",               // built from source
+		"/opt/homebrew/opt/postgresql@*/bin", // Homebrew, Apple silicon
+		"/usr/local/opt/postgresql@*/bin",    // Homebrew, Intel
+		"/Applications/Postgres.app/Contents/Versions/*/bin",
+	} {
+		m, _ := filepath.Glob(pattern)
+		slices.SortFunc(m, func(a, b string) int { return versionOf(b) - versionOf(a) })
+		candidates = append(candidates, m...)
+	}
+	for _, c := range candidates {
+		if has(c) {
+			return c, true
+		}
+	}
+	return "", false
+}
+
+// versionOf reads the major version in an install path, for newest first.
+func versionOf(path string) int {
+	for _, part := range strings.FieldsFunc(path, func(r rune) bool { return r < '0' || r > '9' }) {
+		if n, err := strconv.Atoi(part); err == nil {
+			return n
+		}
+	}
+	return 0
+}
+
+// startLocal runs the machine's binaries directly: initdb on first use,
+// then the postmaster as a child process in its own process group, so the
+// terminal's Ctrl-C reaches prozess, which stops the server last, after
+// every actor that uses it.
+func (p *Postgres) startLocal(ctx context.Context, bin, dir string) error {
+	cred, err := serverUser()
+	if err != nil {
+		return err
+	}
+	if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); err != nil {
+		if err := p.initdb(ctx, bin, dir, cred); err != nil {
+			return err
+		}
+	}
+	logPath := filepath.Join(dir, "server.log")
+	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("embedded PostgreSQL log %s: %w", logPath, err)
+	}
+	defer logFile.Close() // the child has its own copy
+	if cred != nil {
+		_ = os.Chown(logPath, int(cred.Uid), int(cred.Gid))
+	}
+	cmd := exec.Command(filepath.Join(bin, "postgres"), "-D", dir,
+		"-c", "listen_addresses="+p.host, "-p", strconv.Itoa(p.port),
+		"-c", "unix_socket_directories=", // TCP only: no socket path to collide or grow too long
+		"-c", "max_connections=200")
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = serverProcAttr(cred)
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting embedded PostgreSQL (%s): %w", bin, err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	p.stop = func() error { return stopProcess(cmd.Process, exited) }
+	if err := p.waitReady(ctx, exited, logPath); err != nil {
+		_ = p.stop()
+		p.stop = nil
+		return err
+	}
+	return nil
+}
+
+// initdb creates the cluster: user postgres, trust authentication (the
+// server listens on the address given, loopback by default), UTF-8.
+func (p *Postgres) initdb(ctx context.Context, bin, dir string, cred *runAs) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("creating embedded PostgreSQL data directory %s: %w", dir, err)
+	}
+	if cred != nil {
+		if err := os.Chown(dir, int(cred.Uid), int(cred.Gid)); err != nil {
+			return fmt.Errorf("giving %s to the postgres user: %w", dir, err)
+		}
+	}
+	cmd := exec.CommandContext(ctx, filepath.Join(bin, "initdb"), "-D", dir, "-U", p.user, "-A", "trust", "-E", "UTF8", "--locale=C")
+	cmd.SysProcAttr = serverProcAttr(cred)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		hint := ""
+		if cred != nil {
+			hint = " (as root the server runs as the postgres user, which must be able to reach " + dir + ")"
+		}
+		return fmt.Errorf("initdb %s failed%s: %s", dir, hint, lastLine(out.String(), err))
+	}
+	return nil
+}
+
+// waitReady waits until the server accepts connections, or fails with the
+// last line of its log if it exits first.
+func (p *Postgres) waitReady(ctx context.Context, exited <-chan error, logPath string) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	for {
+		conn, err := pgx.Connect(ctx, p.URL("postgres"))
+		if err == nil {
+			return conn.Close(ctx)
+		}
+		select {
+		case err := <-exited:
+			b, _ := os.ReadFile(logPath)
+			return fmt.Errorf("embedded PostgreSQL exited at start: %s", lastLine(string(b), err))
+		case <-ctx.Done():
+			return fmt.Errorf("embedded PostgreSQL did not accept connections within a minute (log: %s)", logPath)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// stopProcess asks the postmaster for a fast shutdown (SIGINT), then an
+// immediate one (SIGQUIT), then kills it.
+func stopProcess(proc *os.Process, exited <-chan error) error {
+	for _, step := range []struct {
+		sig  os.Signal
+		wait time.Duration
+	}{{os.Interrupt, 30 * time.Second}, {syscall.SIGQUIT, 5 * time.Second}, {os.Kill, 5 * time.Second}} {
+		if err := proc.Signal(step.sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			return err
+		}
+		select {
+		case <-exited:
+			return nil
+		case <-time.After(step.wait):
+		}
+	}
+	return errors.New("the server did not exit")
+}
+
+// serverUser is who the server runs as: this user, or the postgres system
+// user when this is root.
+func serverUser() (*runAs, error) {
+	if os.Geteuid() != 0 {
+		return nil, nil
+	}
+	u, err := user.Lookup("postgres")
+	if err != nil {
+		return nil, errors.New("prozess runs as root and PostgreSQL refuses to: create a postgres system user " +
+			"(useradd --system postgres), run prozess as another user, or pass --database-url")
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	return &runAs{Uid: uint32(uid), Gid: uint32(gid)}, nil
+}
+
+// runAs is the system user a server process runs as.
+type runAs struct{ Uid, Gid uint32 }
+
+// startFetched uses embedded-postgres, which fetches PostgreSQL's binaries
+// from Maven Central once into cacheDir and runs them; it cannot run as
+// root.
+func (p *Postgres) startFetched(ctx context.Context, dir, cacheDir string) error {
+	if os.Geteuid() == 0 {
+		return errors.New("no PostgreSQL installation found, and the fetched binaries cannot run as root: " +
+			"install PostgreSQL (e.g. apt-get install postgresql), set PROZESS_POSTGRES_BIN to its bin directory, or pass --database-url")
+	}
+	if cacheDir == "" {
+		c, err := os.UserCacheDir()
+		if err != nil {
+			return fmt.Errorf("no cache directory for PostgreSQL binaries: %w", err)
+		}
+		cacheDir = filepath.Join(c, "prozess")
+	}
+	version := embeddedpostgres.V16
+	p.pass = "postgres"
+	var out bytes.Buffer
+	db := embeddedpostgres.NewDatabase(embeddedpostgres.DefaultConfig().
+		Version(version).
+		Port(uint32(p.port)).
+		Username(p.user).Password(p.pass).Database("postgres").
+		DataPath(dir).
+		RuntimePath(dir + ".run").
+		CachePath(cacheDir).
+		BinariesPath(filepath.Join(cacheDir, "postgres-"+string(version))).
+		StartParameters(map[string]string{"listen_addresses": p.host, "max_connections": "200"}).
+		StartTimeout(2 * time.Minute).
+		Logger(&out))
+	p.log.Info("no PostgreSQL installation found; using PostgreSQL binaries from Maven Central (fetched once into the cache)",
+		"version", string(version), "cache", cacheDir)
+	if err := db.Start(); err != nil {
+		return fmt.Errorf("starting embedded PostgreSQL with fetched binaries (pass --database-url to use a server of yours): %s", oneLine(err.Error()))
+	}
+	p.stop = db.Stop
+	// embedded-postgres sets up password logins; make it trust loopback
+	// like the local path, so every command's default URL reaches it.
+	hba := "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
+	if err := os.WriteFile(filepath.Join(dir, "pg_hba.conf"), []byte(hba), 0o600); err != nil {
+		return fmt.Errorf("embedded PostgreSQL: writing pg_hba.conf: %w", err)
+	}
+	conn, err := pgx.Connect(ctx, p.URL("postgres"))
+	if err != nil {
+		return fmt.Errorf("embedded PostgreSQL: %w", err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, "SELECT pg_reload_conf()"); err != nil {
+		return fmt.Errorf("embedded PostgreSQL: reloading pg_hba.conf: %w", err)
+	}
+	p.pass = ""
+	return nil
+}
+
+// lastLine picks the line of a server's output that says what went wrong:
+// the last FATAL or ERROR line, else the last line.
+func lastLine(out string, err error) string {
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if strings.Contains(lines[i], "FATAL") || strings.Contains(lines[i], "ERROR") {
+			return strings.TrimSpace(lines[i])
+		}
+	}
+	if l := strings.TrimSpace(lines[len(lines)-1]); l != "" {
+		return l
+	}
+	if err != nil {
+		return err.Error()
+	}
+	return "no output"
+}
+
+func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
