@@ -158,22 +158,22 @@ func TestDeadLetterListAndReplay(t *testing.T) {
 	if err := cl.ProduceSync(t.Context(), rec).FirstErr(); err != nil {
 		t.Fatal(err)
 	}
-	out, err := runCLI(t, "dlq", "list", "--kafka-brokers", brokers)
+	out, err := runCLI(t, "dlq", "list", "--kafka-brokers", brokers, "--topic", cfg.Topic)
 	if err != nil || !strings.Contains(out, "1 dead letters") || !strings.Contains(out, "fixed in v2") ||
-		!strings.Contains(out, "inventory") || !strings.Contains(out, "order-events/0@41") {
+		!strings.Contains(out, "inventory") || !strings.Contains(out, cfg.Topic+"/0@41") {
 		t.Fatalf("dlq list: %v\n%s", err, out)
 	}
-	if _, err := runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--record", "9@9"); err == nil || !strings.Contains(err.Error(), "no such dead letter") {
+	if _, err := runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--record", "9@9"); err == nil || !strings.Contains(err.Error(), "no such dead letter") {
 		t.Fatalf("replaying a record that is not there: %v", err)
 	}
-	if _, err := runCLI(t, "dlq", "replay", "--kafka-brokers", brokers); err == nil || !strings.Contains(err.Error(), "--all") {
+	if _, err := runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic); err == nil || !strings.Contains(err.Error(), "--all") {
 		t.Fatalf("replay without a choice: %v", err)
 	}
 	dls, err := saga.ReadDeadLetters(t.Context(), r.sys.Brokers(), cfg.DLQTopic())
 	if err != nil || len(dls) != 1 {
 		t.Fatalf("%d dead letters (%v)", len(dls), err)
 	}
-	out, err = runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--record", strconv.Itoa(int(dls[0].Partition))+"@"+strconv.FormatInt(dls[0].Offset, 10))
+	out, err = runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--record", strconv.Itoa(int(dls[0].Partition))+"@"+strconv.FormatInt(dls[0].Offset, 10))
 	if err != nil || !strings.Contains(out, "replayed 1") {
 		t.Fatalf("dlq replay: %v\n%s", err, out)
 	}

@@ -95,6 +95,7 @@ not given (data in --data-dir); any other mix uses the local ones, those
 	cfg.serveFlags(cmd.Flags())
 	cfg.brokerFlags(cmd.Flags(), "broker-addr")
 	cfg.embeddedFlags(cmd.Flags())
+	cfg.kafkaFlags(cmd.Flags())
 	cmd.Flags().StringVar(&fault, "fault", "", "PARTICIPANT:POINT: exit abruptly at that fault point (for crash tests)")
 	_ = cmd.Flags().MarkHidden("fault")
 	return cmd

@@ -44,6 +44,13 @@ type Config struct {
 	KeyCacheTTL          time.Duration // how long the api may cache a valid API key (0: never)
 	StatementTimeout     time.Duration // PostgreSQL statement_timeout for every connection
 	KafkaLogLevel        string        // the Kafka client's own log level; empty for none
+	GroupPrefix          string        // consumer groups are <prefix><participant>
+	ReplicationFactor    int16         // of the topics prozess creates; 0: 3, or the brokers when fewer
+	MinInSync            int           // their min.insync.replicas; 0: replication factor - 1, at least 1
+	DLQRetention         time.Duration // how long dead letters are kept; 0: until removed
+	StrictTopics         bool          // refuse existing topics less durable than configured
+	InstanceID           string        // static group membership (group.instance.id) when set
+	ResetOutOfRange      bool          // skip to the log start when a committed offset was deleted
 
 	// Fault, when set, is called at the consumers' fault points (tests).
 	Fault saga.FaultFunc
@@ -72,6 +79,7 @@ func DefaultConfig() Config {
 		EmbeddedPostgresAddr: "127.0.0.1:5432",
 		EmbeddedRedisAddr:    "127.0.0.1:6379",
 		RedisPrefix:          "prozess:",
+		GroupPrefix:          "prozess-",
 		Topic:                "order-events",
 		Partitions:           6,
 		HTTPAddr:             ":8080",
@@ -155,6 +163,20 @@ func (c Config) redisAddr() string {
 	return c.RedisAddr
 }
 
+// kafkaFlags are how serve uses Kafka: its topics' durability and its
+// consumer groups.
+func (c *Config) kafkaFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&c.GroupPrefix, "group-prefix", c.GroupPrefix, "consumer groups are <prefix><participant>, so deployments can share a cluster")
+	fs.Int16Var(&c.ReplicationFactor, "replication-factor", c.ReplicationFactor, "replication factor of the topics prozess creates (0: 3, or the number of brokers when fewer)")
+	fs.IntVar(&c.MinInSync, "min-insync-replicas", c.MinInSync, "min.insync.replicas of the topics prozess creates (0: replication factor - 1, at least 1)")
+	fs.DurationVar(&c.DLQRetention, "dlq-retention", c.DLQRetention, "how long the dead-letter topic keeps records (0: until an operator removes them)")
+	fs.BoolVar(&c.StrictTopics, "strict-topics", c.StrictTopics, "refuse to start when an existing topic is less durable than configured (default: warn)")
+	fs.StringVar(&c.InstanceID, "instance-id", c.InstanceID,
+		"static consumer group membership (group.instance.id), unique per process: a restart within the session timeout keeps its partitions")
+	fs.BoolVar(&c.ResetOutOfRange, "reset-out-of-range", c.ResetOutOfRange,
+		"when a committed offset was deleted by retention, go on from the oldest record instead of stopping (skips what was deleted)")
+}
+
 func (c *Config) serveFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.HTTPAddr, "http-addr", c.HTTPAddr, "listen address of the HTTP API (api participant)")
 	fs.Float64Var(&c.PaymentDeclineRate, "payment-decline-rate", c.PaymentDeclineRate, "share of simulated payments declined, 0 to 1")
@@ -182,6 +204,18 @@ func (c Config) validate() error {
 	}
 	if c.Topic == "" || strings.ContainsAny(c.Topic, " /\\") || len(c.Topic) > 200 {
 		return fmt.Errorf("--topic %q: must be a valid Kafka topic name", c.Topic)
+	}
+	if c.ReplicationFactor < 0 {
+		return fmt.Errorf("--replication-factor %d: must not be negative", c.ReplicationFactor)
+	}
+	if c.MinInSync < 0 {
+		return fmt.Errorf("--min-insync-replicas %d: must not be negative", c.MinInSync)
+	}
+	if c.DLQRetention < 0 {
+		return fmt.Errorf("--dlq-retention %s: must not be negative", c.DLQRetention)
+	}
+	if c.GroupPrefix == "" {
+		return fmt.Errorf("--group-prefix: must not be empty")
 	}
 	if c.KeyCacheTTL < 0 {
 		return fmt.Errorf("--key-cache-ttl %s: must not be negative", c.KeyCacheTTL)

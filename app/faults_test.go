@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -17,9 +18,12 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/check"
 	"github.com/prozess/prozess/app/loadgen"
+	"github.com/prozess/prozess/app/saga/sagatest"
 	"github.com/prozess/prozess/schema/schematest"
 )
 
@@ -49,10 +53,16 @@ type deployment struct {
 
 func newDeployment(t *testing.T, e *env) *deployment {
 	d := &deployment{t: t, e: e, brokerDir: t.TempDir(), procs: map[string]*proc{}}
-	d.startBroker("127.0.0.1:0")
+	if e.kafka != nil {
+		d.brokerArg = strings.Join(e.kafka.Brokers, ",")
+	} else {
+		d.startBroker("127.0.0.1:0")
+	}
+	cfg := e.config()
 	d.env = []string{
 		"PROZESS_DATABASE_URL=" + e.dbURL, "PROZESS_REDIS_ADDR=" + schematest.RedisAddr(t), "PROZESS_REDIS_PREFIX=" + e.prefix,
 		"PROZESS_KAFKA_BROKERS=" + d.brokerArg, "PROZESS_LOG_FORMAT=json", "PROZESS_RATE_LIMIT=0", "PROZESS_ADMIN_ADDR=127.0.0.1:0", "PROZESS_LOG_LEVEL=warn", "PROZESS_PAYMENT_DECLINE_RATE=0.2",
+		"PROZESS_TOPIC=" + cfg.Topic, "PROZESS_GROUP_PREFIX=" + cfg.GroupPrefix,
 	}
 	for _, p := range []string{"api", "inventory", "payment", "delivery", "status"} {
 		d.start(p)
@@ -314,11 +324,6 @@ func TestFaultSuite(t *testing.T) {
 	l := d.startLoad(25)
 	defer l.halt()
 
-	type fault struct {
-		name   string
-		skip   string
-		inject func()
-	}
 	killRestart := func(name string) func() {
 		return func() { d.kill(name); time.Sleep(500 * time.Millisecond); d.start(name) }
 	}
@@ -356,7 +361,7 @@ func TestFaultSuite(t *testing.T) {
 			time.Sleep(13 * time.Second)
 			p.cmd.Process.Signal(syscall.SIGCONT)
 		}},
-		{name: "broker SIGKILL and restart, 3 times in a row", inject: func() {
+		{name: "broker SIGKILL and restart, 3 times in a row", skip: onCluster("kfake's broker process"), inject: func() {
 			for range 3 {
 				d.broker.cmd.Process.Signal(syscall.SIGKILL)
 				d.broker.wait(t)
@@ -382,6 +387,7 @@ func TestFaultSuite(t *testing.T) {
 			service(t, redisStart)
 		}},
 	}
+	faults = append(faults, clusterFaults(t, e)...)
 	var rows []row
 	index := map[string]int{}
 	cycleEnd := time.Now().Add(*faultsDuration)
@@ -444,4 +450,93 @@ func renderFaults(rows []row, accepted, refused, bad int) string {
 	}
 	fmt.Fprintf(&b, "\nIn all: %d orders accepted, %d given up after 30 tries, %d lost, doubled or stuck at the end.\n", accepted, refused, bad)
 	return b.String()
+}
+
+// fault is one of the suite's faults: skip says why it does not run here.
+type fault struct {
+	name   string
+	skip   string
+	inject func()
+}
+
+// onCluster skips a kfake-only fault when the tests run on a real cluster.
+func onCluster(what string) string {
+	if sagatest.Real() {
+		return what + " is not part of a real cluster; the cluster's own broker faults run instead"
+	}
+	return ""
+}
+
+// cluster runs .ci/kafka/cluster (PROZESS_TEST_KAFKA_CLUSTER) with args,
+// on the cluster the tests use.
+func cluster(t *testing.T, args ...string) {
+	t.Helper()
+	script := os.Getenv("PROZESS_TEST_KAFKA_CLUSTER")
+	out, err := exec.Command("bash", append([]string{script}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %v: %v\n%s", script, args, err, out)
+	}
+}
+
+// clusterFaults are the broker faults of a real three-node cluster (node N
+// is broker id N): the saga topic's leader, a group coordinator, a broker
+// under acks=all production, a rolling restart, a frozen broker. Each
+// restarts what it killed and waits until it serves again.
+func clusterFaults(t *testing.T, e *env) []fault {
+	if e.kafka == nil || os.Getenv("PROZESS_TEST_KAFKA_CLUSTER") == "" {
+		return nil
+	}
+	adm := func() (*kadm.Client, func()) {
+		cl, err := kgo.NewClient(kgo.SeedBrokers(e.kafka.Brokers...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return kadm.NewClient(cl), cl.Close
+	}
+	leaderOf := func(partition int32) string {
+		a, done := adm()
+		defer done()
+		md, err := a.Metadata(t.Context(), e.kafka.Topic)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strconv.Itoa(int(md.Topics[e.kafka.Topic].Partitions[partition].Leader))
+	}
+	coordinatorOf := func(group string) string {
+		a, done := adm()
+		defer done()
+		gs, err := a.DescribeGroups(t.Context(), group)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strconv.Itoa(int(gs[group].Coordinator.NodeID))
+	}
+	killRestart := func(node string) {
+		cluster(t, "node-signal", node, "KILL")
+		time.Sleep(3 * time.Second)
+		cluster(t, "node-start", node)
+	}
+	return []fault{
+		{name: "Kafka: SIGKILL the leader of the saga topic's partition 0, restart it", inject: func() { killRestart(leaderOf(0)) }},
+		{name: "Kafka: SIGKILL the group coordinator of inventory's group, restart it", inject: func() {
+			killRestart(coordinatorOf(e.kafka.GroupPrefix + "inventory"))
+		}},
+		{name: "Kafka: SIGKILL a broker while the relay produces with acks=all, restart it", inject: func() {
+			// The leader of the partition the next orders go to, whichever
+			// it is, is one of three; kill broker 3 mid-load.
+			killRestart("3")
+		}},
+		{name: "Kafka: rolling restart of all three brokers", inject: func() {
+			for _, n := range []string{"1", "2", "3"} {
+				cluster(t, "node-stop", n)
+				cluster(t, "node-start", n)
+			}
+		}},
+		{name: "Kafka: SIGSTOP a broker past its session timeout, then SIGCONT", inject: func() {
+			n := leaderOf(1)
+			cluster(t, "node-signal", n, "STOP")
+			time.Sleep(20 * time.Second) // broker.session.timeout.ms is 9 s: the controller fences it
+			cluster(t, "node-signal", n, "CONT")
+		}},
+	}
 }

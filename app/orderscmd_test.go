@@ -29,7 +29,8 @@ func run(args ...string) (string, error) {
 // or type, history first with --from-start and then live.
 func TestOrdersGetAndTail(t *testing.T) {
 	e := newEnv(t)
-	r := e.start(e.config())
+	cfg := e.config()
+	r := e.start(cfg)
 	brokers := strings.Join(r.sys.Brokers(), ",")
 	db := []string{"--database-url", e.dbURL, "--log-level", "warn"}
 
@@ -75,7 +76,7 @@ func TestOrdersGetAndTail(t *testing.T) {
 	}
 
 	// One order's history, exactly, in order.
-	one := spawn(t, nil, "orders", "tail", "--kafka-brokers", brokers, "--from-start", "--json", "--order", shipped)
+	one := spawn(t, nil, "orders", "tail", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--from-start", "--json", "--order", shipped)
 	for i, want := range []event.Type{event.OrderCreated, event.InventoryReserved, event.PaymentCompleted, event.OrderShipped} {
 		l := one.await(t, "event "+string(want), func(m map[string]any) bool { return m["type"] != nil })
 		if l["type"] != string(want) || l["order_id"] != shipped {
@@ -84,7 +85,7 @@ func TestOrdersGetAndTail(t *testing.T) {
 	}
 	// Only one type: the out-of-stock order from history, then one placed
 	// while tailing.
-	failed := spawn(t, nil, "orders", "tail", "--kafka-brokers", brokers, "--from-start", "--json", "--type", "InventoryFailed")
+	failed := spawn(t, nil, "orders", "tail", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--from-start", "--json", "--type", "InventoryFailed")
 	l := failed.await(t, "the first InventoryFailed", func(m map[string]any) bool { return m["type"] != nil })
 	if l["order_id"] != noStock || l["status"] != string(event.StatusCancelled) {
 		t.Fatalf("first line %v, want InventoryFailed of %s", l, noStock)

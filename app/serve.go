@@ -175,7 +175,8 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		s.closers = append(s.closers, b.Close)
 		s.brokers = b.ListenAddrs()
 	}
-	if err := saga.EnsureTopics(startCtx, s.brokers, cfg.Partitions, cfg.Topic, cfg.DLQTopic()); err != nil {
+	if err := saga.EnsureTopics(startCtx, s.brokers, saga.Topics{Topic: cfg.Topic, DLQ: cfg.DLQTopic(), Partitions: cfg.Partitions,
+		ReplicationFactor: cfg.ReplicationFactor, MinInSync: cfg.MinInSync, DLQRetention: cfg.DLQRetention, Strict: cfg.StrictTopics}, log); err != nil {
 		return nil, err
 	}
 
@@ -216,6 +217,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		}
 		c, err := saga.NewConsumer(p.name, plog, pool, h, saga.ConsumerConfig{
 			Brokers: s.brokers, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: saga.KafkaLogger(cfg.KafkaLogLevel, plog),
+			Group: cfg.GroupPrefix + p.name, InstanceID: cfg.InstanceID, ResetOutOfRange: cfg.ResetOutOfRange,
 			Metrics: s.metrics, Tracing: s.tracing,
 		})
 		if err != nil {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/prozess/prozess/app"
 	"github.com/prozess/prozess/app/saga"
+	"github.com/prozess/prozess/app/saga/sagatest"
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/schema/schematest"
@@ -33,6 +34,10 @@ type env struct {
 	pool    *pgxpool.Pool
 	keysMu  sync.Mutex
 	keys    map[string]string // user -> API key; "admin" is an admin key
+	// kafka is the real cluster's topic and groups for this test when
+	// PROZESS_TEST_KAFKA_BROKERS is set; nil means each system starts its
+	// own kfake broker.
+	kafka *sagatest.Kafka
 }
 
 // keyFor returns an API key acting as user, creating it on first use.
@@ -60,7 +65,12 @@ func newEnv(t *testing.T) *env {
 	}
 	t.Cleanup(pool.Close)
 	_, prefix := schematest.NewRedis(t)
-	return &env{t: t, dbURL: url, prefix: prefix, dataDir: t.TempDir(), pool: pool, keys: map[string]string{}}
+	e := &env{t: t, dbURL: url, prefix: prefix, dataDir: t.TempDir(), pool: pool, keys: map[string]string{}}
+	if sagatest.Real() {
+		k := sagatest.New(t)
+		e.kafka = &k
+	}
+	return e
 }
 
 func (e *env) config() app.Config {
@@ -75,6 +85,9 @@ func (e *env) config() app.Config {
 	cfg.Partitions = 3
 	cfg.PaymentDeclineRate = 0
 	cfg.RateLimit = 0 // tests poll hard; the limit has tests of its own
+	if e.kafka != nil {
+		cfg.KafkaBrokers, cfg.Topic, cfg.GroupPrefix = e.kafka.Brokers, e.kafka.Topic, e.kafka.GroupPrefix
+	}
 	return cfg
 }
 
@@ -82,6 +95,9 @@ func (e *env) config() app.Config {
 // the test ends, for systems that must share one.
 func (e *env) broker() []string {
 	e.t.Helper()
+	if e.kafka != nil {
+		return e.kafka.Brokers
+	}
 	b, err := saga.StartBroker("127.0.0.1:0", e.t.TempDir(), slog.New(slog.DiscardHandler))
 	if err != nil {
 		e.t.Fatal(err)
@@ -202,6 +218,25 @@ func (r *running) await(t *testing.T, id string, timeout time.Duration) api.Orde
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("order %s still %s after %s", id, o.Status, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// awaitStatus polls GET /orders/{id} until the order has reached want (or
+// is terminal), and returns it; it fails the test after timeout.
+func (r *running) awaitStatus(t *testing.T, id string, want event.Status, timeout time.Duration) api.Order {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		var o api.Order
+		r.getJSON(t, "/orders/"+id, &o)
+		if o.Status.Rank() >= want.Rank() || o.Status.Terminal() {
+			return o
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("order %s still %s after %s, want %s", id, o.Status, timeout, want)
+			return o
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

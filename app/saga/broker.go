@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
@@ -49,11 +51,52 @@ func StartBroker(addr, dataDir string, log *slog.Logger) (*kfake.Cluster, error)
 	return c, nil
 }
 
+// Topics is what EnsureTopics creates and checks: the saga topic, its
+// dead-letter topic and how durable they must be.
+type Topics struct {
+	Topic, DLQ string
+	Partitions int32
+	// ReplicationFactor is each partition's copies: 0 means 3, or the
+	// number of brokers when there are fewer.
+	ReplicationFactor int16
+	// MinInSync is min.insync.replicas, the copies an acks=all write must
+	// reach: 0 means the replication factor less one, at least 1.
+	MinInSync int
+	// DLQRetention is how long dead letters are kept: 0 keeps them until an
+	// operator removes them, since a dead letter is there to be replayed.
+	DLQRetention time.Duration
+	// Strict refuses existing topics less durable than asked for, instead
+	// of warning.
+	Strict bool
+}
+
+// durability resolves 0s against a cluster of n brokers.
+func (t Topics) durability(n int) (rf int16, minISR int, err error) {
+	rf = t.ReplicationFactor
+	if rf <= 0 {
+		rf = int16(min(3, max(n, 1)))
+	}
+	if int(rf) > n {
+		return 0, 0, fmt.Errorf("--replication-factor %d: the cluster has %d brokers", rf, n)
+	}
+	minISR = t.MinInSync
+	if minISR <= 0 {
+		minISR = max(1, int(rf)-1)
+	}
+	if minISR > int(rf) {
+		return 0, 0, fmt.Errorf("--min-insync-replicas %d: above the replication factor %d, so no write could succeed", minISR, rf)
+	}
+	return rf, minISR, nil
+}
+
 // EnsureTopics creates the saga topic and its dead-letter topic if they are
-// missing. Creating them explicitly (not by auto-creation) is what makes
-// kfake persist them at once, and lets us choose the partition count.
-func EnsureTopics(ctx context.Context, brokers []string, partitions int32, topics ...string) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+// missing, durable: replicated, with min.insync.replicas so that acks=all
+// means more than the leader alone, and dead letters kept until replayed.
+// Creating them explicitly (not by auto-creation) is also what makes kfake
+// persist them at once. Existing topics less durable than asked for are
+// reported in one line, or refused when t.Strict.
+func EnsureTopics(ctx context.Context, brokers []string, t Topics, log *slog.Logger) error {
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
 	if err != nil {
@@ -61,14 +104,120 @@ func EnsureTopics(ctx context.Context, brokers []string, partitions int32, topic
 	}
 	defer cl.Close()
 	adm := kadm.NewClient(cl)
-	res, err := adm.CreateTopics(ctx, partitions, -1, nil, topics...)
+	bs, err := adm.ListBrokers(ctx)
 	if err != nil {
 		return fmt.Errorf("cannot reach Kafka at %v: %w", brokers, err)
 	}
-	for _, t := range res.Sorted() {
-		if t.Err != nil && !errors.Is(t.Err, kerr.TopicAlreadyExists) {
-			return fmt.Errorf("creating topic %s: %w", t.Topic, t.Err)
+	rf, minISR, err := t.durability(len(bs))
+	if err != nil {
+		return err
+	}
+	isr := strconv.Itoa(minISR)
+	configs := map[string]map[string]*string{
+		t.Topic: {"min.insync.replicas": &isr},
+		t.DLQ:   {"min.insync.replicas": &isr, "retention.ms": ptr(retentionMs(t.DLQRetention)), "retention.bytes": ptr("-1")},
+	}
+	var existing []string
+	for _, topic := range []string{t.Topic, t.DLQ} {
+		res, err := adm.CreateTopic(ctx, t.Partitions, rf, configs[topic], topic)
+		switch {
+		case errors.Is(err, kerr.TopicAlreadyExists) || errors.Is(res.Err, kerr.TopicAlreadyExists):
+			existing = append(existing, topic)
+		case err != nil:
+			return fmt.Errorf("creating topic %s: %w", topic, err)
+		case res.Err != nil:
+			return fmt.Errorf("creating topic %s: %w", topic, res.Err)
+		default:
+			log.Info("topic created", "topic", topic, "partitions", t.Partitions, "replication_factor", rf, "min_insync_replicas", minISR)
 		}
+	}
+	if len(existing) == 0 {
+		return nil
+	}
+	problems, err := checkTopics(ctx, adm, existing, rf, minISR, t.DLQ, retentionMs(t.DLQRetention))
+	if err != nil {
+		return err
+	}
+	for _, p := range problems {
+		if t.Strict {
+			return fmt.Errorf("%s (--strict-topics refuses it: raise it with kafka-topics/kafka-configs or drop the flag)", p)
+		}
+		log.Warn(p + "; acknowledged writes can be lost with one broker (--strict-topics refuses to start on this)")
 	}
 	return nil
 }
+
+// checkTopics compares existing topics with the durability asked for and
+// says, one line a topic, where they fall short.
+func checkTopics(ctx context.Context, adm *kadm.Client, topics []string, rf int16, minISR int, dlq, dlqRetention string) ([]string, error) {
+	// A topic another process has just created can answer without
+	// partitions or with LEADER_NOT_AVAILABLE for a moment.
+	var md kadm.Metadata
+	for {
+		var err error
+		md, err = adm.Metadata(ctx, topics...)
+		if err != nil {
+			return nil, fmt.Errorf("describing topics %v: %w", topics, err)
+		}
+		settled := true
+		for _, topic := range topics {
+			td := md.Topics[topic]
+			settled = settled && td.Err == nil && len(td.Partitions) > 0
+		}
+		if settled {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("describing topics %v: not ready: %w", topics, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	cfgs, err := adm.DescribeTopicConfigs(ctx, topics...)
+	if err != nil {
+		return nil, fmt.Errorf("describing topic configs %v: %w", topics, err)
+	}
+	var out []string
+	for _, topic := range topics {
+		td, ok := md.Topics[topic]
+		if !ok || td.Err != nil {
+			return nil, fmt.Errorf("describing topic %s: %v", topic, td.Err)
+		}
+		have := int16(1 << 14)
+		for _, p := range td.Partitions {
+			have = min(have, int16(len(p.Replicas)))
+		}
+		rc, err := cfgs.On(topic, nil)
+		if err != nil {
+			return nil, fmt.Errorf("describing topic %s: %w", topic, err)
+		}
+		values := map[string]string{}
+		for _, c := range rc.Configs {
+			values[c.Key] = c.MaybeValue()
+		}
+		haveISR, _ := strconv.Atoi(values["min.insync.replicas"])
+		var short []string
+		if have < rf {
+			short = append(short, fmt.Sprintf("replication factor %d (want %d)", have, rf))
+		}
+		if haveISR < minISR {
+			short = append(short, fmt.Sprintf("min.insync.replicas %d (want %d)", haveISR, minISR))
+		}
+		if topic == dlq && values["retention.ms"] != dlqRetention {
+			short = append(short, fmt.Sprintf("retention.ms %s (want %s: dead letters must outlive their replay)", values["retention.ms"], dlqRetention))
+		}
+		if len(short) > 0 {
+			out = append(out, fmt.Sprintf("topic %s is less durable than configured: %s", topic, strings.Join(short, ", ")))
+		}
+	}
+	return out, nil
+}
+
+func retentionMs(d time.Duration) string {
+	if d <= 0 {
+		return "-1"
+	}
+	return strconv.FormatInt(d.Milliseconds(), 10)
+}
+
+func ptr(s string) *string { return &s }

@@ -17,6 +17,8 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/telemetry"
@@ -65,6 +67,8 @@ type FaultFunc func(participant, point string) error
 // transaction (inbox dedup, effects, outbox), commit, then commit offsets.
 type Consumer struct {
 	name     string
+	group    string
+	brokers  []string
 	log      *slog.Logger
 	client   *kgo.Client
 	pool     *pgxpool.Pool
@@ -88,11 +92,23 @@ type ConsumerStats struct {
 
 // ConsumerConfig holds what NewConsumer needs beyond the handler.
 type ConsumerConfig struct {
-	Brokers  []string
-	Topic    string
-	DLQTopic string
-	MaxBatch int
-	Fault    FaultFunc
+	Brokers []string
+	// Group is the consumer group; empty means GroupName(participant).
+	Group string
+	// InstanceID, when set, makes the consumer a static member of its
+	// group (KIP-345): a restart within the session timeout gets its
+	// partitions back without a rebalance, so a rolling restart of
+	// participants moves no partition.
+	InstanceID string
+	// ResetOutOfRange lets the consumer skip to the log start when its
+	// committed offset is no longer on the topic. By default it stops
+	// instead: those records were deleted by retention unread, and only an
+	// operator may decide to go on without them.
+	ResetOutOfRange bool
+	Topic           string
+	DLQTopic        string
+	MaxBatch        int
+	Fault           FaultFunc
 	// KafkaLog, when set, receives the Kafka client's own log (group
 	// membership, fetches) for debugging.
 	KafkaLog kgo.Logger
@@ -109,12 +125,22 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = 500
 	}
+	if cfg.Group == "" {
+		cfg.Group = GroupName(name)
+	}
+	// A new group starts at the beginning either way; NoResetOffset only
+	// turns an out-of-range committed offset into an error instead of a
+	// silent jump (see Run).
+	reset := kgo.NoResetOffset().AtStart()
+	if cfg.ResetOutOfRange {
+		reset = kgo.NewOffset().AtStart()
+	}
 	opts := []kgo.Opt{
 		kgo.SeedBrokers(cfg.Brokers...),
 		kgo.ClientID("prozess-" + name),
-		kgo.ConsumerGroup(GroupName(name)),
+		kgo.ConsumerGroup(cfg.Group),
 		kgo.ConsumeTopics(cfg.Topic),
-		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
+		kgo.ConsumeResetOffset(reset),
 		kgo.DisableAutoCommit(),
 		kgo.BlockRebalanceOnPoll(),
 		kgo.FetchMaxWait(time.Second),
@@ -127,6 +153,9 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 		// is still uncommitted then is a batch that failed, and committing it
 		// would skip records never applied.
 	}
+	if cfg.InstanceID != "" {
+		opts = append(opts, kgo.InstanceID(cfg.InstanceID))
+	}
 	if cfg.KafkaLog != nil {
 		opts = append(opts, kgo.WithLogger(cfg.KafkaLog))
 	}
@@ -135,12 +164,15 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	if err != nil {
 		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
 	}
-	return &Consumer{name: name, log: log, client: client, pool: pool, handler: h,
-		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, metrics: cfg.Metrics, tracer: cfg.Tracing.ForParticipant(name, GroupName(name))}, nil
+	return &Consumer{name: name, group: cfg.Group, brokers: cfg.Brokers, log: log, client: client, pool: pool, handler: h,
+		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, metrics: cfg.Metrics, tracer: cfg.Tracing.ForParticipant(name, cfg.Group)}, nil
 }
 
-// GroupName is participant name's consumer group.
+// GroupName is participant name's consumer group by default.
 func GroupName(name string) string { return "prozess-" + name }
+
+// Group is the consumer's group.
+func (c *Consumer) Group() string { return c.group }
 
 // Name is the participant the consumer runs.
 func (c *Consumer) Name() string { return c.name }
@@ -150,7 +182,7 @@ func (c *Consumer) Stats() *ConsumerStats { return &c.stats }
 
 // Telemetry is what the metrics read of this consumer at scrape time.
 func (c *Consumer) Telemetry() telemetry.Consumer {
-	return telemetry.Consumer{Group: GroupName(c.name), Counts: func() (int64, int64, int64) {
+	return telemetry.Consumer{Group: c.group, Counts: func() (int64, int64, int64) {
 		return c.stats.Applied.Load(), c.stats.Duplicates.Load(), c.stats.DeadLettered.Load()
 	}}
 }
@@ -159,6 +191,13 @@ func (c *Consumer) Telemetry() telemetry.Consumer {
 func (c *Consumer) Joined() bool {
 	member, gen := c.client.GroupMetadata()
 	return member != "" && gen > 0
+}
+
+// Generation is the group generation the consumer is a member of (0 when
+// it is not).
+func (c *Consumer) Generation() int32 {
+	_, gen := c.client.GroupMetadata()
+	return gen
 }
 
 // Close leaves the group and closes the client.
@@ -174,9 +213,18 @@ func (c *Consumer) Run(ctx context.Context) error {
 			c.client.AllowRebalance()
 			return nil
 		}
+		lost := int32(-1)
 		fetches.EachError(func(t string, p int32, err error) {
+			if errors.Is(err, kerr.OffsetOutOfRange) {
+				lost = p
+				return
+			}
 			c.log.Warn("fetch failed", "topic", t, "partition", p, "err", err)
 		})
+		if lost >= 0 {
+			c.client.AllowRebalance()
+			return c.outOfRange(c.topic, lost)
+		}
 		recs := fetches.Records()
 		if len(recs) == 0 {
 			c.client.AllowRebalance()
@@ -195,6 +243,36 @@ func (c *Consumer) Run(ctx context.Context) error {
 		c.commitOffsets()
 		c.client.AllowRebalance()
 	}
+}
+
+// outOfRange is the error that stops a consumer whose committed offset on
+// topic/partition is no longer on the topic: retention deleted records it
+// never applied. It names the group, the partition and both offsets.
+func (c *Consumer) outOfRange(topic string, partition int32) error {
+	c.metrics.CountOutOfRange(c.name)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(c.brokers...))
+	if err != nil {
+		return fmt.Errorf("%s: consumer group %s, partition %s/%d: committed offset no longer on the topic (%v)", c.name, c.group, topic, partition, err)
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	committed, start := int64(-1), int64(-1)
+	if offs, err := adm.FetchOffsets(ctx, c.group); err == nil {
+		if o, ok := offs.Lookup(topic, partition); ok {
+			committed = o.At
+		}
+	}
+	if ls, err := adm.ListStartOffsets(ctx, topic); err == nil {
+		if o, ok := ls.Lookup(topic, partition); ok {
+			start = o.Offset
+		}
+	}
+	return fmt.Errorf("%s: consumer group %s, partition %s/%d: committed offset %d is no longer on the topic (it now starts at %d): "+
+		"retention deleted %d records this participant never applied; stopping rather than skipping them "+
+		"(restart with --reset-out-of-range to go on from the oldest record deliberately)",
+		c.name, c.group, topic, partition, committed, start, max(0, start-committed))
 }
 
 // commitOffsets commits what was just applied. If it fails, the records are

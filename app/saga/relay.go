@@ -22,6 +22,18 @@ import (
 // order, and standbys take over within a second if it dies.
 const relayLockID = 0x70726f7a // "proz"
 
+// LeaseTimeout bounds how long a relay that stopped working can hold the
+// lock: the server ends the lock's session once it has been idle that long
+// (idle_session_timeout), and a healthy leader is never idle for more than
+// its poll interval plus one publish. A frozen process (SIGSTOP, a VM
+// paused) or a vanished host goes silent and loses the lock; TCP keepalives
+// alone would not free it from a frozen process, whose kernel still answers.
+// A standby tries the lock every second, so it takes over within about
+// LeaseTimeout + 1 s. The old leader, if it wakes, finds its session gone
+// and becomes a standby; what it was publishing is published again, and the
+// inboxes skip the copies.
+const LeaseTimeout = 15 * time.Second
+
 // Relay publishes outbox rows to Kafka in id order with the idempotent
 // producer and deletes them once acknowledged. A crash between the
 // acknowledgement and the delete publishes a row twice; consumers' inboxes
@@ -104,12 +116,18 @@ func (r *Relay) lead(ctx context.Context) error {
 		case <-time.After(time.Second):
 		}
 	}
-	r.log.Debug("outbox relay active")
+	r.log.Info("outbox relay active: this process publishes the outbox")
 	// Deleting published rows need not wait for the WAL flush: a delete lost
 	// in a database crash only publishes those rows again, and every
 	// consumer's inbox skips them. That takes an fsync off every saga hop.
 	if _, err := conn.Exec(ctx, `SET synchronous_commit = off`); err != nil {
 		return fmt.Errorf("configuring relay session: %w", err)
+	}
+	// The lease (see LeaseTimeout); keepalives for a peer that vanished
+	// mid-query. idle_session_timeout needs PostgreSQL 14.
+	if _, err := conn.Exec(ctx, fmt.Sprintf(`SET idle_session_timeout = %d; SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3`,
+		LeaseTimeout.Milliseconds())); err != nil {
+		r.log.Warn("relay lease not set: a frozen relay could hold the outbox until its connection dies (PostgreSQL 14 or later has idle_session_timeout)", "err", err)
 	}
 	if _, err := conn.Exec(ctx, `LISTEN prozess_outbox`); err != nil {
 		return fmt.Errorf("listening for outbox notifications: %w", err)

@@ -31,6 +31,7 @@ type Metrics struct {
 	batchSize     *prometheus.HistogramVec
 	retries       *prometheus.CounterVec
 	published     prometheus.Counter
+	outOfRange    *prometheus.CounterVec
 	stepDuration  *prometheus.HistogramVec
 }
 
@@ -54,6 +55,8 @@ func NewMetrics() *Metrics {
 			[]string{"participant"}),
 		retries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "prozess_consumer_retries_total",
 			Help: "Batches retried after a transient failure, by participant."}, []string{"participant"}),
+		outOfRange: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "prozess_consumer_offset_out_of_range_total",
+			Help: "Times a participant found its committed offset deleted by retention (it stops rather than skip records)."}, []string{"participant"}),
 		published: prometheus.NewCounter(prometheus.CounterOpts{Name: "prozess_relay_published_records_total",
 			Help: "Outbox records the relay published to Kafka."}),
 		stepDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "prozess_saga_step_duration_seconds",
@@ -61,7 +64,7 @@ func NewMetrics() *Metrics {
 				"Kafka and handling), by the two event types: OrderCreated to InventoryReserved is the reserve step.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16)}, []string{"from", "to"}),
 	}
-	reg.MustRegister(m.httpRequests, m.httpDuration, m.batchDuration, m.batchSize, m.retries, m.published, m.stepDuration)
+	reg.MustRegister(m.httpRequests, m.httpDuration, m.batchDuration, m.batchSize, m.retries, m.published, m.stepDuration, m.outOfRange)
 	return m
 }
 
@@ -97,6 +100,13 @@ func (m *Metrics) ObserveBatch(participant string, records int, took time.Durati
 func (m *Metrics) CountRetry(participant string) {
 	if m != nil {
 		m.retries.WithLabelValues(participant).Inc()
+	}
+}
+
+// CountOutOfRange counts a consumer that found its committed offset gone.
+func (m *Metrics) CountOutOfRange(participant string) {
+	if m != nil {
+		m.outOfRange.WithLabelValues(participant).Inc()
 	}
 }
 

@@ -1,0 +1,75 @@
+package app_test
+
+import (
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prozess/prozess/app/saga"
+	"github.com/prozess/prozess/app/saga/sagatest"
+	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/schema/schematest"
+)
+
+// A relay whose process freezes (SIGSTOP: its kernel still answers TCP, so
+// keepalives cannot tell) loses the outbox within saga.LeaseTimeout: a
+// standby in another process publishes within 30 s, the frozen one, woken,
+// becomes a standby, and nothing was applied twice.
+func TestRelayTakeoverFromFrozenLeader(t *testing.T) {
+	e := newEnv(t)
+	k := sagatest.New(t)
+	if e.kafka != nil {
+		k = *e.kafka
+	}
+	env := []string{
+		"PROZESS_DATABASE_URL=" + e.dbURL, "PROZESS_REDIS_ADDR=" + schematest.RedisAddr(t), "PROZESS_REDIS_PREFIX=" + e.prefix,
+		"PROZESS_KAFKA_BROKERS=" + k.Brokers[0], "PROZESS_TOPIC=" + k.Topic, "PROZESS_GROUP_PREFIX=" + k.GroupPrefix,
+		"PROZESS_LOG_FORMAT=json", "PROZESS_RATE_LIMIT=0", "PROZESS_ADMIN_ADDR=127.0.0.1:0", "PROZESS_PAYMENT_DECLINE_RATE=0",
+	}
+	relayActive := func(m map[string]any) bool { return m["msg"] == "outbox relay active: this process publishes the outbox" }
+	// The leader runs delivery: while it is frozen, orders stop at PAID,
+	// which proves the standby (with inventory and payment) published them.
+	leader := spawn(t, env, "serve", "delivery")
+	leader.await(t, "the relay lock", relayActive)
+	standby := spawn(t, env, "serve", "api", "inventory", "payment", "status", "--http-addr", "127.0.0.1:0")
+	r := &running{e: e, url: "http://" + standby.ready(t)["http"].(string)}
+	initial := r.stock(t)
+	first := r.order(t, "u1", "", mouse(1))
+	if got := r.await(t, first.OrderID.String(), 30*time.Second); got.Status != event.StatusShipped {
+		t.Fatalf("first order ended %s", got.Status)
+	}
+
+	if err := leader.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	frozen := time.Now()
+	var ids []string
+	for i := range 5 {
+		ids = append(ids, r.order(t, "u1", "", mouse(1+i%2)).OrderID.String())
+	}
+	standby.await(t, "the standby taking the relay lock", relayActive)
+	took := time.Since(frozen)
+	t.Logf("standby relay active %.1fs after the leader froze (lease %s)", took.Seconds(), saga.LeaseTimeout)
+	if took > 30*time.Second {
+		t.Fatalf("takeover took %s, want within 30s", took)
+	}
+	for _, id := range ids {
+		if got := r.awaitStatus(t, id, event.StatusPaid, 30*time.Second); got.Status != event.StatusPaid {
+			t.Fatalf("order %s is %s with the leader frozen, want PAID (published by the standby)", id, got.Status)
+		}
+	}
+
+	if err := leader.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		if got := r.awaitStatus(t, id, event.StatusShipped, 60*time.Second); got.Status != event.StatusShipped {
+			t.Fatalf("order %s ended %s after the leader woke; leader:\n%s", id, got.Status, leader.tail())
+		}
+	}
+	e.awaitQuiet(30 * time.Second)
+	e.assertExactlyOnce(initial, r.stock(t))
+	if n := e.count(`SELECT count(*) FROM shipments`); n != 6 {
+		t.Fatalf("%d shipments for 6 orders", n)
+	}
+}
