@@ -26,7 +26,9 @@ func TestRelayTakeoverFromFrozenLeader(t *testing.T) {
 		"PROZESS_KAFKA_BROKERS=" + k.Brokers[0], "PROZESS_TOPIC=" + k.Topic, "PROZESS_GROUP_PREFIX=" + k.GroupPrefix,
 		"PROZESS_LOG_FORMAT=json", "PROZESS_RATE_LIMIT=0", "PROZESS_ADMIN_ADDR=127.0.0.1:0", "PROZESS_PAYMENT_DECLINE_RATE=0",
 	}
-	relayActive := func(m map[string]any) bool { return m["msg"] == "outbox relay active: this process publishes the outbox" }
+	relayActive := func(m map[string]any) bool {
+		return m["msg"] == "outbox relay active: this process publishes the outbox"
+	}
 	// The leader runs delivery: while it is frozen, orders stop at PAID,
 	// which proves the standby (with inventory and payment) published them.
 	leader := spawn(t, env, "serve", "delivery")
