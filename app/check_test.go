@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app"
@@ -179,5 +180,43 @@ func TestDeadLetterListAndReplay(t *testing.T) {
 	}
 	if got := r.await(t, order.String(), 20*time.Second); got.Status != event.StatusShipped {
 		t.Fatalf("replayed order ended %s", got.Status)
+	}
+}
+
+// A dead letter older than the inboxes remember (the topic's retention plus
+// the margin) is not replayed: participants that applied it may have
+// pruned its id and would apply it twice.
+func TestDeadLetterReplayRefusedPastInboxRetention(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	r := e.start(cfg)
+	brokers := strings.Join(r.sys.Brokers(), ",")
+	cl, err := kgo.NewClient(kgo.SeedBrokers(r.sys.Brokers()...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	day := "86400000"
+	if _, err := kadm.NewClient(cl).AlterTopicConfigs(t.Context(), []kadm.AlterConfig{{Name: "retention.ms", Value: &day}}, cfg.Topic); err != nil {
+		t.Fatal(err)
+	}
+	ev, err := event.New(event.OrderCreated, uuid.New(), "api", event.Created{UserID: "u1", Items: []event.Item{mouse(1)}, AmountCents: 2999})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev.Time = time.Now().Add(-30 * 24 * time.Hour)
+	rec := ev.Record(cfg.DLQTopic())
+	rec.Headers = append(rec.Headers,
+		kgo.RecordHeader{Key: saga.HeaderDLQReason, Value: []byte("old")},
+		kgo.RecordHeader{Key: saga.HeaderDLQParticipant, Value: []byte("inventory")},
+		kgo.RecordHeader{Key: saga.HeaderDLQTopic, Value: []byte(cfg.Topic)},
+		kgo.RecordHeader{Key: saga.HeaderDLQTime, Value: []byte(time.Now().Add(-30 * 24 * time.Hour).UTC().Format(time.RFC3339Nano))},
+	)
+	if err := cl.ProduceSync(t.Context(), rec).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--all")
+	if err == nil || !strings.Contains(err.Error(), "older than the inboxes keep event ids") || !strings.Contains(err.Error(), "not replaying it") {
+		t.Fatalf("replaying a 30-day-old dead letter with a 1-day topic retention: %v", err)
 	}
 }

@@ -51,6 +51,7 @@ type Config struct {
 	StrictTopics         bool          // refuse existing topics less durable than configured
 	InstanceID           string        // static group membership (group.instance.id) when set
 	ResetOutOfRange      bool          // skip to the log start when a committed offset was deleted
+	InboxMargin          time.Duration // inbox rows outlive the topic's retention by this much
 
 	// Fault, when set, is called at the consumers' fault points (tests).
 	Fault saga.FaultFunc
@@ -80,6 +81,7 @@ func DefaultConfig() Config {
 		EmbeddedRedisAddr:    "127.0.0.1:6379",
 		RedisPrefix:          "prozess:",
 		GroupPrefix:          "prozess-",
+		InboxMargin:          time.Hour,
 		Topic:                "order-events",
 		Partitions:           6,
 		HTTPAddr:             ":8080",
@@ -173,8 +175,14 @@ func (c *Config) kafkaFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&c.StrictTopics, "strict-topics", c.StrictTopics, "refuse to start when an existing topic is less durable than configured (default: warn)")
 	fs.StringVar(&c.InstanceID, "instance-id", c.InstanceID,
 		"static consumer group membership (group.instance.id), unique per process: a restart within the session timeout keeps its partitions")
+	c.inboxFlag(fs)
 	fs.BoolVar(&c.ResetOutOfRange, "reset-out-of-range", c.ResetOutOfRange,
 		"when a committed offset was deleted by retention, go on from the oldest record instead of stopping (skips what was deleted)")
+}
+
+func (c *Config) inboxFlag(fs *pflag.FlagSet) {
+	fs.DurationVar(&c.InboxMargin, "inbox-retention-margin", c.InboxMargin,
+		"inbox rows are kept for the saga topic's retention.ms plus this (forever when the topic keeps records forever)")
 }
 
 func (c *Config) serveFlags(fs *pflag.FlagSet) {

@@ -140,12 +140,21 @@ cannot be processed is dead-lettered again.`,
 			if err != nil {
 				return err
 			}
+			retention, err := saga.InboxRetention(cmd.Context(), cfg.KafkaBrokers, cfg.Topic, cfg.InboxMargin)
+			if err != nil {
+				return err
+			}
 			var recs []*kgo.Record
 			for _, d := range dls {
 				id := fmt.Sprintf("%d@%d", d.Partition, d.Offset)
 				if all || chosen[id] {
 					if d.Headers[saga.HeaderDLQTopic] == "" {
 						return fmt.Errorf("dead letter %s has no %s header; not replaying it", id, saga.HeaderDLQTopic)
+					}
+					if since := d.Age(); retention > 0 && since > retention {
+						return fmt.Errorf("dead letter %s is %s old, older than the inboxes keep event ids (%s's retention.ms + --inbox-retention-margin = %s): "+
+							"participants that applied it may have forgotten it and would apply it twice; not replaying it",
+							id, since.Round(time.Second), cfg.Topic, retention)
 					}
 					recs = append(recs, d.Original())
 					delete(chosen, id)
@@ -175,6 +184,7 @@ cannot be processed is dead-lettered again.`,
 	for _, c := range []*cobra.Command{list, replay} {
 		cfg.runningKafkaFlags(c.Flags())
 	}
+	cfg.inboxFlag(replay.Flags())
 	cmd.AddCommand(list, replay)
 	return cmd
 }

@@ -180,6 +180,10 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		return nil, err
 	}
 
+	s.addActor(func(ctx context.Context) error {
+		return saga.RunInboxPruner(ctx, pool, s.brokers, cfg.Topic, cfg.InboxMargin, 10*time.Minute, log.With("participant", "inbox"))
+	})
+
 	relay, err := saga.NewRelay(log.With("participant", "relay"), pool, s.brokers, cfg.Fault, s.metrics, s.tracing)
 	if err != nil {
 		return nil, err

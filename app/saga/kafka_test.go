@@ -299,3 +299,45 @@ func TestStaticMembershipSurvivesRestart(t *testing.T) {
 		}
 	}
 }
+
+// Inbox rows are pruned once no redelivery can bring their event back: after
+// the topic's retention.ms plus the margin, never while the topic keeps
+// records forever.
+func TestInboxPrunedAfterTopicRetention(t *testing.T) {
+	t.Parallel()
+	k := sagatest.New(t)
+	pool := schematest.NewPool(t)
+	adm := admin(t, k.Brokers)
+	minute := "60000"
+	if _, err := adm.CreateTopic(t.Context(), 1, 1, map[string]*string{"retention.ms": &minute}, k.Topic); err != nil {
+		t.Fatal(err)
+	}
+	forever := "-1"
+	if _, err := adm.CreateTopic(t.Context(), 1, 1, map[string]*string{"retention.ms": &forever}, k.Topic+".dlq"); err != nil {
+		t.Fatal(err)
+	}
+	retention, err := saga.InboxRetention(t.Context(), k.Brokers, k.Topic, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if retention != 61*time.Second {
+		t.Fatalf("inbox retention %s, want the topic's 1m plus the 1s margin", retention)
+	}
+	schematest.Exec(t, pool, `INSERT INTO inbox (consumer, event_id, processed_at) SELECT 'inventory', gen_random_uuid(), now() - interval '2 minutes' FROM generate_series(1, 25000)`)
+	schematest.Exec(t, pool, `INSERT INTO inbox (consumer, event_id, processed_at) SELECT 'inventory', gen_random_uuid(), now() - interval '30 seconds' FROM generate_series(1, 7)`)
+	n, err := saga.PruneInbox(t.Context(), pool, retention)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if left := schematest.Int(t, pool, `SELECT count(*) FROM inbox`); n != 25000 || left != 7 {
+		t.Fatalf("pruned %d, %d left; want 25000 pruned (older than %s) and the 7 recent ones kept", n, left, retention)
+	}
+	// A topic that keeps its records forever can redeliver anything: keep
+	// every inbox row.
+	if r, err := saga.InboxRetention(t.Context(), k.Brokers, k.Topic+".dlq", time.Second); err != nil || r != 0 {
+		t.Fatalf("retention for a topic kept forever: %s, %v; want 0 (keep)", r, err)
+	}
+	if n, err := saga.PruneInbox(t.Context(), pool, 0); err != nil || n != 0 {
+		t.Fatalf("pruning with retention 0: %d, %v", n, err)
+	}
+}
