@@ -17,6 +17,7 @@ import (
 
 	"github.com/prozess/prozess/app/check"
 	"github.com/prozess/prozess/app/saga"
+	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/schema"
 )
@@ -97,17 +98,39 @@ func dlqCommand(cfg *Config) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			log, err := telemetry.NewLogger(cfg.LogLevel, cfg.LogFormat)
+			if err != nil {
+				return err
+			}
+			pool, err := OpenDB(cmd.Context(), cfg.databaseURL(), cfg.StatementTimeout, log)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			if _, err := schema.Migrate(cmd.Context(), pool); err != nil {
+				return err
+			}
+			parked, err := saga.ReadParked(cmd.Context(), pool)
+			if err != nil {
+				return err
+			}
 			if asJSON {
-				return json.NewEncoder(os.Stdout).Encode(dls)
+				return json.NewEncoder(os.Stdout).Encode(map[string]any{"dead_letters": dls, "parked": parked})
 			}
 			fmt.Printf("%d dead letters in %s\n", len(dls), cfg.DLQTopic())
 			for _, d := range dls {
 				fmt.Printf("%d@%d  %-10s %-18s from %s at %s\n    key %q: %s\n", d.Partition, d.Offset, d.Participant, d.Type, d.Origin, d.Time, d.Key, d.Reason)
 			}
+			fmt.Printf("%d parked outbox records (refused by the broker for good, kept in PostgreSQL)\n", len(parked))
+			for _, p := range parked {
+				fmt.Printf("outbox #%d  %-18s for %s, %d bytes, parked %s\n    key %q: %s\n", p.ID, p.Type, p.Topic, p.Bytes,
+					p.ParkedAt.UTC().Format(time.RFC3339), p.Key, p.Error)
+			}
 			return nil
 		},
 	}
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	list.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL, for parked records (empty: "+LocalDatabaseURL+")")
 	var all bool
 	var which []string
 	replay := &cobra.Command{

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
@@ -133,4 +135,33 @@ func (d DeadLetter) Original() *kgo.Record {
 		}
 	}
 	return &kgo.Record{Topic: d.Headers[HeaderDLQTopic], Key: d.record.Key, Value: d.record.Value, Headers: hs}
+}
+
+// Parked is an outbox record the broker refused for good, kept in
+// PostgreSQL with the broker's error.
+type Parked struct {
+	ID       int64     `json:"outbox_id"`
+	Topic    string    `json:"topic"`
+	Key      string    `json:"key"`
+	Type     string    `json:"type"`
+	Bytes    int       `json:"bytes"`
+	Error    string    `json:"error"`
+	ParkedAt time.Time `json:"parked_at"`
+}
+
+// ReadParked lists the parked records, oldest first.
+func ReadParked(ctx context.Context, pool *pgxpool.Pool) ([]Parked, error) {
+	rows, err := pool.Query(ctx, `
+		SELECT id, topic, coalesce(convert_from(key, 'UTF8'), ''), coalesce(h->>1, ''), coalesce(length(value), 0), error, parked_at
+		FROM parked LEFT JOIN LATERAL (
+			SELECT e AS h FROM jsonb_array_elements(headers) e WHERE e->>0 = 'ce_type' LIMIT 1) t ON true
+		ORDER BY id`)
+	if err != nil {
+		return nil, fmt.Errorf("reading parked records: %w", err)
+	}
+	ps, err := pgx.CollectRows(rows, pgx.RowToStructByPos[Parked])
+	if err != nil {
+		return nil, fmt.Errorf("reading parked records: %w", err)
+	}
+	return ps, nil
 }

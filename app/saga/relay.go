@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/telemetry"
@@ -188,17 +189,91 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 	for _, rec := range recs {
 		r.tracing.ContinueFromHeaders(pctx, rec)
 	}
-	if err := r.producer.ProduceSync(pctx, recs...).FirstErr(); err != nil {
-		return 0, fmt.Errorf("publishing %d outbox records: %w", len(recs), err)
+	index := make(map[*kgo.Record]int, len(recs))
+	for i, rec := range recs {
+		index[rec] = i
 	}
-	r.metrics.CountPublished(len(recs))
+	// Record by record: what the broker took is deleted, what it refused
+	// for good is parked with its error, and only what failed for now is
+	// tried again, so one bad record neither stops the outbox nor makes
+	// the others publish twice.
+	var published, parked []int64
+	var reasons []string
+	var transient error
+	var refused []*kgo.Record
+	for _, res := range r.producer.ProduceSync(pctx, recs...) {
+		switch {
+		case res.Err == nil:
+			published = append(published, ids[index[res.Record]])
+		case refusedForGood(res.Err):
+			refused = append(refused, res.Record)
+		case transient == nil:
+			transient = res.Err
+		}
+	}
+	// A broker refuses a whole batch for one record in it: alone, the
+	// others go through, and only the record at fault is parked.
+	for _, rec := range refused {
+		err := r.producer.ProduceSync(pctx, rec).FirstErr()
+		id := ids[index[rec]]
+		switch {
+		case err == nil:
+			published = append(published, id)
+		case refusedForGood(err):
+			parked = append(parked, id)
+			reasons = append(reasons, err.Error())
+			r.log.Error("outbox record refused by the broker for good; parked", "outbox_id", id, "topic", rec.Topic,
+				"bytes", len(rec.Value), "err", err)
+		case transient == nil:
+			transient = err
+		}
+	}
+	r.metrics.CountPublished(len(published))
 	if err := r.faultAt(FaultRelayAfterPublish); err != nil {
 		return 0, err
 	}
-	if _, err := conn.Exec(ctx, `DELETE FROM outbox WHERE id = ANY($1)`, ids); err != nil {
-		return 0, fmt.Errorf("deleting published outbox rows: %w", err)
+	if err := r.settle(ctx, conn, published, parked, reasons); err != nil {
+		return 0, err
+	}
+	if transient != nil {
+		return 0, fmt.Errorf("publishing %d of %d outbox records: %w", len(recs)-len(published)-len(parked), len(recs), transient)
 	}
 	return len(recs), nil
+}
+
+// settle deletes the published rows and moves the parked ones, in one
+// transaction.
+func (r *Relay) settle(ctx context.Context, conn *pgx.Conn, published, parked []int64, reasons []string) error {
+	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if len(parked) > 0 {
+			if _, err := tx.Exec(ctx, `
+				INSERT INTO parked (id, topic, key, value, headers, created_at, error)
+				SELECT o.id, o.topic, o.key, o.value, o.headers, o.created_at, p.error
+				FROM outbox o JOIN unnest($1::bigint[], $2::text[]) AS p(id, error) USING (id)
+				ON CONFLICT (id) DO NOTHING`, parked, reasons); err != nil {
+				return fmt.Errorf("parking refused outbox rows: %w", err)
+			}
+		}
+		if _, err := tx.Exec(ctx, `DELETE FROM outbox WHERE id = ANY($1)`, append(published, parked...)); err != nil {
+			return fmt.Errorf("deleting published outbox rows: %w", err)
+		}
+		return nil
+	})
+}
+
+// refusedForGood tells the broker's (or the client's own) refusals that no
+// retry can change, for this record as it is, from failures of the moment.
+func refusedForGood(err error) bool {
+	for _, e := range []error{
+		kerr.MessageTooLarge, kerr.RecordListTooLarge, kerr.InvalidRecord, kerr.CorruptMessage,
+		kerr.TopicAuthorizationFailed, kerr.InvalidTopicException, kerr.PolicyViolation,
+		kerr.UnknownTopicOrPartition, // after the client's own retries: the topic is gone
+	} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *Relay) faultAt(point string) error {

@@ -161,7 +161,7 @@ type StateCollector struct {
 	admin     *kadm.Client
 	consumers map[string]Consumer // by participant
 
-	records, orders, outboxRows, outboxAge, poolConns, poolAcquires, lag *prometheus.Desc
+	records, orders, outboxRows, outboxAge, parked, poolConns, poolAcquires, lag *prometheus.Desc
 }
 
 // NewStateCollector reads pool and, through admin, the consumers' groups.
@@ -176,6 +176,8 @@ func NewStateCollector(pool *pgxpool.Pool, admin *kadm.Client, consumers map[str
 			[]string{"participant", "outcome"}, nil),
 		orders:     prometheus.NewDesc("prozess_orders", "Orders by status, from PostgreSQL.", []string{"status"}, nil),
 		outboxRows: prometheus.NewDesc("prozess_outbox_rows", "Outbox rows waiting for the relay.", nil, nil),
+		parked: prometheus.NewDesc("prozess_relay_parked_records",
+			"Outbox records the broker refused for good, parked in PostgreSQL (prozess dlq list shows them).", nil, nil),
 		outboxAge: prometheus.NewDesc("prozess_outbox_oldest_age_seconds",
 			"Age of the oldest outbox row waiting for the relay (0 when empty).", nil, nil),
 		poolConns:    prometheus.NewDesc("prozess_db_pool_connections", "PostgreSQL pool connections, by state.", []string{"state"}, nil),
@@ -184,7 +186,7 @@ func NewStateCollector(pool *pgxpool.Pool, admin *kadm.Client, consumers map[str
 }
 
 func (c *StateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.records, c.orders, c.outboxRows, c.outboxAge, c.poolConns, c.poolAcquires, c.lag} {
+	for _, d := range []*prometheus.Desc{c.records, c.orders, c.outboxRows, c.outboxAge, c.parked, c.poolConns, c.poolAcquires, c.lag} {
 		ch <- d
 	}
 }
@@ -219,6 +221,9 @@ func (c *StateCollector) Collect(ch chan<- prometheus.Metric) {
 	if err := c.pool.QueryRow(ctx, `SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM outbox`).Scan(&n, &age); err == nil {
 		ch <- prometheus.MustNewConstMetric(c.outboxRows, prometheus.GaugeValue, float64(n))
 		ch <- prometheus.MustNewConstMetric(c.outboxAge, prometheus.GaugeValue, age)
+	}
+	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM parked`).Scan(&n); err == nil {
+		ch <- prometheus.MustNewConstMetric(c.parked, prometheus.GaugeValue, float64(n))
 	}
 	c.collectLag(ctx, ch)
 }
