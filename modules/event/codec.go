@@ -6,7 +6,6 @@ import (
 	"io"
 	"maps"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -44,7 +43,7 @@ func (e Event) Record(topic string) *kgo.Record {
 			{Key: hdrSource, Value: []byte(sourcePrefix + e.Source)},
 			{Key: hdrTime, Value: []byte(e.Time.UTC().Format(time.RFC3339Nano))},
 			{Key: hdrSubject, Value: []byte(e.OrderID.String())},
-			{Key: hdrSchemaVersion, Value: []byte(strconv.Itoa(SchemaVersion))},
+			{Key: hdrSchemaVersion, Value: []byte(SchemaVersion)},
 			{Key: hdrContentType, Value: []byte("application/json")},
 		},
 	}
@@ -75,8 +74,8 @@ func FromRecord(r *kgo.Record) (Event, error) {
 	if v := h[hdrSpecVersion]; v != "1.0" {
 		return Event{}, invalid("ce_specversion %q, want 1.0", v)
 	}
-	if v := h[hdrSchemaVersion]; v != strconv.Itoa(SchemaVersion) {
-		return Event{}, invalid("unknown schema version %q", v)
+	if major, ok := schemaMajor(h[hdrSchemaVersion]); !ok || major != SchemaMajor {
+		return Event{}, invalid("unknown schema version %q (this build reads %d.x)", h[hdrSchemaVersion], SchemaMajor)
 	}
 	var e Event
 	e.Type = Type(h[hdrType])

@@ -11,6 +11,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -43,9 +45,34 @@ func (t Type) Known() bool {
 	return false
 }
 
-// SchemaVersion is the payload version this build writes and reads. A record
-// with another version is dead-lettered instead of guessed at.
-const SchemaVersion = 1
+// SchemaMajor and SchemaMinor are the payload version this build writes,
+// as ce_schemaversion "MAJOR.MINOR". A minor version only adds optional
+// fields, so any minor of this major is read (unknown fields are ignored):
+// a newer participant can roll out before or after an older one. A record
+// of another major is dead-lettered instead of guessed at. A bare "1" (what
+// builds before minors wrote) reads as 1.0.
+const (
+	SchemaMajor = 1
+	SchemaMinor = 0
+)
+
+// SchemaVersion is ce_schemaversion as this build writes it.
+var SchemaVersion = fmt.Sprintf("%d.%d", SchemaMajor, SchemaMinor)
+
+// schemaMajor parses ce_schemaversion's major part.
+func schemaMajor(v string) (int, bool) {
+	major, minor, hasMinor := strings.Cut(v, ".")
+	m, err := strconv.Atoi(major)
+	if err != nil || m < 0 || major != strconv.Itoa(m) {
+		return 0, false
+	}
+	if hasMinor {
+		if n, err := strconv.Atoi(minor); err != nil || n < 0 || minor != strconv.Itoa(n) {
+			return 0, false
+		}
+	}
+	return m, true
+}
 
 // Limits on what an event may carry; a record beyond them is not ours to trust.
 const (
@@ -137,10 +164,11 @@ func invalid(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, args...))
 }
 
-// Decode unmarshals the event's payload into v, strictly: unknown fields and
-// trailing data are refused, and items are checked against the limits.
+// Decode unmarshals the event's payload into v: fields v does not know are
+// ignored (a newer minor version may add them), trailing data is refused,
+// required fields must be there and items are checked against the limits.
 func (e Event) Decode(v any) error {
-	if err := decodeStrict(e.Data, v); err != nil {
+	if err := decodePayload(e.Data, v); err != nil {
 		return invalid("%s payload: %v", e.Type, err)
 	}
 	if err := required(v); err != nil {
@@ -217,9 +245,8 @@ func ValidateItems(items []Item) error {
 	return nil
 }
 
-func decodeStrict(data []byte, v any) error {
+func decodePayload(data []byte, v any) error {
 	dec := json.NewDecoder(bytesReader(data))
-	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		return err
 	}

@@ -58,9 +58,11 @@ func TestFromRecordRefusesWhatItCannotTrust(t *testing.T) {
 		want   string
 	}{
 		{"malformed payload", func(r *kgo.Record) { r.Value = []byte(`{"user_id":`) }, "payload"},
-		{"unknown payload field", func(r *kgo.Record) {
-			r.Value = []byte(`{"user_id":"u","items":[{"product_id":"p","qty":1}],"amount_cents":1,"admin":true}`)
-		}, "unknown field"},
+		{"trailing data", func(r *kgo.Record) {
+			r.Value = []byte(`{"user_id":"u","items":[{"product_id":"p","qty":1}],"amount_cents":1} {}`)
+		}, "trailing"},
+		{"unknown schema major", func(r *kgo.Record) { setHeader(r, "ce_schemaversion", "2.0") }, "schema version"},
+		{"malformed schema version", func(r *kgo.Record) { setHeader(r, "ce_schemaversion", "1.x") }, "schema version"},
 		{"no items", func(r *kgo.Record) { r.Value = []byte(`{"user_id":"u","items":[],"amount_cents":1}`) }, "no items"},
 		{"absurd qty", func(r *kgo.Record) {
 			r.Value = []byte(`{"user_id":"u","items":[{"product_id":"p","qty":1000000}],"amount_cents":1}`)
