@@ -44,7 +44,7 @@ func newer(t *testing.T, r *kgo.Record) *kgo.Record {
 func TestEventsFromANewerProducerAreApplied(t *testing.T) {
 	e := newEnv(t)
 	cfg := e.config()
-	cfg.KafkaBrokers = e.broker() // a partial serve uses the brokers it is given
+	cfg.KafkaBrokers = e.broker()                               // a partial serve uses the brokers it is given
 	r := e.start(cfg, "api", "inventory", "delivery", "status") // payment is "upgraded": the test plays it
 	initial := r.stock(t)
 	o := r.order(t, "u1", "", mouse(2))
