@@ -52,6 +52,7 @@ type Config struct {
 	InstanceID           string        // static group membership (group.instance.id) when set
 	ResetOutOfRange      bool          // skip to the log start when a committed offset was deleted
 	InboxMargin          time.Duration // inbox rows outlive the topic's retention by this much
+	PoisonAfter          time.Duration // a record failing alone with an unclassified error is dead-lettered after this
 
 	// Fault, when set, is called at the consumers' fault points (tests).
 	Fault saga.FaultFunc
@@ -82,6 +83,7 @@ func DefaultConfig() Config {
 		RedisPrefix:          "prozess:",
 		GroupPrefix:          "prozess-",
 		InboxMargin:          time.Hour,
+		PoisonAfter:          time.Minute,
 		Topic:                "order-events",
 		Partitions:           6,
 		HTTPAddr:             ":8080",
@@ -176,6 +178,8 @@ func (c *Config) kafkaFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.InstanceID, "instance-id", c.InstanceID,
 		"static consumer group membership (group.instance.id), unique per process: a restart within the session timeout keeps its partitions")
 	c.inboxFlag(fs)
+	fs.DurationVar(&c.PoisonAfter, "poison-after", c.PoisonAfter,
+		"dead-letter a record that, alone, keeps failing this long with an error that is neither transient nor its own fault")
 	fs.BoolVar(&c.ResetOutOfRange, "reset-out-of-range", c.ResetOutOfRange,
 		"when a committed offset was deleted by retention, go on from the oldest record instead of stopping (skips what was deleted)")
 }
@@ -221,6 +225,9 @@ func (c Config) validate() error {
 	}
 	if c.DLQRetention < 0 {
 		return fmt.Errorf("--dlq-retention %s: must not be negative", c.DLQRetention)
+	}
+	if c.PoisonAfter <= 0 {
+		return fmt.Errorf("--poison-after %s: must be positive", c.PoisonAfter)
 	}
 	if c.GroupPrefix == "" {
 		return fmt.Errorf("--group-prefix: must not be empty")

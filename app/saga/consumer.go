@@ -66,20 +66,21 @@ type FaultFunc func(participant, point string) error
 // Consumer runs one participant: poll a batch, apply it in one PostgreSQL
 // transaction (inbox dedup, effects, outbox), commit, then commit offsets.
 type Consumer struct {
-	name     string
-	group    string
-	brokers  []string
-	log      *slog.Logger
-	client   *kgo.Client
-	pool     *pgxpool.Pool
-	handler  Handler
-	topic    string
-	dlqTopic string
-	maxBatch int
-	fault    FaultFunc
-	stats    ConsumerStats
-	metrics  *telemetry.Metrics
-	tracer   *telemetry.ParticipantTracer
+	name        string
+	group       string
+	brokers     []string
+	log         *slog.Logger
+	client      *kgo.Client
+	pool        *pgxpool.Pool
+	handler     Handler
+	topic       string
+	dlqTopic    string
+	maxBatch    int
+	fault       FaultFunc
+	poisonAfter time.Duration
+	stats       ConsumerStats
+	metrics     *telemetry.Metrics
+	tracer      *telemetry.ParticipantTracer
 }
 
 // ConsumerStats counts what a consumer did with the records it polled.
@@ -105,10 +106,14 @@ type ConsumerConfig struct {
 	// instead: those records were deleted by retention unread, and only an
 	// operator may decide to go on without them.
 	ResetOutOfRange bool
-	Topic           string
-	DLQTopic        string
-	MaxBatch        int
-	Fault           FaultFunc
+	// PoisonAfter bounds how long one record, alone, may keep failing
+	// with an error that is neither transient nor its own fault before it
+	// is dead-lettered with that error (0: one minute).
+	PoisonAfter time.Duration
+	Topic       string
+	DLQTopic    string
+	MaxBatch    int
+	Fault       FaultFunc
 	// KafkaLog, when set, receives the Kafka client's own log (group
 	// membership, fetches) for debugging.
 	KafkaLog kgo.Logger
@@ -127,6 +132,9 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	}
 	if cfg.Group == "" {
 		cfg.Group = GroupName(name)
+	}
+	if cfg.PoisonAfter <= 0 {
+		cfg.PoisonAfter = time.Minute
 	}
 	// A new group starts at the beginning either way; NoResetOffset only
 	// turns an out-of-range committed offset into an error instead of a
@@ -165,7 +173,7 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
 	}
 	return &Consumer{name: name, group: cfg.Group, brokers: cfg.Brokers, log: log, client: client, pool: pool, handler: h,
-		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, metrics: cfg.Metrics, tracer: cfg.Tracing.ForParticipant(name, cfg.Group)}, nil
+		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, poisonAfter: cfg.PoisonAfter, metrics: cfg.Metrics, tracer: cfg.Tracing.ForParticipant(name, cfg.Group)}, nil
 }
 
 // GroupName is participant name's consumer group by default.
@@ -302,13 +310,17 @@ func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) (err error) 
 		}
 		var p *poisonError
 		if errors.As(err, &p) {
-			b.poison[p.index] = p.err.Error()
-			c.log.WarnContext(work, "dead-lettering record", "order_id", b.evs[p.index].OrderID, "reason", p.err)
+			c.markPoison(work, b, p.index, p.err)
 			continue
 		}
 		var crash *crashError
 		if errors.As(err, &crash) {
 			return err
+		}
+		if classify(err) != transient {
+			// Some record's fault, or an error of neither kind: find the
+			// record by applying the batch one record at a time.
+			return c.isolate(ctx, work, b)
 		}
 		c.metrics.CountRetry(c.name)
 		c.log.Warn("batch failed, retrying", "records", len(recs), "attempt", attempt+1, "err", err)
@@ -318,11 +330,77 @@ func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) (err error) 
 	}
 }
 
+// isolate applies b one record at a time, in order, each in a transaction
+// of its own, so a record at fault is dead-lettered alone and the others
+// are applied: a permanent error at once, an error of neither kind once it
+// has kept failing on that record alone for poisonAfter (while the
+// database answers, so an outage never dead-letters anything). Transient
+// errors are retried as ever.
+func (c *Consumer) isolate(ctx, work context.Context, b *batch) error {
+	for i := range b.recs {
+		if b.skip[i] {
+			continue
+		}
+		one := b.only(i)
+		var since time.Time
+		for attempt := 0; ; attempt++ {
+			err := c.apply(work, one)
+			if err == nil {
+				break
+			}
+			var p *poisonError
+			var crash *crashError
+			switch {
+			case errors.As(err, &p):
+				c.markPoison(work, b, p.index, p.err)
+				continue
+			case errors.As(err, &crash):
+				return err
+			}
+			switch kind := classify(err); {
+			case kind == permanent:
+				c.markPoison(work, b, i, err)
+				continue
+			case kind == unknown && since.IsZero():
+				since = time.Now()
+			case kind == unknown && time.Since(since) >= c.poisonAfter && c.pool.Ping(work) == nil:
+				c.markPoison(work, b, i, fmt.Errorf("failed for %s with an error that is neither transient nor the record's: %w",
+					c.poisonAfter, err))
+				continue
+			}
+			c.metrics.CountRetry(c.name)
+			c.log.Warn("record failed, retrying", "partition", b.recs[i].Partition, "offset", b.recs[i].Offset, "attempt", attempt+1, "err", err)
+			if err := retry.Wait(ctx, attempt); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// markPoison dead-letters record i at the next attempt.
+func (c *Consumer) markPoison(ctx context.Context, b *batch, i int, err error) {
+	b.poison[i] = err.Error()
+	c.log.WarnContext(ctx, "dead-lettering record", "order_id", b.evs[i].OrderID, "partition", b.recs[i].Partition,
+		"offset", b.recs[i].Offset, "reason", err)
+}
+
+// only is b with every record but i skipped; it shares b's poison map.
+func (b *batch) only(i int) *batch {
+	one := *b
+	one.skip = make([]bool, len(b.skip))
+	for j := range one.skip {
+		one.skip[j] = j != i || b.skip[j]
+	}
+	return &one
+}
+
 type batch struct {
 	recs   []*kgo.Record
 	evs    []event.Event
 	ids    []uuid.UUID                // inbox key per record
 	skip   []bool                     // not handled by this participant
+	replay []bool                     // put back by `prozess dlq replay`
 	poison map[int]string             // record index -> reason
 	traces map[string]context.Context // order id -> its handling span, when tracing
 }
@@ -331,8 +409,9 @@ type batch struct {
 // are skipped; undecodable ones it does handle are poison.
 func (c *Consumer) decode(recs []*kgo.Record) *batch {
 	b := &batch{recs: recs, evs: make([]event.Event, len(recs)), ids: make([]uuid.UUID, len(recs)),
-		skip: make([]bool, len(recs)), poison: map[int]string{}}
+		skip: make([]bool, len(recs)), replay: make([]bool, len(recs)), poison: map[int]string{}}
 	for i, r := range recs {
+		b.replay[i] = isReplay(r)
 		if !c.handler.Handles(recordType(r)) {
 			b.skip[i] = true
 			continue
@@ -389,10 +468,13 @@ func (e *crashError) Error() string { return "fault injected at " + e.point }
 
 // apply is one attempt at a batch: one transaction for every record in it.
 func (c *Consumer) apply(ctx context.Context, b *batch) error {
-	var ids []uuid.UUID
+	var ids, replays []uuid.UUID
 	for i := range b.recs {
 		if !b.skip[i] {
 			ids = append(ids, b.ids[i])
+			if b.replay[i] {
+				replays = append(replays, b.ids[i])
+			}
 		}
 	}
 	if len(ids) == 0 {
@@ -404,12 +486,13 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck // after Commit it is a no-op
 
-	fresh, err := claim(ctx, tx, c.name, ids)
+	fresh, err := claim(ctx, tx, c.name, ids, replays)
 	if err != nil {
 		return err
 	}
 	var handled, batch []event.Event
 	var dead []*kgo.Record
+	var deadIDs []uuid.UUID
 	var dups int
 	index := map[uuid.UUID]int{} // event id -> record index, for rejections
 	for i, r := range b.recs {
@@ -426,6 +509,7 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 		delete(fresh, b.ids[i]) // the same event twice in one batch: once
 		if reason, bad := b.poison[i]; bad {
 			dead = append(dead, c.deadLetter(r, reason))
+			deadIDs = append(deadIDs, b.ids[i])
 			continue
 		}
 		batch = append(batch, b.evs[i])
@@ -451,6 +535,13 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	}
 	if err := event.WriteOutbox(ctx, tx, dead...); err != nil {
 		return err
+	}
+	if len(deadIDs) > 0 {
+		// Known, so a redelivery is skipped; not applied, so a replay
+		// re-drives it (see claim).
+		if _, err := tx.Exec(ctx, `UPDATE inbox SET dead = true WHERE consumer = $1 AND event_id = ANY($2)`, c.name, deadIDs); err != nil {
+			return fmt.Errorf("marking dead-lettered records in the inbox: %w", err)
+		}
 	}
 	if err := c.faultAt(FaultBeforeCommit); err != nil {
 		return err
@@ -500,8 +591,9 @@ func (c *Consumer) faultAt(point string) error {
 }
 
 // claim inserts the batch's event ids into the inbox and returns those not
-// seen before: only they get an effect.
-func claim(ctx context.Context, tx pgx.Tx, name string, ids []uuid.UUID) (map[uuid.UUID]bool, error) {
+// seen before: only they get an effect. A replayed record whose id this
+// participant dead-lettered (and so never applied) is claimed again, once.
+func claim(ctx context.Context, tx pgx.Tx, name string, ids, replays []uuid.UUID) (map[uuid.UUID]bool, error) {
 	rows, err := tx.Query(ctx, `
 		INSERT INTO inbox (consumer, event_id) SELECT $1, unnest($2::uuid[])
 		ON CONFLICT DO NOTHING RETURNING event_id`, name, ids)
@@ -512,6 +604,17 @@ func claim(ctx context.Context, tx pgx.Tx, name string, ids []uuid.UUID) (map[uu
 	var id uuid.UUID
 	if _, err := pgx.ForEachRow(rows, []any{&id}, func() error { fresh[id] = true; return nil }); err != nil {
 		return nil, fmt.Errorf("claiming inbox: %w", err)
+	}
+	if len(replays) > 0 {
+		rows, err := tx.Query(ctx, `
+			UPDATE inbox SET dead = false, processed_at = now()
+			WHERE consumer = $1 AND event_id = ANY($2) AND dead RETURNING event_id`, name, replays)
+		if err != nil {
+			return nil, fmt.Errorf("claiming replayed records: %w", err)
+		}
+		if _, err := pgx.ForEachRow(rows, []any{&id}, func() error { fresh[id] = true; return nil }); err != nil {
+			return nil, fmt.Errorf("claiming replayed records: %w", err)
+		}
 	}
 	return fresh, nil
 }

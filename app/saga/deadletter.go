@@ -20,7 +20,21 @@ const (
 	HeaderDLQPartition   = "prozess_dlq_partition"
 	HeaderDLQOffset      = "prozess_dlq_offset"
 	HeaderDLQTime        = "prozess_dlq_time"
+	// HeaderReplayOf marks a record `prozess dlq replay` put back, with the
+	// dead letter it came from (PARTITION@OFFSET): the participant that
+	// dead-lettered it applies it then.
+	HeaderReplayOf = "prozess_replay_of"
 )
+
+// isReplay reports whether r was put back by a replay.
+func isReplay(r *kgo.Record) bool {
+	for _, h := range r.Headers {
+		if h.Key == HeaderReplayOf {
+			return true
+		}
+	}
+	return false
+}
 
 // DeadLetter is one record of the dead-letter topic.
 type DeadLetter struct {
@@ -130,10 +144,11 @@ func (d DeadLetter) Age() time.Duration {
 func (d DeadLetter) Original() *kgo.Record {
 	var hs []kgo.RecordHeader
 	for _, h := range d.record.Headers {
-		if !strings.HasPrefix(h.Key, "prozess_dlq_") {
+		if !strings.HasPrefix(h.Key, "prozess_dlq_") && h.Key != HeaderReplayOf {
 			hs = append(hs, h)
 		}
 	}
+	hs = append(hs, kgo.RecordHeader{Key: HeaderReplayOf, Value: fmt.Appendf(nil, "%d@%d", d.Partition, d.Offset)})
 	return &kgo.Record{Topic: d.Headers[HeaderDLQTopic], Key: d.record.Key, Value: d.record.Value, Headers: hs}
 }
 

@@ -1,0 +1,178 @@
+package app_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/prozess/prozess/app/saga"
+	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/schema/schematest"
+)
+
+// deadLetters reads the dead-letter topic: participant -> reasons.
+func deadLetters(t *testing.T, brokers []string, topic string) map[string][]string {
+	t.Helper()
+	dls, err := saga.ReadDeadLetters(t.Context(), brokers, topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string][]string{}
+	for _, d := range dls {
+		out[d.Participant] = append(out[d.Participant], d.Reason)
+	}
+	return out
+}
+
+// A second OrderCreated with a new id for an order inventory already holds
+// stock for (a unique violation, SQLSTATE 23505) is the record's fault: in
+// a batch with five good orders, it alone is dead-lettered and the five are
+// applied. Before, the error counted as transient and the batch, and the
+// partition behind it, was retried forever.
+func TestPermanentErrorDeadLettersOnlyItsRecord(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.Partitions = 1 // one partition, so inventory gets them all in one batch
+	cfg.KafkaBrokers = e.broker()
+	r := e.start(cfg, "api", "payment", "delivery", "status")
+	initial := r.stock(t)
+	var ids []string
+	for i := range 5 {
+		ids = append(ids, r.order(t, "u1", "", mouse(1+i%2)).OrderID.String())
+	}
+	// The duplicate: the third order's OrderCreated again, with a new id.
+	ev, err := event.New(event.OrderCreated, uuid.MustParse(ids[2]), "api", event.Created{UserID: "u1", Items: []event.Item{mouse(1)}, AmountCents: 2999})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := kgo.NewClient(kgo.SeedBrokers(cfg.KafkaBrokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if err := cl.ProduceSync(t.Context(), ev.Record(cfg.Topic)).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	e.start(cfg, "inventory") // now inventory reads all six at once
+	for _, id := range ids {
+		if got := r.await(t, id, 30*time.Second); got.Status != event.StatusShipped {
+			t.Fatalf("order %s ended %s", id, got.Status)
+		}
+	}
+	e.awaitQuiet(30 * time.Second)
+	dls := deadLetters(t, cfg.KafkaBrokers, cfg.DLQTopic())
+	if len(dls["inventory"]) != 1 || !strings.Contains(dls["inventory"][0], "23505") {
+		t.Fatalf("dead letters %v, want one from inventory for the unique violation (23505)", dls)
+	}
+	// Stock was taken once per order, the duplicate's never: (the status
+	// participant audits the duplicate, as it audits all that happened,
+	// so prozess check's trail rule is not the measure here).
+	if n := e.count(`SELECT count(*) FROM reservations WHERE order_id = $1`, ids[2]); n != 1 {
+		t.Fatalf("%d reservations for the duplicated order", n)
+	}
+	if got, want := r.stock(t)["prod-mouse"], initial["prod-mouse"]-(1+2+1+2+1); got != want {
+		t.Fatalf("prod-mouse stock %d, want %d", got, want)
+	}
+}
+
+// An error of neither kind (a trigger raising one, SQLSTATE P0001) on one
+// record is retried, alone, for --poison-after and then dead-lettered with
+// the error; the orders around it ship meanwhile.
+func TestUnclassifiedErrorStallsOnlyItsRecordForPoisonAfter(t *testing.T) {
+	e := newEnv(t)
+	schematest.Exec(t, e.pool, `
+		CREATE FUNCTION carrier_outage() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF EXISTS (SELECT 1 FROM order_items WHERE order_id = NEW.order_id AND qty = 7) THEN
+				RAISE EXCEPTION 'the carrier refuses parcels of seven';
+			END IF;
+			RETURN NEW;
+		END $$`)
+	schematest.Exec(t, e.pool, `CREATE TRIGGER carrier_outage BEFORE INSERT ON shipments FOR EACH ROW EXECUTE FUNCTION carrier_outage()`)
+	cfg := e.config()
+	cfg.PoisonAfter = 2 * time.Second
+	r := e.start(cfg)
+	bad := r.order(t, "u1", "", mouse(7)).OrderID.String()
+	start := time.Now()
+	var good []string
+	for range 4 {
+		good = append(good, r.order(t, "u1", "", mouse(1)).OrderID.String())
+	}
+	for _, id := range good {
+		if got := r.await(t, id, 30*time.Second); got.Status != event.StatusShipped {
+			t.Fatalf("order %s ended %s", id, got.Status)
+		}
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for len(deadLetters(t, r.sys.Brokers(), cfg.DLQTopic())["delivery"]) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the record that keeps failing was not dead-lettered within 30s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	took := time.Since(start)
+	reason := deadLetters(t, r.sys.Brokers(), cfg.DLQTopic())["delivery"][0]
+	if !strings.Contains(reason, "the carrier refuses parcels of seven") || !strings.Contains(reason, "neither transient") {
+		t.Fatalf("dead letter reason %q", reason)
+	}
+	if took < cfg.PoisonAfter {
+		t.Fatalf("dead-lettered after %s, before --poison-after %s", took, cfg.PoisonAfter)
+	}
+	var o struct{ Status event.Status }
+	r.getJSON(t, "/orders/"+bad, &o)
+	if o.Status != event.StatusPaid {
+		t.Fatalf("the failing order is %s, want PAID (its OrderShipped never written)", o.Status)
+	}
+}
+
+// End to end with nothing built by hand: a bad deploy (a CHECK constraint
+// no shipment can meet) makes delivery reject a record, SQLSTATE 23514; the
+// running system dead-letters it; the cause is fixed; `dlq replay`
+// re-drives it to delivery, which applies it (the inbox knew it only as
+// dead-lettered), and the order ships. Replaying it again changes nothing.
+func TestDeadLetterReplayReDrivesTheParticipantThatRejectedIt(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	r := e.start(cfg)
+	schematest.Exec(t, e.pool, `ALTER TABLE shipments ADD CONSTRAINT bad_deploy CHECK (carrier <> 'prozess-post')`)
+	id := r.order(t, "u1", "", mouse(1)).OrderID.String()
+	deadline := time.Now().Add(30 * time.Second)
+	for len(deadLetters(t, r.sys.Brokers(), cfg.DLQTopic())["delivery"]) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("delivery's rejection was not dead-lettered within 30s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if reason := deadLetters(t, r.sys.Brokers(), cfg.DLQTopic())["delivery"][0]; !strings.Contains(reason, "23514") {
+		t.Fatalf("dead letter reason %q, want the check violation", reason)
+	}
+	schematest.Exec(t, e.pool, `ALTER TABLE shipments DROP CONSTRAINT bad_deploy`)
+	brokers := strings.Join(r.sys.Brokers(), ",")
+	replay := func() {
+		out, err := runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--all")
+		if err != nil || !strings.Contains(out, "replayed 1") {
+			t.Fatalf("dlq replay: %v\n%s", err, out)
+		}
+	}
+	replay()
+	if got := r.await(t, id, 30*time.Second); got.Status != event.StatusShipped {
+		t.Fatalf("replayed order ended %s", got.Status)
+	}
+	e.awaitQuiet(20 * time.Second)
+	events := e.count(`SELECT count(*) FROM order_events WHERE order_id = $1`, id)
+	replay()
+	time.Sleep(2 * time.Second) // the second copy is delivered and skipped
+	e.awaitQuiet(20 * time.Second)
+	if n := e.count(`SELECT count(*) FROM shipments WHERE order_id = $1`, id); n != 1 {
+		t.Fatalf("%d shipments after two replays", n)
+	}
+	if n := e.count(`SELECT count(*) FROM order_events WHERE order_id = $1`, id); n != events {
+		t.Fatalf("%d audit events after the second replay, %d before", n, events)
+	}
+	if n := len(deadLetters(t, r.sys.Brokers(), cfg.DLQTopic())["delivery"]); n != 1 {
+		t.Fatalf("%d dead letters from delivery, want still 1", n)
+	}
+}
