@@ -1,6 +1,7 @@
 package app_test
 
 import (
+	"bytes"
 	"strings"
 	"testing"
 	"time"
@@ -175,4 +176,99 @@ func TestDeadLetterReplayReDrivesTheParticipantThatRejectedIt(t *testing.T) {
 	if n := len(deadLetters(t, r.sys.Brokers(), cfg.DLQTopic())["delivery"]); n != 1 {
 		t.Fatalf("%d dead letters from delivery, want still 1", n)
 	}
+}
+
+// The poison the design review listed, in one batch with good orders: a
+// record with a NUL byte and bytes that are not UTF-8 in a header (and an
+// unknown schema version), and events whose payload strings hold a NUL or
+// invalid UTF-8, which PostgreSQL refuses (22P05, 22021). Each is
+// dead-lettered, the good orders are applied, and the dead letter carries
+// the original headers byte for byte.
+func TestListedPoisonIsDeadLetteredByteExactWhileTheBatchGoesOn(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.Partitions = 1
+	cfg.KafkaBrokers = e.broker()
+	api := e.start(cfg, "api")
+	initial := api.stock(t)
+	var good []string
+	for range 3 {
+		good = append(good, api.order(t, "u1", "", mouse(1)).OrderID.String())
+	}
+	odd := kgo.RecordHeader{Key: "x-note", Value: []byte{'a', 0x00, 0xff, 0xfe, 'z'}}
+	badVersion := sampleFor(t, cfg.Topic, event.OrderCreated)
+	badVersion.Headers = append(badVersion.Headers, odd)
+	setHeader(badVersion, "ce_schemaversion", "99")
+	shipped := func(tracking string) *kgo.Record {
+		ev, err := event.New(event.OrderShipped, uuid.New(), "delivery", event.Shipped{ShipmentID: uuid.New(), Carrier: "prozess-post", Tracking: "PZ1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rec := ev.Record(cfg.Topic)
+		rec.Value = []byte(strings.Replace(string(rec.Value), `"PZ1"`, tracking, 1))
+		return rec
+	}
+	nul := shipped(`"PZ\u0000"`)
+	latin1 := shipped("\"PZ\xff\"")
+	cl, err := kgo.NewClient(kgo.SeedBrokers(cfg.KafkaBrokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if err := cl.ProduceSync(t.Context(), badVersion, nul, latin1).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		good = append(good, api.order(t, "u1", "", mouse(1)).OrderID.String())
+	}
+	e.start(cfg, "inventory", "payment", "delivery", "status")
+	for _, id := range good {
+		if got := api.await(t, id, 30*time.Second); got.Status != event.StatusShipped {
+			t.Fatalf("order %s ended %s", id, got.Status)
+		}
+	}
+	e.awaitQuiet(30 * time.Second)
+	dls, err := saga.ReadDeadLetters(t.Context(), cfg.KafkaBrokers, cfg.DLQTopic())
+	if err != nil {
+		t.Fatal(err)
+	}
+	reasons := map[string]string{} // participant/origin offset -> reason
+	for _, d := range dls {
+		reasons[d.Participant+"/"+d.Headers[saga.HeaderDLQOffset]] = d.Reason
+		if d.Headers[saga.HeaderDLQOffset] == "3" { // badVersion: after the 3 good OrderCreated
+			if got := d.Headers["x-note"]; got != string(odd.Value) {
+				t.Errorf("dead letter's x-note header %q, want %q byte for byte", got, odd.Value)
+			}
+			if orig := d.Original(); !bytes.Equal(orig.Value, badVersion.Value) || !strings.Contains(string(event.EncodeHeaders(orig.Headers)), string(odd.Value)) {
+				t.Error("the replayable original differs from the record that failed")
+			}
+		}
+	}
+	for key, want := range map[string]string{"status/3": "schema version", "inventory/3": "schema version", "status/4": "22P05", "status/5": "22021"} {
+		if got, ok := reasons[key]; !ok || !strings.Contains(got, want) {
+			t.Errorf("dead letter %s: %q, want one mentioning %q (all: %v)", key, got, want, reasons)
+		}
+	}
+	if len(dls) != 4 {
+		t.Errorf("%d dead letters, want exactly the 4 above: %v", len(dls), reasons)
+	}
+	e.assertExactlyOnce(initial, api.stock(t))
+}
+
+// sampleFor is a valid record of type typ on topic.
+func sampleFor(t *testing.T, topic string, typ event.Type) *kgo.Record {
+	t.Helper()
+	r := sample(t, typ)
+	r.Topic = topic
+	return r
+}
+
+func setHeader(r *kgo.Record, key, value string) {
+	for i, h := range r.Headers {
+		if h.Key == key {
+			r.Headers[i].Value = []byte(value)
+			return
+		}
+	}
+	r.Headers = append(r.Headers, kgo.RecordHeader{Key: key, Value: []byte(value)})
 }

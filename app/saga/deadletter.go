@@ -8,6 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prozess/prozess/modules/event"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
@@ -167,16 +168,33 @@ type Parked struct {
 // ReadParked lists the parked records, oldest first.
 func ReadParked(ctx context.Context, pool *pgxpool.Pool) ([]Parked, error) {
 	rows, err := pool.Query(ctx, `
-		SELECT id, topic, coalesce(convert_from(key, 'UTF8'), ''), coalesce(h->>1, ''), coalesce(length(value), 0), error, parked_at
-		FROM parked LEFT JOIN LATERAL (
-			SELECT e AS h FROM jsonb_array_elements(headers) e WHERE e->>0 = 'ce_type' LIMIT 1) t ON true
-		ORDER BY id`)
+		SELECT id, topic, coalesce(key, ''), coalesce(length(value), 0), headers, header_bytes, error, parked_at
+		FROM parked ORDER BY id`)
 	if err != nil {
 		return nil, fmt.Errorf("reading parked records: %w", err)
 	}
-	ps, err := pgx.CollectRows(rows, pgx.RowToStructByPos[Parked])
+	var out []Parked
+	var p Parked
+	var key, headers, headerBytes []byte
+	_, err = pgx.ForEachRow(rows, []any{&p.ID, &p.Topic, &key, &p.Bytes, &headers, &headerBytes, &p.Error, &p.ParkedAt}, func() error {
+		hs, err := event.DecodeHeaders(headerBytes)
+		if headerBytes == nil {
+			hs, err = event.Headers(headers)
+		}
+		if err != nil {
+			return fmt.Errorf("parked record %d: %w", p.ID, err)
+		}
+		p.Key, p.Type = string(key), ""
+		for _, h := range hs {
+			if h.Key == "ce_type" {
+				p.Type = string(h.Value)
+			}
+		}
+		out = append(out, p)
+		return nil
+	})
 	if err != nil {
 		return nil, fmt.Errorf("reading parked records: %w", err)
 	}
-	return ps, nil
+	return out, nil
 }

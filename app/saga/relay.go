@@ -157,7 +157,7 @@ func (r *Relay) lead(ctx context.Context) error {
 // is acknowledged. It deletes by id, never by range: a transaction that took
 // a lower id may commit later, and its row must stay until published.
 func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
-	rows, err := conn.Query(ctx, `SELECT id, topic, key, value, headers FROM outbox ORDER BY id LIMIT $1`, r.batch)
+	rows, err := conn.Query(ctx, `SELECT id, topic, key, value, headers, header_bytes FROM outbox ORDER BY id LIMIT $1`, r.batch)
 	if err != nil {
 		return 0, fmt.Errorf("reading outbox: %w", err)
 	}
@@ -165,9 +165,12 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 	var recs []*kgo.Record
 	var id int64
 	var topic string
-	var key, value, headers []byte
-	_, err = pgx.ForEachRow(rows, []any{&id, &topic, &key, &value, &headers}, func() error {
-		hs, err := event.Headers(headers)
+	var key, value, headers, headerBytes []byte
+	_, err = pgx.ForEachRow(rows, []any{&id, &topic, &key, &value, &headers, &headerBytes}, func() error {
+		hs, err := event.DecodeHeaders(headerBytes)
+		if headerBytes == nil { // written before header_bytes
+			hs, err = event.Headers(headers)
+		}
 		if err != nil {
 			return fmt.Errorf("outbox row %d: %w", id, err)
 		}
@@ -247,8 +250,8 @@ func (r *Relay) settle(ctx context.Context, conn *pgx.Conn, published, parked []
 	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if len(parked) > 0 {
 			if _, err := tx.Exec(ctx, `
-				INSERT INTO parked (id, topic, key, value, headers, created_at, error)
-				SELECT o.id, o.topic, o.key, o.value, o.headers, o.created_at, p.error
+				INSERT INTO parked (id, topic, key, value, headers, header_bytes, created_at, error)
+				SELECT o.id, o.topic, o.key, o.value, o.headers, o.header_bytes, o.created_at, p.error
 				FROM outbox o JOIN unnest($1::bigint[], $2::text[]) AS p(id, error) USING (id)
 				ON CONFLICT (id) DO NOTHING`, parked, reasons); err != nil {
 				return fmt.Errorf("parking refused outbox rows: %w", err)

@@ -1,6 +1,7 @@
 package event_test
 
 import (
+	"bytes"
 	"errors"
 	"strings"
 	"testing"
@@ -118,5 +119,32 @@ func BenchmarkEncodeDecode(b *testing.B) {
 		if _, err := event.FromRecord(ev.Record("order-events")); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// Headers survive the outbox byte for byte: NUL, bytes that are not UTF-8,
+// empty keys and values.
+func TestHeadersRoundTripByteExact(t *testing.T) {
+	hs := []kgo.RecordHeader{
+		{Key: "ce_type", Value: []byte("OrderCreated")},
+		{Key: "nul\x00key", Value: []byte("a\x00b")},
+		{Key: "latin1", Value: []byte{0xff, 0xfe, 'x'}},
+		{Key: "", Value: nil},
+		{Key: "big", Value: bytes.Repeat([]byte{0x80}, 300)},
+	}
+	got, err := event.DecodeHeaders(event.EncodeHeaders(hs))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(hs) {
+		t.Fatalf("%d headers back, want %d", len(got), len(hs))
+	}
+	for i := range hs {
+		if got[i].Key != hs[i].Key || !bytes.Equal(got[i].Value, hs[i].Value) {
+			t.Fatalf("header %d: %q=%q, want %q=%q", i, got[i].Key, got[i].Value, hs[i].Key, hs[i].Value)
+		}
+	}
+	if _, err := event.DecodeHeaders([]byte{5, 'a'}); err == nil {
+		t.Fatal("truncated headers decoded")
 	}
 }

@@ -1,8 +1,11 @@
 package event
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -25,8 +28,8 @@ func Emit(ctx context.Context, tx Execer, topic string, evs ...Event) error {
 }
 
 // WriteOutbox appends raw records (events, or dead letters) to the outbox in
-// one statement. The relay publishes outbox rows in id order and deletes them
-// once the broker has acknowledged them.
+// one statement, their headers byte-exact. The relay publishes outbox rows in
+// id order and deletes them once the broker has acknowledged them.
 func WriteOutbox(ctx context.Context, tx Execer, recs ...*kgo.Record) error {
 	if len(recs) == 0 {
 		return nil
@@ -34,22 +37,13 @@ func WriteOutbox(ctx context.Context, tx Execer, recs ...*kgo.Record) error {
 	topics := make([]string, len(recs))
 	keys := make([][]byte, len(recs))
 	values := make([][]byte, len(recs))
-	headers := make([]string, len(recs))
+	headers := make([][]byte, len(recs))
 	for i, r := range recs {
-		topics[i], keys[i], values[i] = r.Topic, r.Key, r.Value
-		hs := make([][2]string, len(r.Headers))
-		for j, h := range r.Headers {
-			hs[j] = [2]string{h.Key, string(h.Value)}
-		}
-		b, err := json.Marshal(hs)
-		if err != nil {
-			return fmt.Errorf("encoding record headers: %w", err)
-		}
-		headers[i] = string(b)
+		topics[i], keys[i], values[i], headers[i] = r.Topic, r.Key, r.Value, EncodeHeaders(r.Headers)
 	}
 	_, err := tx.Exec(ctx, `
-		INSERT INTO outbox (topic, key, value, headers)
-		SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::jsonb[])`,
+		INSERT INTO outbox (topic, key, value, header_bytes)
+		SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::bytea[])`,
 		topics, keys, values, headers)
 	if err != nil {
 		return fmt.Errorf("writing %d records to the outbox: %w", len(recs), err)
@@ -57,7 +51,48 @@ func WriteOutbox(ctx context.Context, tx Execer, recs ...*kgo.Record) error {
 	return nil
 }
 
-// Headers decodes the outbox's JSON headers back into record headers.
+// EncodeHeaders writes record headers byte for byte: for each, its key's
+// and its value's length as uvarints, each followed by its bytes. Any bytes
+// survive, NUL and invalid UTF-8 included.
+func EncodeHeaders(hs []kgo.RecordHeader) []byte {
+	var b []byte
+	for _, h := range hs {
+		b = binary.AppendUvarint(b, uint64(len(h.Key)))
+		b = append(b, h.Key...)
+		b = binary.AppendUvarint(b, uint64(len(h.Value)))
+		b = append(b, h.Value...)
+	}
+	return b
+}
+
+// DecodeHeaders reads what EncodeHeaders wrote.
+func DecodeHeaders(b []byte) ([]kgo.RecordHeader, error) {
+	var hs []kgo.RecordHeader
+	next := func() ([]byte, error) {
+		n, used := binary.Uvarint(b)
+		if used <= 0 || uint64(len(b)-used) < n {
+			return nil, errors.New("truncated record headers")
+		}
+		out := b[used : used+int(n)]
+		b = b[used+int(n):]
+		return out, nil
+	}
+	for len(b) > 0 {
+		k, err := next()
+		if err != nil {
+			return nil, err
+		}
+		v, err := next()
+		if err != nil {
+			return nil, err
+		}
+		hs = append(hs, kgo.RecordHeader{Key: string(k), Value: bytes.Clone(v)})
+	}
+	return hs, nil
+}
+
+// Headers decodes the JSON headers of outbox rows written before
+// header_bytes.
 func Headers(raw []byte) ([]kgo.RecordHeader, error) {
 	var hs [][2]string
 	if err := json.Unmarshal(raw, &hs); err != nil {
