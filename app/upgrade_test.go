@@ -40,7 +40,8 @@ func newer(t *testing.T, r *kgo.Record) *kgo.Record {
 // and the order is cancelled. Before, the exact version and unknown fields
 // were refused and the stock was never released. A newer OrderCreated (an
 // order another api version wrote) is reserved by inventory and recorded
-// by status likewise; nothing is dead-lettered.
+// by status, a newer InventoryReserved charged by payment, a newer
+// PaymentCompleted shipped by delivery; nothing is dead-lettered.
 func TestEventsFromANewerProducerAreApplied(t *testing.T) {
 	e := newEnv(t)
 	cfg := e.config()
@@ -81,6 +82,33 @@ func TestEventsFromANewerProducerAreApplied(t *testing.T) {
 	}
 	if got := r.awaitStatus(t, second.String(), event.StatusReserved, 20*time.Second); got.Status != event.StatusReserved {
 		t.Fatalf("newer OrderCreated: order is %s, want INVENTORY_RESERVED", got.Status)
+	}
+	// Payment reads a newer InventoryReserved and delivery a newer
+	// PaymentCompleted: two more orders, each picked up mid-saga.
+	placed := func() uuid.UUID {
+		id := uuid.New()
+		schematest.Exec(t, e.pool, `INSERT INTO orders (id, user_id, status, amount_cents) VALUES ($1, 'u1', 'CREATED', 2999)`, id)
+		schematest.Exec(t, e.pool, `INSERT INTO order_items (order_id, product_id, qty, price_cents) VALUES ($1, 'prod-mouse', 1, 2999)`, id)
+		return id
+	}
+	third, fourth := placed(), placed()
+	reserved, err := event.New(event.InventoryReserved, third, "inventory", event.Reserved{UserID: "u1", Items: []event.Item{mouse(1)}, AmountCents: 2999})
+	if err != nil {
+		t.Fatal(err)
+	}
+	paid, err := event.New(event.PaymentCompleted, fourth, "payment", event.Paid{PaymentID: uuid.New(), AmountCents: 2999})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.ProduceSync(t.Context(), newer(t, reserved.Record(cfg.Topic)), newer(t, paid.Record(cfg.Topic))).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	cfg.PaymentDeclineRate = 0
+	e.start(cfg, "payment") // the older payment, this time
+	for _, id := range []uuid.UUID{third, fourth} {
+		if got := r.await(t, id.String(), 20*time.Second); got.Status != event.StatusShipped {
+			t.Fatalf("order %s, picked up from a newer event, ended %s", id, got.Status)
+		}
 	}
 	dls, err := saga.ReadDeadLetters(t.Context(), r.sys.Brokers(), cfg.DLQTopic())
 	if err != nil || len(dls) != 0 {
