@@ -1,6 +1,7 @@
 package app_test
 
 import (
+	"encoding/json"
 	"io"
 	"net/http"
 	"strings"
@@ -10,14 +11,16 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/schema/schematest"
 )
 
 // One outbox record the broker refuses for good (2 MB, over the broker's
 // message.max.bytes, as a dead letter copying a large record would be) is
-// parked with the broker's error; every other record is published once and
-// deleted, and the saga goes on. Before, the relay retried the whole batch
+// parked with the broker's error (shown by dlq list, a metric and an
+// admin's live page); every other record is published once and deleted,
+// and the saga goes on. Before, the relay retried the whole batch
 // forever, republishing everything else each round.
 func TestOversizedOutboxRecordIsParked(t *testing.T) {
 	e := newEnv(t)
@@ -58,6 +61,15 @@ func TestOversizedOutboxRecordIsParked(t *testing.T) {
 	out, err := runCLI(t, "dlq", "list", "--kafka-brokers", strings.Join(r.sys.Brokers(), ","), "--topic", cfg.Topic, "--database-url", e.dbURL)
 	if err != nil || !strings.Contains(out, "1 parked outbox records") || !strings.Contains(out, "MESSAGE_TOO_LARGE") {
 		t.Fatalf("dlq list: %v\n%s", err, out)
+	}
+	// An admin's live page shows it (in the stream's first snapshot).
+	name, data := openStream(t, r.url, e.keyFor("admin")).next(t)
+	var snap api.LiveSnapshot
+	if err := json.Unmarshal(data, &snap); err != nil || name != "snapshot" {
+		t.Fatalf("first stream message %s %s: %v", name, data, err)
+	}
+	if len(snap.Parked) != 1 || snap.Parked[0].Topic != cfg.DLQTopic() || !strings.Contains(snap.Parked[0].Error, "MESSAGE_TOO_LARGE") {
+		t.Fatalf("admin snapshot's parked records: %+v", snap.Parked)
 	}
 	res, err := http.Get("http://" + r.sys.AdminAddr() + "/metrics")
 	if err != nil {

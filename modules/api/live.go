@@ -41,6 +41,17 @@ type LiveOrder struct {
 type LiveSnapshot struct {
 	Orders []LiveOrder `json:"orders"`
 	Admin  bool        `json:"admin"`
+	// Parked are the outbox records the broker refused for good (admins
+	// only): they never reach the topic, so no stream message shows them.
+	Parked []LiveParked `json:"parked,omitempty"`
+}
+
+// LiveParked is an outbox record the relay parked.
+type LiveParked struct {
+	OutboxID int64     `json:"outbox_id"`
+	Topic    string    `json:"topic"`
+	Error    string    `json:"error"`
+	Time     time.Time `json:"time"`
 }
 
 // LiveEvent is one saga event on a stream, with the status it leads to.
@@ -297,5 +308,15 @@ func (a *API) snapshot(ctx context.Context, p Principal) (LiveSnapshot, error) {
 	if orders == nil {
 		orders = []LiveOrder{}
 	}
-	return LiveSnapshot{Orders: orders, Admin: p.Admin}, nil
+	snap := LiveSnapshot{Orders: orders, Admin: p.Admin}
+	if p.Admin {
+		rows, err := a.pool.Query(ctx, `SELECT id, topic, error, parked_at FROM parked ORDER BY id DESC LIMIT 30`)
+		if err != nil {
+			return LiveSnapshot{}, fmt.Errorf("reading parked records: %w", err)
+		}
+		if snap.Parked, err = pgx.CollectRows(rows, pgx.RowToStructByPos[LiveParked]); err != nil {
+			return LiveSnapshot{}, fmt.Errorf("reading parked records: %w", err)
+		}
+	}
+	return snap, nil
 }
