@@ -18,6 +18,7 @@ import (
 	"github.com/prozess/prozess/app/check"
 	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/modules/statuscache"
 	"github.com/prozess/prozess/schema/schematest"
 )
 
@@ -90,7 +91,7 @@ func TestCheckPassesThenFindsEveryCorruption(t *testing.T) {
 	schematest.Exec(t, e.pool, `INSERT INTO orders (id, user_id, status, amount_cents, created_at) VALUES ($1, 'u1', 'INVENTORY_RESERVED', 1, now() - interval '5 minutes')`, stuck)
 	schematest.Exec(t, e.pool, `INSERT INTO outbox (topic, created_at) VALUES ('nowhere', now() - interval '10 minutes')`)
 	rdb, _ := schematest.NewRedis(t)
-	if err := rdb.Do(t.Context(), rdb.B().Hset().Key(e.prefix+"order:"+byStatus[event.StatusCancelled][0]).
+	if err := rdb.Do(t.Context(), rdb.B().Hset().Key(bound(t, e)+"order:"+byStatus[event.StatusCancelled][0]).
 		FieldValue().FieldValue("doc", "{}").FieldValue("status", "SHIPPED").FieldValue("rank", "4").Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
@@ -219,4 +220,14 @@ func TestDeadLetterReplayRefusedPastInboxRetention(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "older than the inboxes keep event ids") || !strings.Contains(err.Error(), "not replaying it") {
 		t.Fatalf("replaying a 30-day-old dead letter with a 1-day topic retention: %v", err)
 	}
+}
+
+// bound is the test database's Redis key prefix, as the system uses it.
+func bound(t *testing.T, e *env) string {
+	t.Helper()
+	p, err := statuscache.BoundPrefix(t.Context(), e.pool, e.prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

@@ -36,10 +36,11 @@ func Participants() []string {
 
 // deps are the shared clients participants are built from.
 type deps struct {
-	cfg  Config
-	log  *slog.Logger
-	pool *pgxpool.Pool
-	rdb  rueidis.Client
+	cfg    Config
+	log    *slog.Logger
+	pool   *pgxpool.Pool
+	rdb    rueidis.Client
+	prefix string // Redis keys' prefix, bound to this database
 }
 
 // consumer is one row of the participants table: a name and a constructor.
@@ -57,7 +58,7 @@ func consumers() []consumer {
 		}},
 		{delivery.Name, func(d deps) (saga.Handler, error) { return delivery.New(d.log), nil }},
 		{status.Name, func(d deps) (saga.Handler, error) {
-			return status.New(d.log, statuscache.New(d.rdb, d.cfg.RedisPrefix)), nil
+			return status.New(d.log, statuscache.New(d.rdb, d.prefix)), nil
 		}},
 	}
 }
@@ -164,6 +165,11 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 			return nil, err
 		}
 		s.closers = append(s.closers, d.rdb.Close)
+		// Every key under this database's deployment id: a Redis shared
+		// with another deployment never answers for it.
+		if d.prefix, err = statuscache.BoundPrefix(startCtx, pool, cfg.RedisPrefix); err != nil {
+			return nil, err
+		}
 	}
 
 	s.brokers = cfg.KafkaBrokers
@@ -203,7 +209,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 				"key", seed.DemoKey, "user", seed.DemoUser, "revoke", "prozess apikey revoke "+seed.DemoKeyID)
 			auth.DemoKey = seed.DemoKey
 		}
-		a := api.New(alog, pool, d.rdb, cfg.RedisPrefix, cfg.Topic, auth)
+		a := api.New(alog, pool, d.rdb, d.prefix, cfg.Topic, auth)
 		if err := s.addHTTP(a); err != nil {
 			return nil, err
 		}
@@ -215,7 +221,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 			continue
 		}
 		plog := log.With("participant", p.name)
-		h, err := p.build(deps{cfg: cfg, log: plog, pool: pool, rdb: d.rdb})
+		h, err := p.build(deps{cfg: cfg, log: plog, pool: pool, rdb: d.rdb, prefix: d.prefix})
 		if err != nil {
 			return nil, fmt.Errorf("building %s: %w", p.name, err)
 		}

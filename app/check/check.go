@@ -27,7 +27,7 @@ import (
 type Config struct {
 	Deadline time.Duration // orders older than this must be done
 	Redis    rueidis.Client
-	Prefix   string   // Redis key prefix
+	Prefix   string   // Redis key prefix (--redis-prefix; the deployment id is added)
 	Brokers  []string // for the dead-letter count; none skips it
 	DLQTopic string
 }
@@ -279,16 +279,20 @@ func (r *Report) cache(ctx context.Context, pool *pgxpool.Pool, cfg Config) erro
 	if cfg.Redis == nil {
 		return nil
 	}
-	cache := statuscache.New(cfg.Redis, cfg.Prefix)
+	prefix, err := statuscache.BoundPrefix(ctx, pool, cfg.Prefix)
+	if err != nil {
+		return err
+	}
+	cache := statuscache.New(cfg.Redis, prefix)
 	var cursor uint64
 	var ids []uuid.UUID
 	for {
-		e, err := cfg.Redis.Do(ctx, cfg.Redis.B().Scan().Cursor(cursor).Match(cfg.Prefix+"order:*").Count(1000).Build()).AsScanEntry()
+		e, err := cfg.Redis.Do(ctx, cfg.Redis.B().Scan().Cursor(cursor).Match(prefix+"order:*").Count(1000).Build()).AsScanEntry()
 		if err != nil {
 			return fmt.Errorf("scanning the status cache: %w", err)
 		}
 		for _, k := range e.Elements {
-			if id, err := uuid.Parse(strings.TrimPrefix(k, cfg.Prefix+"order:")); err == nil {
+			if id, err := uuid.Parse(strings.TrimPrefix(k, prefix+"order:")); err == nil {
 				ids = append(ids, id)
 			}
 		}

@@ -14,12 +14,14 @@ import (
 func (a *API) idemKey(user, key string) string { return a.prefix + "idem:" + user + ":" + key }
 
 // rememberedKey is the fast path for a repeated Idempotency-Key. It answers
-// only on a sure match; anything else (miss, Redis down, other body) falls
-// through to PostgreSQL, which decides.
+// only on a sure match, confirmed in PostgreSQL (the order exists, for this
+// user and key: Redis never answers for what the database does not have);
+// anything else (miss, Redis down, other body, no such order) falls through
+// to the writer, which decides.
 func (a *API) rememberedKey(ctx context.Context, user, key string, hash []byte) (uuid.UUID, bool) {
-	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	rctx, cancel := context.WithTimeout(ctx, redisTimeout)
 	defer cancel()
-	v, err := a.rdb.Do(ctx, a.rdb.B().Get().Key(a.idemKey(user, key)).Build()).ToString()
+	v, err := a.rdb.Do(rctx, a.rdb.B().Get().Key(a.idemKey(user, key)).Build()).ToString()
 	if err != nil {
 		return uuid.Nil, false
 	}
@@ -28,7 +30,15 @@ func (a *API) rememberedKey(ctx context.Context, user, key string, hash []byte) 
 		return uuid.Nil, false
 	}
 	oid, err := uuid.Parse(id)
-	return oid, err == nil
+	if err != nil {
+		return uuid.Nil, false
+	}
+	var n int
+	if err := a.pool.QueryRow(ctx, `SELECT count(*) FROM orders WHERE id = $1 AND user_id = $2 AND idempotency_key = $3`,
+		oid, user, key).Scan(&n); err != nil || n != 1 {
+		return uuid.Nil, false
+	}
+	return oid, true
 }
 
 func (a *API) rememberKey(ctx context.Context, user, key string, hash []byte, id uuid.UUID) {

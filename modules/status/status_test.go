@@ -71,8 +71,31 @@ func TestStatusOnlyMovesForward(t *testing.T) {
 	}
 }
 
-// The status writer never creates a cache entry: it has no document for it,
-// and the next read fills it from PostgreSQL.
+// The stale-status race: the api commits an order and, slowly, fills the
+// cache with the CREATED it wrote; meanwhile the saga ran and the status
+// writer advanced the order to SHIPPED while no entry existed. The late
+// fill must not leave CREATED in the cache (before, it did, for the entry's
+// lifetime): it adds the document and keeps SHIPPED.
+func TestLateFillCannotWriteAnOlderStatus(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := schematest.NewRedis(t)
+	cache := statuscache.New(rdb, prefix)
+	ctx := context.Background()
+	order := uuid.New()
+	if err := cache.Advance(ctx, []statuscache.Update{{OrderID: order, Status: event.StatusShipped}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := cache.Put(ctx, order, statuscache.Entry{Doc: []byte(`{"order":1}`), Status: event.StatusCreated}); err != nil {
+		t.Fatal(err)
+	}
+	e, ok, err := cache.Get(ctx, order)
+	if err != nil || !ok || e.Status != event.StatusShipped {
+		t.Fatalf("after the late fill the cache holds %+v (%v, %v), want SHIPPED", e, ok, err)
+	}
+}
+
+// The status writer never creates a readable cache entry: it has no
+// document for it, and the next read fills it from PostgreSQL.
 func TestCacheAdvanceSkipsAbsentEntries(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := schematest.NewRedis(t)

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 	"github.com/redis/rueidis"
 
 	"github.com/prozess/prozess/modules/event"
@@ -26,20 +27,26 @@ const (
 	terminalTTL = 24 * time.Hour
 )
 
-// upsert sets status (and doc, when given) only when the entry's rank is
-// lower than the new one. With ARGV[4] = "1" it only advances an entry that
-// exists: the status writer has no doc to create one with.
+// upsert sets status only when the entry's rank is lower than the new one,
+// and the doc (immutable) whenever it is given and missing. The status
+// writer has no doc: for an order not cached yet it leaves a status-only
+// entry, which reads as a miss but keeps a later, slower fill by the api
+// (with an older status read before the saga advanced) from writing that
+// older status: nothing writes an older status over a newer one, and no
+// stale fill lands on a missing entry.
 var upsert = rueidis.NewLuaScript(`
 local cur = redis.call('HGET', KEYS[1], 'rank')
-if cur == false then
-  if ARGV[4] == '1' then return 0 end
-elseif tonumber(cur) >= tonumber(ARGV[2]) then
-  return 0
+local changed = 0
+if cur == false or tonumber(cur) < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  changed = 1
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[3]) end
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return 1
+if ARGV[3] ~= '' and redis.call('HEXISTS', KEYS[1], 'doc') == 0 then
+  redis.call('HSET', KEYS[1], 'doc', ARGV[3])
+  changed = 1
+end
+return changed
 `)
 
 // Cache reads and writes order status entries under a key prefix, so several
@@ -49,8 +56,25 @@ type Cache struct {
 	prefix string
 }
 
-// New returns a cache using rdb with keys under prefix.
+// New returns a cache using rdb with keys under prefix (see BoundPrefix).
 func New(rdb rueidis.Client, prefix string) *Cache { return &Cache{rdb: rdb, prefix: prefix} }
+
+// Querier is the part of a pgx pool BoundPrefix needs.
+type Querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// BoundPrefix is prefix bound to the database db is: prefix, then the
+// database's deployment id. Every Redis key prozess writes is under it, so
+// deployments sharing one Redis and one --redis-prefix never read each
+// other's entries.
+func BoundPrefix(ctx context.Context, db Querier, prefix string) (string, error) {
+	var id uuid.UUID
+	if err := db.QueryRow(ctx, `SELECT id FROM deployment`).Scan(&id); err != nil {
+		return "", fmt.Errorf("reading the deployment id: %w", err)
+	}
+	return prefix + id.String() + ":", nil
+}
 
 // Entry is one cached order: its immutable document and its status.
 type Entry struct {
@@ -76,7 +100,7 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (Entry, bool, error) {
 
 // Put creates or advances an entry with its document.
 func (c *Cache) Put(ctx context.Context, id uuid.UUID, e Entry) error {
-	return c.exec(ctx, []rueidis.LuaExec{c.args(id, e.Status, string(e.Doc), false)})
+	return c.exec(ctx, []rueidis.LuaExec{c.args(id, e.Status, string(e.Doc))})
 }
 
 // Update is one status change for Advance.
@@ -85,28 +109,25 @@ type Update struct {
 	Status  event.Status
 }
 
-// Advance moves existing entries forward; entries that are absent stay
-// absent (the next read fills them from PostgreSQL).
+// Advance moves entries forward; for an order not cached yet it leaves a
+// status-only entry (a miss for readers; the next read fills the doc from
+// PostgreSQL, and cannot move the status back).
 func (c *Cache) Advance(ctx context.Context, us []Update) error {
 	execs := make([]rueidis.LuaExec, len(us))
 	for i, u := range us {
-		execs[i] = c.args(u.OrderID, u.Status, "", true)
+		execs[i] = c.args(u.OrderID, u.Status, "")
 	}
 	return c.exec(ctx, execs)
 }
 
-func (c *Cache) args(id uuid.UUID, s event.Status, doc string, onlyExisting bool) rueidis.LuaExec {
+func (c *Cache) args(id uuid.UUID, s event.Status, doc string) rueidis.LuaExec {
 	ttl := liveTTL
 	if s.Terminal() {
 		ttl = terminalTTL
 	}
-	only := "0"
-	if onlyExisting {
-		only = "1"
-	}
 	return rueidis.LuaExec{
 		Keys: []string{c.key(id)},
-		Args: []string{string(s), strconv.Itoa(s.Rank()), doc, only, strconv.Itoa(int(ttl.Seconds()))},
+		Args: []string{string(s), strconv.Itoa(s.Rank()), doc, strconv.Itoa(int(ttl.Seconds()))},
 	}
 }
 
