@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -22,9 +23,15 @@ import (
 	"github.com/prozess/prozess/schema/schematest"
 )
 
+// stdoutMu serializes runCLI: it swaps the process's os.Stdout, which
+// parallel tests share.
+var stdoutMu sync.Mutex
+
 // runCLI runs the prozess command line in-process and returns its output.
 func runCLI(t *testing.T, args ...string) (string, error) {
 	t.Helper()
+	stdoutMu.Lock()
+	defer stdoutMu.Unlock()
 	cmd := app.NewRootCommand()
 	cmd.SetArgs(args)
 	old := os.Stdout
@@ -137,9 +144,7 @@ func TestDeadLetterListAndReplay(t *testing.T) {
 	r := e.start(cfg)
 	brokers := strings.Join(r.sys.Brokers(), ",")
 	// The order as the api wrote it; its OrderCreated ended in the DLQ.
-	order := uuid.New()
-	schematest.Exec(t, e.pool, `INSERT INTO orders (id, user_id, status, amount_cents) VALUES ($1, 'u1', 'CREATED', 2999)`, order)
-	schematest.Exec(t, e.pool, `INSERT INTO order_items (order_id, product_id, qty, price_cents) VALUES ($1, 'prod-mouse', 1, 2999)`, order)
+	order := e.insertOrder()
 	ev, err := event.New(event.OrderCreated, order, "api", event.Created{UserID: "u1", Items: []event.Item{mouse(1)}, AmountCents: 2999})
 	if err != nil {
 		t.Fatal(err)

@@ -257,15 +257,25 @@ func seedCommand(cfg *Config) *cobra.Command {
 // --database-url, closed when the body returns.
 func (c *Config) withDB(fn func(ctx context.Context, log *slog.Logger, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, _ []string) error {
-		log, err := telemetry.NewLogger(c.LogLevel, c.LogFormat)
-		if err != nil {
-			return err
-		}
-		pool, err := OpenDB(cmd.Context(), c.databaseURL(), c.StatementTimeout, log)
+		log, pool, err := c.openDB(cmd.Context())
 		if err != nil {
 			return err
 		}
 		defer pool.Close()
 		return fn(cmd.Context(), log, pool)
 	}
+}
+
+// openDB is the process's logger and a pool on --database-url; the caller
+// closes the pool.
+func (c *Config) openDB(ctx context.Context) (*slog.Logger, *pgxpool.Pool, error) {
+	log, err := telemetry.NewLogger(c.LogLevel, c.LogFormat)
+	if err != nil {
+		return nil, nil, err
+	}
+	pool, err := OpenDB(ctx, c.databaseURL(), c.StatementTimeout, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	return log, pool, nil
 }

@@ -17,7 +17,6 @@ import (
 
 	"github.com/prozess/prozess/app/check"
 	"github.com/prozess/prozess/app/saga"
-	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/schema"
 )
@@ -98,11 +97,7 @@ func dlqCommand(cfg *Config) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			log, err := telemetry.NewLogger(cfg.LogLevel, cfg.LogFormat)
-			if err != nil {
-				return err
-			}
-			pool, err := OpenDB(cmd.Context(), cfg.databaseURL(), cfg.StatementTimeout, log)
+			_, pool, err := cfg.openDB(cmd.Context())
 			if err != nil {
 				return err
 			}

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/prozess/prozess/app"
@@ -278,6 +279,15 @@ func (r *running) stock(t *testing.T) map[string]int64 {
 		m[p.ID] = p.Stock
 	}
 	return m
+}
+
+// insertOrder writes an order for one prod-mouse (u1, 29.99) as the api
+// would, without its OrderCreated: for tests that publish that themselves.
+func (e *env) insertOrder() uuid.UUID {
+	id := uuid.New()
+	schematest.Exec(e.t, e.pool, `INSERT INTO orders (id, user_id, status, amount_cents) VALUES ($1, 'u1', 'CREATED', 2999)`, id)
+	schematest.Exec(e.t, e.pool, `INSERT INTO order_items (order_id, product_id, qty, price_cents) VALUES ($1, 'prod-mouse', 1, 2999)`, id)
+	return id
 }
 
 func (e *env) count(sql string, args ...any) int64 {

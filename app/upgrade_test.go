@@ -10,7 +10,6 @@ import (
 
 	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/event"
-	"github.com/prozess/prozess/schema/schematest"
 )
 
 // newer rewrites a record as a newer producer of the same major would write
@@ -70,9 +69,7 @@ func TestEventsFromANewerProducerAreApplied(t *testing.T) {
 		t.Fatalf("prod-mouse stock %d, want %d back", got["prod-mouse"], initial["prod-mouse"])
 	}
 
-	second := uuid.New()
-	schematest.Exec(t, e.pool, `INSERT INTO orders (id, user_id, status, amount_cents) VALUES ($1, 'u1', 'CREATED', 2999)`, second)
-	schematest.Exec(t, e.pool, `INSERT INTO order_items (order_id, product_id, qty, price_cents) VALUES ($1, 'prod-mouse', 1, 2999)`, second)
+	second := e.insertOrder()
 	created, err := event.New(event.OrderCreated, second, "api", event.Created{UserID: "u1", Items: []event.Item{mouse(1)}, AmountCents: 2999})
 	if err != nil {
 		t.Fatal(err)
@@ -85,13 +82,7 @@ func TestEventsFromANewerProducerAreApplied(t *testing.T) {
 	}
 	// Payment reads a newer InventoryReserved and delivery a newer
 	// PaymentCompleted: two more orders, each picked up mid-saga.
-	placed := func() uuid.UUID {
-		id := uuid.New()
-		schematest.Exec(t, e.pool, `INSERT INTO orders (id, user_id, status, amount_cents) VALUES ($1, 'u1', 'CREATED', 2999)`, id)
-		schematest.Exec(t, e.pool, `INSERT INTO order_items (order_id, product_id, qty, price_cents) VALUES ($1, 'prod-mouse', 1, 2999)`, id)
-		return id
-	}
-	third, fourth := placed(), placed()
+	third, fourth := e.insertOrder(), e.insertOrder()
 	reserved, err := event.New(event.InventoryReserved, third, "inventory", event.Reserved{UserID: "u1", Items: []event.Item{mouse(1)}, AmountCents: 2999})
 	if err != nil {
 		t.Fatal(err)
