@@ -173,9 +173,26 @@ func checkTopics(ctx context.Context, adm *kadm.Client, topics []string, rf int1
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	cfgs, err := adm.DescribeTopicConfigs(ctx, topics...)
-	if err != nil {
-		return nil, fmt.Errorf("describing topic configs %v: %w", topics, err)
+	var cfgs kadm.ResourceConfigs
+	for {
+		var err error
+		cfgs, err = adm.DescribeTopicConfigs(ctx, topics...)
+		if err != nil {
+			return nil, fmt.Errorf("describing topic configs %v: %w", topics, err)
+		}
+		described := true
+		for _, topic := range topics {
+			rc, err := cfgs.On(topic, nil)
+			described = described && err == nil && len(rc.Configs) > 0
+		}
+		if described {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("describing topic configs %v: not ready: %w", topics, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
 	var out []string
 	for _, topic := range topics {

@@ -30,30 +30,38 @@ func admin(t *testing.T, brokers []string) *kadm.Client {
 	return kadm.NewClient(cl)
 }
 
-// topicState reads a topic's smallest replication factor and its configs.
+// topicState reads a topic's smallest replication factor and its configs,
+// once the cluster has propagated the topic (right after creation a broker
+// may still answer without partitions or configs).
 func topicState(t *testing.T, adm *kadm.Client, topic string) (int, map[string]string) {
 	t.Helper()
-	md, err := adm.Metadata(t.Context(), topic)
-	if err != nil {
-		t.Fatal(err)
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		md, err := adm.Metadata(t.Context(), topic)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rf := 1 << 10
+		td := md.Topics[topic]
+		for _, p := range td.Partitions {
+			rf = min(rf, len(p.Replicas))
+		}
+		cfg := map[string]string{}
+		if rcs, err := adm.DescribeTopicConfigs(t.Context(), topic); err == nil {
+			if rc, err := rcs.On(topic, nil); err == nil {
+				for _, c := range rc.Configs {
+					cfg[c.Key] = c.MaybeValue()
+				}
+			}
+		}
+		if td.Err == nil && len(td.Partitions) > 0 && (cfg["min.insync.replicas"] != "" || cfg["retention.ms"] != "") {
+			return rf, cfg
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("topic %s not described within 15s (%v, %d partitions, %d configs)", topic, td.Err, len(td.Partitions), len(cfg))
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
-	rf := 1 << 10
-	for _, p := range md.Topics[topic].Partitions {
-		rf = min(rf, len(p.Replicas))
-	}
-	rcs, err := adm.DescribeTopicConfigs(t.Context(), topic)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rc, err := rcs.On(topic, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := map[string]string{}
-	for _, c := range rc.Configs {
-		cfg[c.Key] = c.MaybeValue()
-	}
-	return rf, cfg
 }
 
 // Topics are created durable: on a three-broker cluster replication factor
@@ -110,6 +118,7 @@ func TestWeakExistingTopicIsReported(t *testing.T) {
 	if _, err := adm.CreateTopic(t.Context(), 3, 1, map[string]*string{"retention.ms": &day}, k.Topic+".dlq"); err != nil {
 		t.Fatal(err)
 	}
+	topicState(t, adm, k.Topic+".dlq")
 	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 3, ReplicationFactor: 1, MinInSync: 1}
 	var logs bytes.Buffer
 	if err := saga.EnsureTopics(t.Context(), k.Brokers, spec, slog.New(slog.NewTextHandler(&logs, nil))); err != nil {
@@ -316,6 +325,8 @@ func TestInboxPrunedAfterTopicRetention(t *testing.T) {
 	if _, err := adm.CreateTopic(t.Context(), 1, 1, map[string]*string{"retention.ms": &forever}, k.Topic+".dlq"); err != nil {
 		t.Fatal(err)
 	}
+	topicState(t, adm, k.Topic) // created and described
+	topicState(t, adm, k.Topic+".dlq")
 	retention, err := saga.InboxRetention(t.Context(), k.Brokers, k.Topic, time.Second)
 	if err != nil {
 		t.Fatal(err)
