@@ -342,6 +342,10 @@ func TestFaultSuite(t *testing.T) {
 			d.start(name)
 		}
 	}
+	if servicesFaults() && (os.Getenv("PROZESS_TEST_DATABASE_URL") == "" || os.Getenv("PROZESS_TEST_REDIS_ADDR") == "") {
+		t.Fatal("PROZESS_FAULT_SERVICES=1 restarts the machine's PostgreSQL and Redis: set PROZESS_TEST_DATABASE_URL " +
+			"and PROZESS_TEST_REDIS_ADDR to those servers, or the faults would miss the test's own")
+	}
 	var services string
 	if !servicesFaults() {
 		services = "restarting the shared PostgreSQL and Redis would disturb parallel tests; .ci/run runs these with PROZESS_FAULT_SERVICES=1"
