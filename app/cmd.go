@@ -106,10 +106,10 @@ not given (data in --data-dir); any other mix uses the local ones, those
 func exitAtFault(spec string, log *slog.Logger) (saga.FaultFunc, error) {
 	who, point, ok := strings.Cut(spec, ":")
 	consumerPoint := point == saga.FaultAfterDBCommit || point == saga.FaultBeforeCommit
-	relayPoint := point == saga.FaultRelayBeforePublish || point == saga.FaultRelayAfterPublish
+	relayPoint := point == saga.FaultRelayBeforePublish || point == saga.FaultRelayAfterPublish || point == saga.FaultRelayInSettle
 	if !ok || (who == "relay" && !relayPoint) || (who != "relay" && !consumerPoint) {
-		return nil, fmt.Errorf("--fault %q: want PARTICIPANT:%s, PARTICIPANT:%s, relay:%s or relay:%s", spec,
-			saga.FaultAfterDBCommit, saga.FaultBeforeCommit, saga.FaultRelayBeforePublish, saga.FaultRelayAfterPublish)
+		return nil, fmt.Errorf("--fault %q: want PARTICIPANT:%s, PARTICIPANT:%s, relay:%s, relay:%s or relay:%s", spec,
+			saga.FaultAfterDBCommit, saga.FaultBeforeCommit, saga.FaultRelayBeforePublish, saga.FaultRelayAfterPublish, saga.FaultRelayInSettle)
 	}
 	return func(participant, p string) error {
 		if participant == who && p == point {

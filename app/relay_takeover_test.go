@@ -1,6 +1,7 @@
 package app_test
 
 import (
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -74,4 +75,38 @@ func TestRelayTakeoverFromFrozenLeader(t *testing.T) {
 	if n := e.count(`SELECT count(*) FROM shipments`); n != 6 {
 		t.Fatalf("%d shipments for 6 orders", n)
 	}
+}
+
+// A leader stopped inside its settling transaction (idle in transaction,
+// which idle_session_timeout alone does not cover; CI's Kafka run caught
+// it) loses the lock within the lease too: the standby publishes, the
+// order ships, nothing is applied twice.
+func TestRelayTakeoverFromLeaderStuckInTransaction(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.KafkaBrokers = e.broker()
+	hold := make(chan struct{})
+	var held atomic.Bool
+	leaderCfg := cfg
+	leaderCfg.Fault = func(participant, point string) error {
+		if participant == "relay" && point == saga.FaultRelayInSettle && held.CompareAndSwap(false, true) {
+			<-hold // stopped inside the transaction, as a frozen process would be
+		}
+		return nil
+	}
+	leader := e.start(leaderCfg, "api") // first: its relay leads
+	initial := leader.stock(t)
+	id := leader.order(t, "u1", "", mouse(1)).OrderID.String()
+	for !held.Load() {
+		time.Sleep(10 * time.Millisecond)
+	}
+	stuck := time.Now()
+	e.start(cfg, "inventory", "payment", "delivery", "status") // its relay stands by
+	if got := leader.await(t, id, 45*time.Second); got.Status != event.StatusShipped {
+		t.Fatalf("order ended %s", got.Status)
+	}
+	t.Logf("order shipped %.1fs after the leader stopped in its transaction (lease %s)", time.Since(stuck).Seconds(), saga.LeaseTimeout)
+	close(hold)
+	e.awaitQuiet(30 * time.Second)
+	e.assertExactlyOnce(initial, leader.stock(t))
 }

@@ -57,6 +57,8 @@ const (
 	// deleted (so they will be published again).
 	FaultRelayBeforePublish = "before-publish"
 	FaultRelayAfterPublish  = "after-publish"
+	// Inside the transaction that deletes published rows, before commit.
+	FaultRelayInSettle = "in-settle"
 )
 
 // FaultFunc is called at each fault point; a non-nil error makes the

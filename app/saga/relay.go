@@ -25,10 +25,12 @@ const relayLockID = 0x70726f7a // "proz"
 
 // LeaseTimeout bounds how long a relay that stopped working can hold the
 // lock: the server ends the lock's session once it has been idle that long
-// (idle_session_timeout), and a healthy leader is never idle for more than
-// its poll interval plus one publish. A frozen process (SIGSTOP, a VM
-// paused) or a vanished host goes silent and loses the lock; TCP keepalives
-// alone would not free it from a frozen process, whose kernel still answers.
+// (idle_session_timeout, and idle_in_transaction_session_timeout for a
+// relay stopped inside its settling transaction), and a healthy leader is
+// never idle for more than its poll interval plus one publish. A frozen
+// process (SIGSTOP, a VM paused) or a vanished host goes silent and loses
+// the lock; TCP keepalives alone would not free it from a frozen process,
+// whose kernel still answers.
 // A standby tries the lock every second, so it takes over within about
 // LeaseTimeout + 1 s. The old leader, if it wakes, finds its session gone
 // and becomes a standby; what it was publishing is published again, and the
@@ -126,7 +128,11 @@ func (r *Relay) lead(ctx context.Context) error {
 	}
 	// The lease (see LeaseTimeout); keepalives for a peer that vanished
 	// mid-query. idle_session_timeout needs PostgreSQL 14.
-	if _, err := conn.Exec(ctx, fmt.Sprintf(`SET idle_session_timeout = %d; SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3`,
+	// Both idle timeouts: frozen between statements the session is idle, frozen
+	// inside settle's transaction it is idle in transaction (the transaction
+	// rolls back, the rows stay, the standby publishes them).
+	if _, err := conn.Exec(ctx, fmt.Sprintf(`SET idle_session_timeout = %[1]d; SET idle_in_transaction_session_timeout = %[1]d; `+
+		`SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3`,
 		LeaseTimeout.Milliseconds())); err != nil {
 		r.log.Warn("relay lease not set: a frozen relay could hold the outbox until its connection dies (PostgreSQL 14 or later has idle_session_timeout)", "err", err)
 	}
@@ -260,7 +266,7 @@ func (r *Relay) settle(ctx context.Context, conn *pgx.Conn, published, parked []
 		if _, err := tx.Exec(ctx, `DELETE FROM outbox WHERE id = ANY($1)`, append(published, parked...)); err != nil {
 			return fmt.Errorf("deleting published outbox rows: %w", err)
 		}
-		return nil
+		return r.faultAt(FaultRelayInSettle)
 	})
 }
 
