@@ -8,6 +8,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/saga"
@@ -38,16 +39,45 @@ func records(b *testing.B, topic string, n int) []*kgo.Record {
 	return recs
 }
 
-// BenchmarkConsumer is records per second through one participant's
-// consumer loop, against the tests' PostgreSQL: b.N records on a 6-partition
-// topic, timed from the first poll until all are applied.
-func BenchmarkConsumer(b *testing.B) {
+// benchSetup is a topic with its dead-letter topic and a database, for a
+// benchmark.
+func benchSetup(b *testing.B) (sagatest.Kafka, *pgxpool.Pool, saga.Topics) {
+	b.Helper()
 	k := sagatest.New(b)
 	pool := schematest.NewPool(b)
 	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 6}
 	if err := saga.EnsureTopics(b.Context(), k.Brokers, spec, slog.New(slog.DiscardHandler)); err != nil {
 		b.Fatal(err)
 	}
+	return k, pool, spec
+}
+
+// measure runs run until finished says the b.N records are through, and
+// reports records per second from the start of run.
+func measure(b *testing.B, run func(ctx context.Context) error, finished func() bool) {
+	b.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	b.ResetTimer()
+	start := time.Now()
+	go func() { done <- run(ctx) }()
+	for !finished() {
+		time.Sleep(time.Millisecond)
+	}
+	elapsed := time.Since(start)
+	b.StopTimer()
+	cancel()
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "records/s")
+}
+
+// BenchmarkConsumer is records per second through one participant's
+// consumer loop, against the tests' PostgreSQL: b.N records on a 6-partition
+// topic, timed from the first poll until all are applied.
+func BenchmarkConsumer(b *testing.B) {
+	k, pool, spec := benchSetup(b)
 	cl, err := kgo.NewClient(kgo.SeedBrokers(k.Brokers...))
 	if err != nil {
 		b.Fatal(err)
@@ -62,33 +92,14 @@ func BenchmarkConsumer(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer c.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	b.ResetTimer()
-	start := time.Now()
-	go func() { done <- c.Run(ctx) }()
-	for c.Stats().Applied.Load() < int64(b.N) {
-		time.Sleep(time.Millisecond)
-	}
-	elapsed := time.Since(start)
-	b.StopTimer()
-	cancel()
-	if err := <-done; err != nil {
-		b.Fatal(err)
-	}
-	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "records/s")
+	measure(b, c.Run, func() bool { return c.Stats().Applied.Load() >= int64(b.N) })
 	b.ReportMetric(float64(c.Stats().Batches.Load()), "transactions")
 }
 
 // BenchmarkRelay is outbox rows per second published by the relay: b.N
 // rows written up front, timed until the outbox is empty.
 func BenchmarkRelay(b *testing.B) {
-	k := sagatest.New(b)
-	pool := schematest.NewPool(b)
-	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 6}
-	if err := saga.EnsureTopics(b.Context(), k.Brokers, spec, slog.New(slog.DiscardHandler)); err != nil {
-		b.Fatal(err)
-	}
+	k, pool, _ := benchSetup(b)
 	recs := records(b, k.Topic, b.N)
 	for i := 0; i < len(recs); i += 1000 {
 		if err := pgx.BeginFunc(b.Context(), pool, func(tx pgx.Tx) error {
@@ -102,19 +113,5 @@ func BenchmarkRelay(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer r.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	b.ResetTimer()
-	start := time.Now()
-	go func() { done <- r.Run(ctx) }()
-	for schematest.Int(b, pool, `SELECT count(*) FROM outbox`) > 0 {
-		time.Sleep(time.Millisecond)
-	}
-	elapsed := time.Since(start)
-	b.StopTimer()
-	cancel()
-	if err := <-done; err != nil {
-		b.Fatal(err)
-	}
-	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "records/s")
+	measure(b, r.Run, func() bool { return schematest.Int(b, pool, `SELECT count(*) FROM outbox`) == 0 })
 }
