@@ -28,6 +28,22 @@ func deadLetters(t *testing.T, brokers []string, topic string) map[string][]stri
 	return out
 }
 
+// awaitDeadLetter waits up to 30s for participant's first dead letter and
+// returns its reason.
+func awaitDeadLetter(t *testing.T, brokers []string, topic, participant string) string {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if reasons := deadLetters(t, brokers, topic)[participant]; len(reasons) > 0 {
+			return reasons[0]
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing dead-lettered by %s within 30s", participant)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 // A second OrderCreated with a new id for an order inventory already holds
 // stock for (a unique violation, SQLSTATE 23505) is the record's fault: in
 // a batch with five good orders, it alone is dead-lettered and the five are
@@ -107,15 +123,8 @@ func TestUnclassifiedErrorStallsOnlyItsRecordForPoisonAfter(t *testing.T) {
 			t.Fatalf("order %s ended %s", id, got.Status)
 		}
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for len(deadLetters(t, r.sys.Brokers(), cfg.DLQTopic())["delivery"]) == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the record that keeps failing was not dead-lettered within 30s")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	reason := awaitDeadLetter(t, r.sys.Brokers(), cfg.DLQTopic(), "delivery")
 	took := time.Since(start)
-	reason := deadLetters(t, r.sys.Brokers(), cfg.DLQTopic())["delivery"][0]
 	if !strings.Contains(reason, "the carrier refuses parcels of seven") || !strings.Contains(reason, "neither transient") {
 		t.Fatalf("dead letter reason %q", reason)
 	}
@@ -140,14 +149,7 @@ func TestDeadLetterReplayReDrivesTheParticipantThatRejectedIt(t *testing.T) {
 	r := e.start(cfg)
 	schematest.Exec(t, e.pool, `ALTER TABLE shipments ADD CONSTRAINT bad_deploy CHECK (carrier <> 'prozess-post')`)
 	id := r.order(t, "u1", "", mouse(1)).OrderID.String()
-	deadline := time.Now().Add(30 * time.Second)
-	for len(deadLetters(t, r.sys.Brokers(), cfg.DLQTopic())["delivery"]) == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("delivery's rejection was not dead-lettered within 30s")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if reason := deadLetters(t, r.sys.Brokers(), cfg.DLQTopic())["delivery"][0]; !strings.Contains(reason, "23514") {
+	if reason := awaitDeadLetter(t, r.sys.Brokers(), cfg.DLQTopic(), "delivery"); !strings.Contains(reason, "23514") {
 		t.Fatalf("dead letter reason %q, want the check violation", reason)
 	}
 	schematest.Exec(t, e.pool, `ALTER TABLE shipments DROP CONSTRAINT bad_deploy`)

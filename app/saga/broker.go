@@ -151,48 +151,38 @@ func EnsureTopics(ctx context.Context, brokers []string, t Topics, log *slog.Log
 // says, one line a topic, where they fall short.
 func checkTopics(ctx context.Context, adm *kadm.Client, topics []string, rf int16, minISR int, dlq, dlqRetention string) ([]string, error) {
 	// A topic another process has just created can answer without
-	// partitions or with LEADER_NOT_AVAILABLE for a moment.
+	// partitions, with LEADER_NOT_AVAILABLE or without configs for a moment.
 	var md kadm.Metadata
-	for {
+	err := until(ctx, "describing topics", topics, func() (bool, error) {
 		var err error
-		md, err = adm.Metadata(ctx, topics...)
-		if err != nil {
-			return nil, fmt.Errorf("describing topics %v: %w", topics, err)
+		if md, err = adm.Metadata(ctx, topics...); err != nil {
+			return false, err
 		}
-		settled := true
 		for _, topic := range topics {
-			td := md.Topics[topic]
-			settled = settled && td.Err == nil && len(td.Partitions) > 0
+			if td := md.Topics[topic]; td.Err != nil || len(td.Partitions) == 0 {
+				return false, nil
+			}
 		}
-		if settled {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("describing topics %v: not ready: %w", topics, ctx.Err())
-		case <-time.After(100 * time.Millisecond):
-		}
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	var cfgs kadm.ResourceConfigs
-	for {
+	err = until(ctx, "describing topic configs", topics, func() (bool, error) {
 		var err error
-		cfgs, err = adm.DescribeTopicConfigs(ctx, topics...)
-		if err != nil {
-			return nil, fmt.Errorf("describing topic configs %v: %w", topics, err)
+		if cfgs, err = adm.DescribeTopicConfigs(ctx, topics...); err != nil {
+			return false, err
 		}
-		described := true
 		for _, topic := range topics {
-			rc, err := cfgs.On(topic, nil)
-			described = described && err == nil && len(rc.Configs) > 0
+			if rc, err := cfgs.On(topic, nil); err != nil || len(rc.Configs) == 0 {
+				return false, nil
+			}
 		}
-		if described {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("describing topic configs %v: not ready: %w", topics, ctx.Err())
-		case <-time.After(100 * time.Millisecond):
-		}
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	var out []string
 	for _, topic := range topics {
@@ -228,6 +218,24 @@ func checkTopics(ctx context.Context, adm *kadm.Client, topics []string, rf int1
 		}
 	}
 	return out, nil
+}
+
+// until asks ready every 100 ms until it says yes, fails, or ctx ends.
+func until(ctx context.Context, what string, topics []string, ready func() (bool, error)) error {
+	for {
+		ok, err := ready()
+		if err != nil {
+			return fmt.Errorf("%s %v: %w", what, topics, err)
+		}
+		if ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s %v: not ready: %w", what, topics, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 func retentionMs(d time.Duration) string {

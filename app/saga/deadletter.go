@@ -177,10 +177,7 @@ func ReadParked(ctx context.Context, pool *pgxpool.Pool) ([]Parked, error) {
 	var p Parked
 	var key, headers, headerBytes []byte
 	_, err = pgx.ForEachRow(rows, []any{&p.ID, &p.Topic, &key, &p.Bytes, &headers, &headerBytes, &p.Error, &p.ParkedAt}, func() error {
-		hs, err := event.DecodeHeaders(headerBytes)
-		if headerBytes == nil {
-			hs, err = event.Headers(headers)
-		}
+		hs, err := event.OutboxHeaders(headerBytes, headers)
 		if err != nil {
 			return fmt.Errorf("parked record %d: %w", p.ID, err)
 		}

@@ -173,10 +173,7 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 	var topic string
 	var key, value, headers, headerBytes []byte
 	_, err = pgx.ForEachRow(rows, []any{&id, &topic, &key, &value, &headers, &headerBytes}, func() error {
-		hs, err := event.DecodeHeaders(headerBytes)
-		if headerBytes == nil { // written before header_bytes
-			hs, err = event.Headers(headers)
-		}
+		hs, err := event.OutboxHeaders(headerBytes, headers)
 		if err != nil {
 			return fmt.Errorf("outbox row %d: %w", id, err)
 		}

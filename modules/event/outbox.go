@@ -91,9 +91,18 @@ func DecodeHeaders(b []byte) ([]kgo.RecordHeader, error) {
 	return hs, nil
 }
 
-// Headers decodes the JSON headers of outbox rows written before
+// OutboxHeaders decodes an outbox (or parked) row's headers: header_bytes,
+// or, for rows written before that column, the JSON headers.
+func OutboxHeaders(headerBytes, jsonHeaders []byte) ([]kgo.RecordHeader, error) {
+	if headerBytes == nil {
+		return jsonHeadersOf(jsonHeaders)
+	}
+	return DecodeHeaders(headerBytes)
+}
+
+// jsonHeadersOf decodes the JSON headers of outbox rows written before
 // header_bytes.
-func Headers(raw []byte) ([]kgo.RecordHeader, error) {
+func jsonHeadersOf(raw []byte) ([]kgo.RecordHeader, error) {
 	var hs [][2]string
 	if err := json.Unmarshal(raw, &hs); err != nil {
 		return nil, fmt.Errorf("decoding outbox headers: %w", err)
