@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -13,7 +14,9 @@ import (
 	"github.com/chromedp/chromedp"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/schema/schematest"
 )
 
 // browser starts a headless Chromium for the test, or skips when there is
@@ -235,5 +238,54 @@ func TestLivePageWithoutAuth(t *testing.T) {
 	}
 	if o := r.await(t, id, 15*time.Second); o.UserID != "web" {
 		t.Errorf("order placed as %q, want web", o.UserID)
+	}
+}
+
+// The live page's re-drive button: a bad deploy makes delivery dead-letter
+// an order's PaymentCompleted; an admin sees the dead letter with its order,
+// participant and reason, the cause is fixed, one click re-drives it, and
+// the order ships. The order's trail records who re-drove it.
+func TestLivePageReDrivesADeadLetter(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	r := e.start(e.config())
+	schematest.Exec(t, e.pool, `ALTER TABLE shipments ADD CONSTRAINT bad_deploy CHECK (carrier <> 'prozess-post')`)
+	id := r.order(t, "u1", "", mouse(1)).OrderID.String()
+	d := r.awaitOrderDeadLetter(t, id, "delivery")
+	schematest.Exec(t, e.pool, `ALTER TABLE shipments DROP CONSTRAINT bad_deploy`)
+
+	if err := chromedp.Do(ctx, chromedp.Navigate(r.url+"/live")); err != nil {
+		t.Fatalf("opening the page: %v", err)
+	}
+	tctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	item := fmt.Sprintf(`#dlq li[data-dead-letter-id="%d"]`, d.ID)
+	err := chromedp.Do(tctx,
+		chromedp.SetValue(chromedp.CSS(`#key`), e.keyFor("admin")),
+		chromedp.Click(chromedp.CSS(`#key-form button`)),
+		chromedp.WaitVisible(chromedp.CSS(item+` button.redrive`)),
+	)
+	if err != nil {
+		t.Fatalf("the dead letter and its re-drive button: %v", err)
+	}
+	line, err := chromedp.Run(tctx, chromedp.Text(chromedp.CSS(item+` span`)))
+	if err != nil || !strings.Contains(line, "delivery:") || !strings.Contains(line, "23514") || !strings.Contains(line, id[len(id)-8:]) {
+		t.Fatalf("dead letter line %q (%v): want the order, the participant and the reason", line, err)
+	}
+	err = chromedp.Do(tctx,
+		chromedp.Click(chromedp.CSS(item+` button.redrive`)),
+		chromedp.WaitVisible(chromedp.CSS(item+` .redriven`)),
+	)
+	if err != nil {
+		t.Fatalf("clicking re-drive: %v", err)
+	}
+	if o := r.await(t, id, 30*time.Second); o.Status != event.StatusShipped {
+		t.Fatalf("re-driven order ended %s", o.Status)
+	}
+	if trail := r.trail(t, id); !slices.Contains(trail, deadletter.TrailType) {
+		t.Fatalf("the trail %v does not record the re-drive", trail)
+	}
+	if err := chromedp.Do(tctx, chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`.col[data-status="SHIPPED"] .card[data-order-id="%s"]`, id)))); err != nil {
+		t.Fatalf("the page does not show the order SHIPPED: %v", err)
 	}
 }

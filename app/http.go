@@ -131,7 +131,7 @@ func (s *System) addLiveFeed(a *api.API) {
 			}
 			if r.Topic == dlq {
 				d := saga.ParseDeadLetter(r)
-				a.PublishDeadLetter(api.LiveDeadLetter{Partition: d.Partition, Offset: d.Offset, Participant: d.Participant,
+				a.PublishDeadLetter(api.LiveDeadLetter{ID: d.ID, Partition: d.Partition, Offset: d.Offset, Participant: d.Participant,
 					Reason: d.Reason, Type: d.Type, OrderID: d.Key, Time: d.At()})
 				return
 			}

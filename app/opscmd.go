@@ -18,6 +18,7 @@ import (
 	"github.com/prozess/prozess/app/check"
 	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/api"
+	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/schema"
 )
 
@@ -40,7 +41,7 @@ dead letters. Exits non-zero on any violation.`,
 			} else if pending {
 				return fmt.Errorf("the database schema is older than this prozess: run prozess migrate first")
 			}
-			cc := check.Config{Deadline: deadline, Prefix: cfg.RedisPrefix, Brokers: cfg.KafkaBrokers, DLQTopic: cfg.DLQTopic()}
+			cc := check.Config{Deadline: deadline, SagaDeadline: cfg.SagaDeadline, Prefix: cfg.RedisPrefix, Brokers: cfg.KafkaBrokers, DLQTopic: cfg.DLQTopic()}
 			if !noCache {
 				rdb, err := OpenRedis(cfg.redisAddr())
 				if err != nil {
@@ -76,6 +77,7 @@ dead letters. Exits non-zero on any violation.`,
 	cmd.Flags().DurationVar(&deadline, "deadline", time.Minute, "orders older than this must be terminal (and declined ones released)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON")
 	cmd.Flags().BoolVar(&noCache, "no-cache", false, "skip the Redis status cache check")
+	cmd.Flags().DurationVar(&cfg.SagaDeadline, "saga-deadline", cfg.SagaDeadline, "count paid orders older than this that have not shipped, as serve's --saga-deadline")
 	return cmd
 }
 
@@ -163,6 +165,7 @@ cannot be processed is dead-lettered again.`,
 				return err
 			}
 			var recs []*kgo.Record
+			var rows []int64
 			for _, d := range dls {
 				id := fmt.Sprintf("%d@%d", d.Partition, d.Offset)
 				if all || chosen[id] {
@@ -175,6 +178,9 @@ cannot be processed is dead-lettered again.`,
 							id, since.Round(time.Second), cfg.Topic, retention)
 					}
 					recs = append(recs, d.Original())
+					if d.ID > 0 {
+						rows = append(rows, d.ID)
+					}
 					delete(chosen, id)
 				}
 			}
@@ -194,6 +200,18 @@ cannot be processed is dead-lettered again.`,
 				return fmt.Errorf("replaying %d records: %w", len(recs), err)
 			}
 			fmt.Printf("replayed %d records\n", len(recs))
+			// The orders' readers see them replayed (and their trails say
+			// so), as after a re-drive from the live page.
+			if len(rows) > 0 {
+				_, pool, err := cfg.openDB(cmd.Context())
+				if err == nil {
+					err = deadletter.MarkReplayed(cmd.Context(), pool, rows, "prozess dlq replay")
+					pool.Close()
+				}
+				if err != nil {
+					return fmt.Errorf("replayed, but not marked replayed in PostgreSQL (orders still show them open): %w", err)
+				}
+			}
 			return nil
 		},
 	}
@@ -203,6 +221,7 @@ cannot be processed is dead-lettered again.`,
 		cfg.runningKafkaFlags(c.Flags())
 	}
 	cfg.inboxFlag(replay.Flags())
+	replay.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL, to mark the replayed dead letters in their orders (empty: "+LocalDatabaseURL+")")
 	cmd.AddCommand(list, replay)
 	return cmd
 }

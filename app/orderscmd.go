@@ -84,6 +84,22 @@ func printOrder(w io.Writer, o api.Order, evs []api.AuditEvent) {
 	for _, it := range o.Items {
 		fmt.Fprintf(w, "  %-16s x%-4d %s\n", it.ProductID, it.Qty, money(it.PriceCents))
 	}
+	if len(o.DeadLetters) > 0 {
+		fmt.Fprintf(w, "dead letters (%d): records a participant could not process\n", len(o.DeadLetters))
+		for _, d := range o.DeadLetters {
+			state := "open: re-drive with the live page or prozess dlq replay"
+			if d.ReplayedAt != nil {
+				state = "re-driven " + d.ReplayedAt.UTC().Format(time.RFC3339) + " by " + d.ReplayedBy
+			}
+			fmt.Fprintf(w, "  #%-5d %-9s %-18s %s\n         reason: %s\n", d.ID, d.Participant, d.Type, state, d.Reason)
+		}
+	}
+	if len(o.Parked) > 0 {
+		fmt.Fprintf(w, "parked (%d): events the broker refused for good\n", len(o.Parked))
+		for _, p := range o.Parked {
+			fmt.Fprintf(w, "  outbox #%-5d %-9s %-18s reason: %s\n", p.OutboxID, p.Source, p.Type, p.Reason)
+		}
+	}
 	fmt.Fprintf(w, "events (%d)\n", len(evs))
 	for i, e := range evs {
 		step := ""

@@ -155,7 +155,7 @@ func TestDeadLetterReplayReDrivesTheParticipantThatRejectedIt(t *testing.T) {
 	schematest.Exec(t, e.pool, `ALTER TABLE shipments DROP CONSTRAINT bad_deploy`)
 	brokers := strings.Join(r.sys.Brokers(), ",")
 	replay := func() {
-		out, err := runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--all")
+		out, err := runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--all", "--database-url", e.dbURL)
 		if err != nil || !strings.Contains(out, "replayed 1") {
 			t.Fatalf("dlq replay: %v\n%s", err, out)
 		}

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/oklog/run"
 	"github.com/redis/rueidis"
@@ -209,7 +210,21 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 				"key", seed.DemoKey, "user", seed.DemoUser, "revoke", "prozess apikey revoke "+seed.DemoKeyID)
 			auth.DemoKey = seed.DemoKey
 		}
-		a := api.New(alog, pool, d.rdb, d.prefix, cfg.Topic, auth)
+		brokers := s.brokers
+		a := api.New(alog, pool, d.rdb, api.Config{Prefix: d.prefix, Topic: cfg.Topic, Auth: auth, SagaDeadline: cfg.SagaDeadline,
+			// An admin's re-drive is refused past the inboxes' memory, as
+			// `prozess dlq replay` refuses it.
+			ReplayGuard: func(ctx context.Context, deadAt time.Time) error {
+				retention, err := saga.InboxRetention(ctx, brokers, cfg.Topic, cfg.InboxMargin)
+				if err != nil {
+					return err
+				}
+				if age := time.Since(deadAt); retention > 0 && age > retention {
+					return fmt.Errorf("dead-lettered %s ago, longer than the inboxes keep event ids (%s): participants that applied it "+
+						"may have forgotten it and would apply it twice", age.Round(time.Second), retention)
+				}
+				return nil
+			}})
 		if err := s.addHTTP(a); err != nil {
 			return nil, err
 		}
@@ -225,8 +240,20 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		if err != nil {
 			return nil, fmt.Errorf("building %s: %w", p.name, err)
 		}
+		var onDead func(context.Context, []uuid.UUID)
+		if d.rdb != nil {
+			cache := statuscache.New(d.rdb, d.prefix)
+			onDead = func(ctx context.Context, orders []uuid.UUID) {
+				ctx, cancel := context.WithTimeout(ctx, time.Second)
+				defer cancel()
+				if err := cache.Hold(ctx, orders); err != nil {
+					plog.Warn("status cache entries of dead-lettered orders not held; they heal within a minute", "orders", len(orders), "err", err)
+				}
+			}
+		}
 		c, err := saga.NewConsumer(p.name, plog, pool, h, saga.ConsumerConfig{
-			Brokers: s.brokers, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: saga.KafkaLogger(cfg.KafkaLogLevel, plog),
+			OnDeadLetter: onDead,
+			Brokers:      s.brokers, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: saga.KafkaLogger(cfg.KafkaLogLevel, plog),
 			Group: cfg.GroupPrefix + p.name, InstanceID: cfg.InstanceID, ResetOutOfRange: cfg.ResetOutOfRange, PoisonAfter: cfg.PoisonAfter,
 			Metrics: s.metrics, Tracing: s.tracing,
 		})
@@ -237,6 +264,12 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		s.stats[p.name] = c.Stats()
 		joined = append(joined, c)
 		s.addActor(c.Run)
+	}
+	if slices.Contains(names, status.Name) {
+		x := status.NewExpirer(log.With("participant", "expirer"), pool, cfg.Topic, cfg.SagaDeadline)
+		s.addActor(func(ctx context.Context) error {
+			return x.Run(ctx, min(max(cfg.SagaDeadline/10, 100*time.Millisecond), 10*time.Second), s.metrics.ObserveSweep)
+		})
 	}
 	watched := make(map[string]telemetry.Consumer, len(joined))
 	for _, c := range joined {

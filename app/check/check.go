@@ -19,6 +19,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/modules/statuscache"
 )
@@ -26,10 +27,13 @@ import (
 // Config says what to check and where.
 type Config struct {
 	Deadline time.Duration // orders older than this must be done
-	Redis    rueidis.Client
-	Prefix   string   // Redis key prefix (--redis-prefix; the deployment id is added)
-	Brokers  []string // for the dead-letter count; none skips it
-	DLQTopic string
+	// SagaDeadline is --saga-deadline: paid orders older than it that have
+	// not shipped are counted apart (the expiry never cancels them).
+	SagaDeadline time.Duration
+	Redis        rueidis.Client
+	Prefix       string   // Redis key prefix (--redis-prefix; the deployment id is added)
+	Brokers      []string // for the dead-letter count; none skips it
+	DLQTopic     string
 }
 
 // Violation is one broken rule.
@@ -46,6 +50,7 @@ type Report struct {
 	OutboxRows       int64          `json:"outbox_rows"`
 	OutboxOldest     time.Duration  `json:"outbox_oldest_ns"`
 	DeadLetters      int64          `json:"dead_letters"` // -1 when not counted
+	PaidOverdue      int64          `json:"paid_overdue"` // paid, not shipped, older than the saga deadline
 	CacheEntries     int64          `json:"cache_entries"`
 	Rules            []string       `json:"rules"`
 	Violations       []Violation    `json:"violations"`
@@ -72,12 +77,18 @@ func Run(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Report, error) {
 		Scan(&r.Orders, &r.Terminal); err != nil {
 		return nil, fmt.Errorf("counting orders: %w", err)
 	}
+	if cfg.SagaDeadline > 0 {
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM orders WHERE status = 'PAID' AND created_at < now() - make_interval(secs => $1)`,
+			cfg.SagaDeadline.Seconds()).Scan(&r.PaidOverdue); err != nil {
+			return nil, fmt.Errorf("counting paid orders past the saga deadline: %w", err)
+		}
+	}
 	secs := cfg.Deadline.Seconds()
 	steps := []struct {
 		rule string
 		fn   func() error
 	}{
-		{RuleStuck, func() error { return r.stuck(ctx, pool, secs) }},
+		{RuleStuck, func() error { return r.stuck(ctx, pool, secs, cfg.SagaDeadline) }},
 		{RuleStock, func() error { return r.stock(ctx, pool) }},
 		{RuleOnce, func() error { return r.once(ctx, pool) }},
 		{RuleShipped, func() error { return r.shipped(ctx, pool) }},
@@ -137,14 +148,18 @@ func str(v any) string {
 }
 
 // stuck: the choreography's stuck-saga detector.
-func (r *Report) stuck(ctx context.Context, pool *pgxpool.Pool, secs float64) error {
+func (r *Report) stuck(ctx context.Context, pool *pgxpool.Pool, secs float64, sagaDeadline time.Duration) error {
 	return each(ctx, pool, `
 		SELECT o.id, o.status, round(extract(epoch FROM now() - o.created_at))::bigint,
 		       (SELECT e.type FROM order_events e WHERE e.order_id = o.id ORDER BY e.seq DESC LIMIT 1)
 		FROM orders o
 		WHERE o.status NOT IN ('SHIPPED', 'CANCELLED') AND o.created_at < now() - make_interval(secs => $1)
 		ORDER BY o.created_at`, []any{secs}, func(v []any) {
-		r.add(RuleStuck, str(v[0]), "still %s after %ss; last event %s", v[1], str(v[2]), str(v[3]))
+		note := ""
+		if age, _ := v[2].(int64); v[1] == string(event.StatusPaid) && sagaDeadline > 0 && float64(age) > sagaDeadline.Seconds() {
+			note = " (paid, past the saga deadline: never cancelled; ship or refund it)"
+		}
+		r.add(RuleStuck, str(v[0]), "still %s after %ss; last event %s%s", v[1], str(v[2]), str(v[3]), note)
 	})
 }
 
@@ -170,8 +185,8 @@ func (r *Report) stock(ctx context.Context, pool *pgxpool.Pool) error {
 // once: no order has two decisions of one kind in its audit trail.
 func (r *Report) once(ctx context.Context, pool *pgxpool.Pool) error {
 	return each(ctx, pool, `
-		SELECT order_id, type, count(*) FROM order_events
-		GROUP BY order_id, type HAVING count(*) > 1 ORDER BY order_id`, nil, func(v []any) {
+		SELECT order_id, type, count(*) FROM order_events WHERE type <> $1
+		GROUP BY order_id, type HAVING count(*) > 1 ORDER BY order_id`, []any{deadletter.TrailType}, func(v []any) {
 		r.add(RuleOnce, str(v[0]), "%s recorded %s times", v[1], str(v[2]))
 	})
 }
@@ -220,10 +235,41 @@ var paths = [][]event.Type{
 	{event.OrderCreated, event.InventoryFailed},
 }
 
+// expiredPaths are the further paths of an order that got an OrderExpired
+// (left out of the trail before matching, wherever it fell): payment's
+// PaymentFailed may come before inventory has reserved (nothing held, or a
+// late reservation that the release then gives back) or before a late
+// OrderCreated is refused; a paid order goes on to ship.
+var expiredPaths = [][]event.Type{
+	{event.OrderCreated, event.PaymentFailed, event.InventoryReserved, event.InventoryReleased},
+	{event.OrderCreated, event.PaymentFailed, event.InventoryFailed},
+	{event.OrderCreated, event.InventoryFailed, event.PaymentFailed},
+}
+
 // ValidTrail reports whether a trail is a prefix of a lifecycle path.
+// Re-drive entries (deadletter.TrailType) are no saga events and are left
+// out; an OrderExpired, at most one, allows the expiry's paths too.
 func ValidTrail(trail []event.Type) bool {
-	for _, p := range paths {
-		if len(trail) <= len(p) && slices.Equal(trail, p[:len(trail)]) {
+	expired := 0
+	saga := make([]event.Type, 0, len(trail))
+	for _, t := range trail {
+		switch t {
+		case event.OrderExpired:
+			expired++
+		case deadletter.TrailType:
+		default:
+			saga = append(saga, t)
+		}
+	}
+	candidates := paths
+	switch {
+	case expired > 1:
+		return false
+	case expired == 1:
+		candidates = append(slices.Clip(paths), expiredPaths...)
+	}
+	for _, p := range candidates {
+		if len(saga) <= len(p) && slices.Equal(saga, p[:len(saga)]) {
 			return true
 		}
 	}
@@ -393,6 +439,9 @@ func (r *Report) Text() string {
 	}
 	fmt.Fprintf(&b, "%d orders (%d terminal, %d in flight); outbox %d rows (oldest %s); %d cache entries; dead letters: %s\n",
 		r.Orders, r.Terminal, r.Orders-r.Terminal, r.OutboxRows, r.OutboxOldest.Round(time.Millisecond), r.CacheEntries, dl)
+	if r.PaidOverdue > 0 {
+		fmt.Fprintf(&b, "%d paid orders past the saga deadline and not shipped: never cancelled (the money has moved); ship or refund them\n", r.PaidOverdue)
+	}
 	for _, rule := range r.Rules {
 		n := r.ViolationsByRule[rule]
 		mark := "ok  "

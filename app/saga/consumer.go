@@ -22,6 +22,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/telemetry"
+	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/modules/retry"
 )
@@ -68,21 +69,22 @@ type FaultFunc func(participant, point string) error
 // Consumer runs one participant: poll a batch, apply it in one PostgreSQL
 // transaction (inbox dedup, effects, outbox), commit, then commit offsets.
 type Consumer struct {
-	name        string
-	group       string
-	brokers     []string
-	log         *slog.Logger
-	client      *kgo.Client
-	pool        *pgxpool.Pool
-	handler     Handler
-	topic       string
-	dlqTopic    string
-	maxBatch    int
-	fault       FaultFunc
-	poisonAfter time.Duration
-	stats       ConsumerStats
-	metrics     *telemetry.Metrics
-	tracer      *telemetry.ParticipantTracer
+	name         string
+	group        string
+	brokers      []string
+	log          *slog.Logger
+	client       *kgo.Client
+	pool         *pgxpool.Pool
+	handler      Handler
+	topic        string
+	dlqTopic     string
+	maxBatch     int
+	fault        FaultFunc
+	poisonAfter  time.Duration
+	stats        ConsumerStats
+	metrics      *telemetry.Metrics
+	tracer       *telemetry.ParticipantTracer
+	onDeadLetter func(ctx context.Context, orders []uuid.UUID)
 }
 
 // ConsumerStats counts what a consumer did with the records it polled.
@@ -124,6 +126,10 @@ type ConsumerConfig struct {
 	Metrics *telemetry.Metrics
 	// Tracing, when set, traces every record through the participant.
 	Tracing *telemetry.Tracing
+	// OnDeadLetter, when set, is told the orders of records dead-lettered
+	// in a committed batch (the wiring makes the status cache send their
+	// readers to PostgreSQL, which shows the dead letter).
+	OnDeadLetter func(ctx context.Context, orders []uuid.UUID)
 }
 
 // NewConsumer creates the Kafka client for participant name, in consumer
@@ -175,7 +181,7 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
 	}
 	return &Consumer{name: name, group: cfg.Group, brokers: cfg.Brokers, log: log, client: client, pool: pool, handler: h,
-		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, poisonAfter: cfg.PoisonAfter, metrics: cfg.Metrics, tracer: cfg.Tracing.ForParticipant(name, cfg.Group)}, nil
+		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, poisonAfter: cfg.PoisonAfter, metrics: cfg.Metrics, tracer: cfg.Tracing.ForParticipant(name, cfg.Group), onDeadLetter: cfg.OnDeadLetter}, nil
 }
 
 // GroupName is participant name's consumer group by default.
@@ -494,7 +500,7 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	}
 	var handled, batch []event.Event
 	var dead []*kgo.Record
-	var deadIDs []uuid.UUID
+	var deadIDs, deadOrders []uuid.UUID
 	var dups int
 	index := map[uuid.UUID]int{} // event id -> record index, for rejections
 	for i, r := range b.recs {
@@ -510,8 +516,17 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 		}
 		delete(fresh, b.ids[i]) // the same event twice in one batch: once
 		if reason, bad := b.poison[i]; bad {
-			dead = append(dead, c.deadLetter(r, reason))
+			// Kept in PostgreSQL too, byte-exact, for the order's readers
+			// and an admin's re-drive; its id rides on the dead letter.
+			row, err := c.keepDeadLetter(ctx, tx, reason, r)
+			if err != nil {
+				return err
+			}
+			dead = append(dead, c.deadLetter(r, reason, row))
 			deadIDs = append(deadIDs, b.ids[i])
+			if b.evs[i].OrderID != uuid.Nil {
+				deadOrders = append(deadOrders, b.evs[i].OrderID)
+			}
 			continue
 		}
 		batch = append(batch, b.evs[i])
@@ -557,6 +572,9 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	c.stats.DeadLettered.Add(int64(len(dead)))
 	if err := c.faultAt(FaultAfterDBCommit); err != nil {
 		return err
+	}
+	if len(deadOrders) > 0 && c.onDeadLetter != nil {
+		c.onDeadLetter(ctx, deadOrders)
 	}
 	if ac, ok := c.handler.(afterCommitter); ok && len(handled) > 0 {
 		ac.AfterCommit(ctx, handled)
@@ -621,8 +639,35 @@ func claim(ctx context.Context, tx pgx.Tx, name string, ids, replays []uuid.UUID
 	return fresh, nil
 }
 
-func (c *Consumer) deadLetter(r *kgo.Record, reason string) *kgo.Record {
+// keepDeadLetter records a dead letter in PostgreSQL (deadletter.Record)
+// inside a savepoint: if a record is so odd that even that row is refused,
+// it is still dead-lettered to the topic (row 0: no re-drive button, `dlq
+// replay` still works), never left to stall its partition. A transient
+// error fails the batch as any other would.
+func (c *Consumer) keepDeadLetter(ctx context.Context, tx pgx.Tx, reason string, r *kgo.Record) (int64, error) {
+	sp, err := tx.Begin(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("savepoint for a dead letter: %w", err)
+	}
+	row, err := deadletter.Record(ctx, sp, c.name, reason, r)
+	if err == nil {
+		return row, sp.Commit(ctx)
+	}
+	if rerr := sp.Rollback(ctx); rerr != nil {
+		return 0, fmt.Errorf("%w (and rolling back to the savepoint: %v)", err, rerr)
+	}
+	if classify(err) == transient {
+		return 0, err
+	}
+	c.log.WarnContext(ctx, "dead letter not kept in PostgreSQL, only on the dead-letter topic", "partition", r.Partition, "offset", r.Offset, "err", err)
+	return 0, nil
+}
+
+func (c *Consumer) deadLetter(r *kgo.Record, reason string, row int64) *kgo.Record {
 	hs := append([]kgo.RecordHeader(nil), r.Headers...)
+	if row > 0 {
+		hs = append(hs, kgo.RecordHeader{Key: deadletter.HeaderID, Value: []byte(strconv.FormatInt(row, 10))})
+	}
 	hs = append(hs,
 		kgo.RecordHeader{Key: HeaderDLQReason, Value: []byte(reason)},
 		kgo.RecordHeader{Key: HeaderDLQParticipant, Value: []byte(c.name)},

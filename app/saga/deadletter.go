@@ -3,11 +3,13 @@ package saga
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -24,7 +26,7 @@ const (
 	// HeaderReplayOf marks a record `prozess dlq replay` put back, with the
 	// dead letter it came from (PARTITION@OFFSET): the participant that
 	// dead-lettered it applies it then.
-	HeaderReplayOf = "prozess_replay_of"
+	HeaderReplayOf = deadletter.HeaderReplayOf
 )
 
 // isReplay reports whether r was put back by a replay.
@@ -39,6 +41,9 @@ func isReplay(r *kgo.Record) bool {
 
 // DeadLetter is one record of the dead-letter topic.
 type DeadLetter struct {
+	// ID is its row in PostgreSQL's dead_letters (deadletter.HeaderID); 0
+	// for dead letters written before the table.
+	ID          int64             `json:"id,omitempty"`
 	Partition   int32             `json:"partition"`
 	Offset      int64             `json:"offset"`
 	Reason      string            `json:"reason"`
@@ -112,8 +117,9 @@ func ParseDeadLetter(r *kgo.Record) DeadLetter {
 	for _, kv := range r.Headers {
 		h[kv.Key] = string(kv.Value)
 	}
+	id, _ := strconv.ParseInt(h[deadletter.HeaderID], 10, 64)
 	return DeadLetter{
-		Partition: r.Partition, Offset: r.Offset, Reason: h[HeaderDLQReason], Participant: h[HeaderDLQParticipant],
+		ID: id, Partition: r.Partition, Offset: r.Offset, Reason: h[HeaderDLQReason], Participant: h[HeaderDLQParticipant],
 		Origin: h[HeaderDLQTopic] + "/" + h[HeaderDLQPartition] + "@" + h[HeaderDLQOffset], Time: h[HeaderDLQTime],
 		Type: h["ce_type"], Key: string(r.Key), Headers: h, record: r,
 	}

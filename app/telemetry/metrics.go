@@ -33,6 +33,8 @@ type Metrics struct {
 	published     prometheus.Counter
 	outOfRange    *prometheus.CounterVec
 	stepDuration  *prometheus.HistogramVec
+	expired       prometheus.Counter
+	paidOverdue   prometheus.Gauge
 }
 
 // NewMetrics registers the process's instruments, the Go runtime's and the
@@ -63,8 +65,15 @@ func NewMetrics() *Metrics {
 			Help: "Time from one saga event to the event a participant emitted in answer (outbox, relay, " +
 				"Kafka and handling), by the two event types: OrderCreated to InventoryReserved is the reserve step.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16)}, []string{"from", "to"}),
+		expired: prometheus.NewCounter(prometheus.CounterOpts{Name: "prozess_saga_expired_orders_total",
+			Help: "Orders this process expired: not past payment by --saga-deadline, so cancelled and their stock given back."}),
+		paidOverdue: prometheus.NewGauge(prometheus.GaugeOpts{Name: "prozess_saga_paid_overdue_orders",
+			Help: "Paid orders older than --saga-deadline that have not shipped (never cancelled: they need an operator), " +
+				"as of this process's last sweep; -1 before the first."}),
 	}
-	reg.MustRegister(m.httpRequests, m.httpDuration, m.batchDuration, m.batchSize, m.retries, m.published, m.stepDuration, m.outOfRange)
+	m.paidOverdue.Set(-1)
+	reg.MustRegister(m.httpRequests, m.httpDuration, m.batchDuration, m.batchSize, m.retries, m.published, m.stepDuration, m.outOfRange,
+		m.expired, m.paidOverdue)
 	return m
 }
 
@@ -107,6 +116,14 @@ func (m *Metrics) CountRetry(participant string) {
 func (m *Metrics) CountOutOfRange(participant string) {
 	if m != nil {
 		m.outOfRange.WithLabelValues(participant).Inc()
+	}
+}
+
+// ObserveSweep records one sweep of the saga deadline's expirer.
+func (m *Metrics) ObserveSweep(expired int, paidOverdue int64) {
+	if m != nil {
+		m.expired.Add(float64(expired))
+		m.paidOverdue.Set(float64(paidOverdue))
 	}
 }
 

@@ -50,14 +50,30 @@ type API struct {
 	demoKey string        // shown on the live page while active
 	stop    chan struct{} // closed to end every live stream
 	once    sync.Once
+
+	sagaDeadline time.Duration
+	replayGuard  func(ctx context.Context, deadAt time.Time) error
 }
 
-// New returns the api participant. Redis keys go under prefix; events go to
-// topic through the outbox.
-func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, prefix, topic string, auth AuthConfig) *API {
-	a := &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, prefix), prefix: prefix, topic: topic,
-		writer: newWriter(pool, topic), auth: auth, limits: newLimiter(auth.Rate, auth.Burst),
-		live: newHub(), demoKey: auth.DemoKey, stop: make(chan struct{})}
+// Config is what the api needs beyond its clients.
+type Config struct {
+	Prefix string // Redis keys' prefix (bound to the database: statuscache.BoundPrefix)
+	Topic  string // where OrderCreated goes, through the outbox
+	Auth   AuthConfig
+	// SagaDeadline is --saga-deadline: the live page counts the paid
+	// orders older than it that have not shipped (0: not counted).
+	SagaDeadline time.Duration
+	// ReplayGuard, when set, may refuse an admin's re-drive of a dead
+	// letter by its age (the inboxes' retention; see deadletter.Redrive).
+	ReplayGuard func(ctx context.Context, deadAt time.Time) error
+}
+
+// New returns the api participant.
+func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, cfg Config) *API {
+	auth := cfg.Auth
+	a := &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, cfg.Prefix), prefix: cfg.Prefix, topic: cfg.Topic,
+		writer: newWriter(pool, cfg.Topic), auth: auth, limits: newLimiter(auth.Rate, auth.Burst),
+		live: newHub(), demoKey: auth.DemoKey, stop: make(chan struct{}), sagaDeadline: cfg.SagaDeadline, replayGuard: cfg.ReplayGuard}
 	if auth.KeyCacheTTL > 0 && !auth.Disabled {
 		a.keys = newKeyCache(auth.KeyCacheTTL)
 	}
@@ -88,6 +104,7 @@ func (a *API) Register(e *echo.Echo) {
 	e.GET("/products", a.products) // the catalogue is public
 	e.GET("/live", a.livePage)     // the page asks for a key itself
 	e.GET("/live/stream", a.liveStream, a.authenticate)
+	e.POST("/admin/dead-letters/:id/replay", a.redrive, a.authenticate)
 	e.GET("/openapi.json", func(c echo.Context) error {
 		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, OpenAPI)
 	})
@@ -95,7 +112,8 @@ func (a *API) Register(e *echo.Echo) {
 		return c.JSON(http.StatusOK, map[string]any{
 			"service": "prozess",
 			"endpoints": []string{"POST /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products",
-				"GET /live", "GET /live/stream", "GET /openapi.json", "GET /metrics"},
+				"GET /live", "GET /live/stream", "GET /openapi.json", "GET /metrics",
+				"POST /admin/dead-letters/{id}/replay"},
 		})
 	})
 }

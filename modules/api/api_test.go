@@ -45,7 +45,7 @@ func serverWith(t *testing.T, auth api.AuthConfig) *testServer {
 	e := echo.New()
 	e.HTTPErrorHandler = api.ErrorHandler(log)
 	e.Use(middleware.BodyLimit(fmt.Sprintf("%dB", api.MaxBodyBytes)))
-	a := api.New(log, pool, rdb, prefix, "order-events", auth)
+	a := api.New(log, pool, rdb, api.Config{Prefix: prefix, Topic: "order-events", Auth: auth})
 	a.Register(e)
 	go a.Run(t.Context())
 	srv := httptest.NewServer(e)

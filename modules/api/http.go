@@ -16,6 +16,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/labstack/echo/v4"
 
+	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/modules/statuscache"
 )
@@ -40,6 +41,12 @@ type Order struct {
 	AmountCents int64        `json:"amount_cents"`
 	Items       []OrderItem  `json:"items"`
 	CreatedAt   time.Time    `json:"created_at"`
+	// DeadLetters are the order's records a participant could not
+	// process, with the participant and the reason (re-driven ones keep
+	// their entry, with when and by whom); Parked its events the broker
+	// refused. Both absent when there are none.
+	DeadLetters []deadletter.Entry  `json:"dead_letters,omitempty"`
+	Parked      []deadletter.Parked `json:"parked,omitempty"`
 }
 
 // OrderItem is one line of an Order.
@@ -228,10 +235,18 @@ func (a *API) getOrder(c echo.Context) error {
 	return c.JSON(http.StatusOK, o)
 }
 
-// cacheOrder fills the status cache; failures only cost the fast path.
+// cacheOrder fills the status cache; failures only cost the fast path. An
+// order with a dead letter or a parked record is held out of it instead:
+// only PostgreSQL shows those.
 func (a *API) cacheOrder(ctx context.Context, o Order) {
 	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
 	defer cancel()
+	if len(o.DeadLetters) > 0 || len(o.Parked) > 0 {
+		if err := a.cache.Hold(ctx, []uuid.UUID{o.OrderID}); err != nil {
+			a.log.WarnContext(ctx, "status cache entry not held", "order_id", o.OrderID, "err", err)
+		}
+		return
+	}
 	doc := o
 	doc.Status = ""
 	b, err := json.Marshal(doc)

@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/labstack/echo/v4"
 
+	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/modules/event"
 )
 
@@ -44,6 +45,12 @@ type LiveSnapshot struct {
 	// Parked are the outbox records the broker refused for good (admins
 	// only): they never reach the topic, so no stream message shows them.
 	Parked []LiveParked `json:"parked,omitempty"`
+	// DeadLetters are the latest dead letters not re-driven yet (admins
+	// only), each with the id the page's re-drive button posts.
+	DeadLetters []deadletter.Entry `json:"dead_letters,omitempty"`
+	// PaidOverdue counts the paid orders older than the saga deadline that
+	// have not shipped (admins only; -1 when not counted).
+	PaidOverdue int64 `json:"paid_overdue,omitempty"`
 }
 
 // LiveParked is an outbox record the relay parked.
@@ -66,6 +73,7 @@ type LiveEvent struct {
 
 // LiveDeadLetter is one dead-lettered record on an admin's stream.
 type LiveDeadLetter struct {
+	ID          int64     `json:"id,omitempty"` // for the re-drive button; 0 for dead letters written before ids
 	Partition   int32     `json:"partition"`
 	Offset      int64     `json:"offset"`
 	Participant string    `json:"participant"`
@@ -316,6 +324,16 @@ func (a *API) snapshot(ctx context.Context, p Principal) (LiveSnapshot, error) {
 		}
 		if snap.Parked, err = pgx.CollectRows(rows, pgx.RowToStructByPos[LiveParked]); err != nil {
 			return LiveSnapshot{}, fmt.Errorf("reading parked records: %w", err)
+		}
+		if snap.DeadLetters, err = deadletter.Open(ctx, a.pool, 30); err != nil {
+			return LiveSnapshot{}, err
+		}
+		snap.PaidOverdue = -1
+		if a.sagaDeadline > 0 {
+			if err := a.pool.QueryRow(ctx, `SELECT count(*) FROM orders WHERE status = 'PAID' AND created_at < now() - make_interval(secs => $1)`,
+				a.sagaDeadline.Seconds()).Scan(&snap.PaidOverdue); err != nil {
+				return LiveSnapshot{}, fmt.Errorf("counting paid orders past the saga deadline: %w", err)
+			}
 		}
 	}
 	return snap, nil

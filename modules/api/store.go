@@ -9,6 +9,8 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+
+	"github.com/prozess/prozess/modules/deadletter"
 )
 
 func (a *API) idemKey(user, key string) string { return a.prefix + "idem:" + user + ":" + key }
@@ -77,6 +79,12 @@ func ReadOrder(ctx context.Context, db Querier, id uuid.UUID) (Order, error) {
 	}
 	if o.Items, err = pgx.CollectRows(rows, pgx.RowToStructByPos[OrderItem]); err != nil {
 		return Order{}, fmt.Errorf("reading items of order %s: %w", id, err)
+	}
+	if o.DeadLetters, err = deadletter.ForOrder(ctx, db, id); err != nil {
+		return Order{}, err
+	}
+	if o.Parked, err = deadletter.ParkedForOrder(ctx, db, id); err != nil {
+		return Order{}, err
 	}
 	return o, nil
 }

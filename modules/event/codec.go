@@ -28,6 +28,13 @@ const (
 	sourcePrefix     = "/prozess/"
 )
 
+// SourceName is the participant a ce_source value names ("/prozess/payment"
+// is payment); any other value is returned as it is.
+func SourceName(ceSource string) string {
+	name, _ := strings.CutPrefix(ceSource, sourcePrefix)
+	return name
+}
+
 func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }
 
 // Record encodes e as a Kafka record for topic, keyed by order id.
@@ -132,6 +139,8 @@ func (e Event) check() error {
 		v = new(Released)
 	case OrderShipped:
 		v = new(Shipped)
+	case OrderExpired:
+		v = new(Expired)
 	}
 	return e.Decode(v)
 }

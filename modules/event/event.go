@@ -30,10 +30,14 @@ const (
 	PaymentFailed     Type = "PaymentFailed"
 	InventoryReleased Type = "InventoryReleased"
 	OrderShipped      Type = "OrderShipped"
+	// OrderExpired is the saga deadline passing on an order that has not
+	// reached payment: payment answers PaymentFailed unless it has decided
+	// already, and the usual compensation follows. It moves no status.
+	OrderExpired Type = "OrderExpired"
 )
 
 // Types lists every event type the saga knows, in lifecycle order.
-var Types = []Type{OrderCreated, InventoryReserved, InventoryFailed, PaymentCompleted, PaymentFailed, InventoryReleased, OrderShipped}
+var Types = []Type{OrderCreated, InventoryReserved, InventoryFailed, PaymentCompleted, PaymentFailed, InventoryReleased, OrderShipped, OrderExpired}
 
 // Known reports whether t is one of the saga's event types.
 func (t Type) Known() bool {
@@ -138,6 +142,11 @@ type Failed struct {
 	ProductID string `json:"product_id,omitempty"`
 }
 
+// Expired is the payload of OrderExpired.
+type Expired struct {
+	Deadline string `json:"deadline"` // the --saga-deadline that passed, as a Go duration
+}
+
 // Paid is the payload of PaymentCompleted.
 type Paid struct {
 	PaymentID   uuid.UUID `json:"payment_id"`
@@ -206,6 +215,10 @@ func required(v any) error {
 		}
 		if p.AmountCents < 0 {
 			return errors.New("amount_cents must not be negative")
+		}
+	case *Expired:
+		if p.Deadline == "" {
+			return errors.New("deadline is required")
 		}
 	case *Shipped:
 		if p.ShipmentID == uuid.Nil || p.Carrier == "" || p.Tracking == "" {

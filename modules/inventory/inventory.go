@@ -67,7 +67,11 @@ func (inv *Inventory) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) 
 	for _, o := range orders {
 		var ev event.Event
 		if o.short != nil {
-			inv.log.InfoContext(ctx, "out of stock", "order_id", o.id, "product_id", o.short.ProductID, "reason", o.short.Reason)
+			msg := "out of stock"
+			if o.short.Reason == CancelledReason {
+				msg = "not reserved: the order was cancelled first"
+			}
+			inv.log.InfoContext(ctx, msg, "order_id", o.id, "product_id", o.short.ProductID, "reason", o.short.Reason)
 			ev, err = event.New(event.InventoryFailed, o.id, Name, o.short)
 		} else {
 			ev, err = event.New(event.InventoryReserved, o.id, Name, event.Reserved(o.created))

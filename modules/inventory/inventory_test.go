@@ -213,3 +213,63 @@ func BenchmarkReserveBatch(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/100, "µs/order")
 }
+
+func paymentFailed(t *testing.T, order uuid.UUID) event.Event {
+	t.Helper()
+	ev, err := event.New(event.PaymentFailed, order, "payment", event.Failed{Reason: "saga deadline passed before payment"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ev
+}
+
+// A release that finds nothing to give back (the order expired before
+// inventory reserved anything) is remembered: the OrderCreated that comes
+// after it (late, replayed, or behind it in the same batch) gets
+// InventoryFailed and takes no stock. After a matched release, a replayed
+// OrderCreated is refused too, and nothing is given back twice.
+func TestReservationAfterItsReleaseFails(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		batches func(t *testing.T, o uuid.UUID) [][]event.Event
+	}{
+		{"release first, two batches", func(t *testing.T, o uuid.UUID) [][]event.Event {
+			return [][]event.Event{{paymentFailed(t, o)}, {created(t, o, event.Item{ProductID: "a", Qty: 2})}}
+		}},
+		{"release first, one batch", func(t *testing.T, o uuid.UUID) [][]event.Event {
+			return [][]event.Event{{paymentFailed(t, o), created(t, o, event.Item{ProductID: "a", Qty: 2})}}
+		}},
+		// The topic's order when inventory lags an expiry: OrderCreated,
+		// then the PaymentFailed answering OrderExpired, in one batch;
+		// releases apply first, so the reservation finds the order cancelled.
+		{"created first, one batch", func(t *testing.T, o uuid.UUID) [][]event.Event {
+			return [][]event.Event{{created(t, o, event.Item{ProductID: "a", Qty: 2}), paymentFailed(t, o)}}
+		}},
+		{"matched release, then a replayed OrderCreated", func(t *testing.T, o uuid.UUID) [][]event.Event {
+			c := created(t, o, event.Item{ProductID: "a", Qty: 2})
+			replayed := c
+			replayed.ID = uuid.New() // past the inbox's memory: a new id as far as it knows
+			return [][]event.Event{{c}, {paymentFailed(t, o)}, {replayed}}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pool, inv := setup(t)
+			order := uuid.New()
+			var out []event.Event
+			for _, b := range tc.batches(t, order) {
+				out = append(out, handle(t, pool, inv, b...)...)
+			}
+			last := out[len(out)-1]
+			var f event.Failed
+			if last.Type != event.InventoryFailed || last.Decode(&f) != nil || f.Reason != inventory.CancelledReason {
+				t.Fatalf("emitted %+v, want it to end with InventoryFailed (%s)", out, inventory.CancelledReason)
+			}
+			if a := stock(t, pool, "a"); a != 5 {
+				t.Fatalf("stock a=%d, want 5: nothing held for a cancelled order", a)
+			}
+			if n := schematest.Int(t, pool, `SELECT count(*) FROM reservations WHERE order_id = $1 AND released_at IS NULL`, order); n != 0 {
+				t.Fatalf("%d reservation lines held", n)
+			}
+		})
+	}
+}

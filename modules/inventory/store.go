@@ -48,6 +48,16 @@ func apply(ctx context.Context, tx pgx.Tx, declined []uuid.UUID, orders []order)
 		for id, items := range released {
 			released[id] = merge(items)
 		}
+		// Remembered whether or not they held anything: a reservation
+		// arriving after its order's release (a late or replayed
+		// OrderCreated, or one behind an expiry in this very batch) must
+		// fail, or it would hold stock nobody gives back.
+		if _, err := tx.Exec(ctx, `INSERT INTO cancelled_orders (order_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING`, declined); err != nil {
+			return nil, fmt.Errorf("remembering cancelled orders: %w", err)
+		}
+	}
+	if err := refuseCancelled(ctx, tx, orders); err != nil {
+		return nil, err
 	}
 
 	var products []string
@@ -88,6 +98,9 @@ func apply(ctx context.Context, tx pgx.Tx, declined []uuid.UUID, orders []order)
 	var resQtys []int32
 	for i := range orders {
 		o := &orders[i]
+		if o.short != nil {
+			continue // cancelled already
+		}
 		want := merge(o.created.Items)
 		o.short = check(want, stock)
 		if o.short != nil {
@@ -122,6 +135,37 @@ func apply(ctx context.Context, tx pgx.Tx, declined []uuid.UUID, orders []order)
 		}
 	}
 	return released, nil
+}
+
+// CancelledReason is the InventoryFailed reason for an OrderCreated whose
+// order was cancelled (payment failed or the saga deadline passed) before
+// inventory reserved anything for it.
+const CancelledReason = "order cancelled before its stock was reserved"
+
+// refuseCancelled marks the orders whose payment already failed: they get
+// InventoryFailed instead of a reservation.
+func refuseCancelled(ctx context.Context, tx pgx.Tx, orders []order) error {
+	if len(orders) == 0 {
+		return nil
+	}
+	ids := make([]uuid.UUID, len(orders))
+	for i, o := range orders {
+		ids[i] = o.id
+	}
+	rows, err := tx.Query(ctx, `SELECT order_id FROM cancelled_orders WHERE order_id = ANY($1)`, ids)
+	if err != nil {
+		return fmt.Errorf("looking up cancelled orders: %w", err)
+	}
+	cancelled, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+	if err != nil {
+		return fmt.Errorf("looking up cancelled orders: %w", err)
+	}
+	for i := range orders {
+		if slices.Contains(cancelled, orders[i].id) {
+			orders[i].short = &event.Failed{Reason: CancelledReason}
+		}
+	}
+	return nil
 }
 
 // check returns why an order's items cannot all be had, or nil.

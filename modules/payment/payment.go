@@ -23,6 +23,10 @@ const Name = "payment"
 // DeclineReason is the reason a simulated decline gives.
 const DeclineReason = "card declined (simulated)"
 
+// ExpiredReason is the reason of the PaymentFailed that answers an
+// OrderExpired: the order is cancelled without being charged.
+const ExpiredReason = "saga deadline passed before payment"
+
 // Payment handles InventoryReserved.
 type Payment struct {
 	log         *slog.Logger
@@ -41,36 +45,58 @@ func New(log *slog.Logger, declineRate float64, rng *rand.Rand) (*Payment, error
 }
 
 // Handles reports the event types payment acts on.
-func (*Payment) Handles(t event.Type) bool { return t == event.InventoryReserved }
+func (*Payment) Handles(t event.Type) bool {
+	return t == event.InventoryReserved || t == event.OrderExpired
+}
 
 // Handle charges a batch of orders with one INSERT. A decline is a business
-// outcome (PaymentFailed), not an error.
+// outcome (PaymentFailed), not an error. An OrderExpired is a decision too:
+// a stored decline without a charge, unless the order's payment was decided
+// already (then it is paid, or declined and compensated, and the expiry
+// changes nothing). Whichever of an order's InventoryReserved and
+// OrderExpired comes first in the topic decides; the other finds the
+// decision stored, so an expired order is never charged and a paid one
+// never cancelled.
 func (p *Payment) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]event.Event, error) {
 	type charge struct {
 		order    uuid.UUID
 		id       uuid.UUID
 		amount   int64
 		declined bool
+		expired  bool
 	}
 	var cs []charge
 	var orders, ids []uuid.UUID
 	var amounts []int64
 	var statuses, reasons []string
 	for _, ev := range evs {
-		if ev.Type != event.InventoryReserved {
+		var c charge
+		switch ev.Type {
+		case event.InventoryReserved:
+			var r event.Reserved
+			if err := ev.Decode(&r); err != nil {
+				return nil, event.Reject(ev, err)
+			}
+			c = charge{order: ev.OrderID, amount: r.AmountCents, declined: p.decline()}
+		case event.OrderExpired:
+			var x event.Expired
+			if err := ev.Decode(&x); err != nil {
+				return nil, event.Reject(ev, err)
+			}
+			c = charge{order: ev.OrderID, declined: true, expired: true}
+		default:
 			continue
-		}
-		var r event.Reserved
-		if err := ev.Decode(&r); err != nil {
-			return nil, event.Reject(ev, err)
 		}
 		id, err := uuid.NewV7()
 		if err != nil {
 			return nil, fmt.Errorf("new payment id: %w", err)
 		}
-		c := charge{order: ev.OrderID, id: id, amount: r.AmountCents, declined: p.decline()}
+		c.id = id
 		status, reason := "COMPLETED", ""
-		if c.declined {
+		switch {
+		case c.expired:
+			status, reason = "DECLINED", ExpiredReason
+		case c.declined:
 			status, reason = "DECLINED", DeclineReason
 		}
 		cs = append(cs, c)
@@ -101,11 +127,17 @@ func (p *Payment) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]e
 		if !decided[c.id] {
 			// Decided before under another event id: that decision's event
 			// is already in the outbox, so emitting again would charge twice.
-			p.log.WarnContext(ctx, "payment already decided", "order_id", c.order)
+			if c.expired {
+				p.log.InfoContext(ctx, "order expired after its payment was decided; the decision stands", "order_id", c.order)
+			} else {
+				p.log.WarnContext(ctx, "payment already decided", "order_id", c.order)
+			}
 			continue
 		}
 		var ev event.Event
-		if c.declined {
+		if c.expired {
+			ev, err = event.New(event.PaymentFailed, c.order, Name, event.Failed{Reason: ExpiredReason})
+		} else if c.declined {
 			ev, err = event.New(event.PaymentFailed, c.order, Name, event.Failed{Reason: DeclineReason})
 		} else {
 			ev, err = event.New(event.PaymentCompleted, c.order, Name, event.Paid{PaymentID: c.id, AmountCents: c.amount})

@@ -128,3 +128,59 @@ func TestOneDecisionPerOrderInABatch(t *testing.T) {
 		t.Fatalf("emitted %+v, want one decision for a, then b", out)
 	}
 }
+
+func expired(t *testing.T, order uuid.UUID) event.Event {
+	t.Helper()
+	ev, err := event.New(event.OrderExpired, order, "status", event.Expired{Deadline: "15m0s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ev
+}
+
+// Whichever of an order's InventoryReserved and OrderExpired payment sees
+// first decides, in one batch or in two: an expiry first is a decline
+// without a charge and the reservation after it charges nothing; a charge
+// first stands and the expiry after it changes nothing.
+func TestExpiryAndChargeDecideOnce(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		batches  func(t *testing.T, order uuid.UUID) [][]event.Event
+		want     event.Type
+		status   string
+		declined string
+	}{
+		{"expiry first, one batch", func(t *testing.T, o uuid.UUID) [][]event.Event {
+			return [][]event.Event{{expired(t, o), reserved(t, o)}}
+		}, event.PaymentFailed, "DECLINED", payment.ExpiredReason},
+		{"expiry first, two batches", func(t *testing.T, o uuid.UUID) [][]event.Event {
+			return [][]event.Event{{expired(t, o)}, {reserved(t, o)}}
+		}, event.PaymentFailed, "DECLINED", payment.ExpiredReason},
+		{"charge first, one batch", func(t *testing.T, o uuid.UUID) [][]event.Event {
+			return [][]event.Event{{reserved(t, o), expired(t, o)}}
+		}, event.PaymentCompleted, "COMPLETED", ""},
+		{"charge first, two batches", func(t *testing.T, o uuid.UUID) [][]event.Event {
+			return [][]event.Event{{reserved(t, o)}, {expired(t, o)}}
+		}, event.PaymentCompleted, "COMPLETED", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			pool := schematest.NewPool(t)
+			p := newPayment(t, 0)
+			order := uuid.New()
+			var out []event.Event
+			for _, b := range tc.batches(t, order) {
+				out = append(out, schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) {
+					return p.Handle(context.Background(), tx, b)
+				})...)
+			}
+			if len(out) != 1 || out[0].Type != tc.want {
+				t.Fatalf("emitted %+v, want one %s", out, tc.want)
+			}
+			if n := schematest.Int(t, pool, `SELECT count(*) FROM payments WHERE order_id = $1 AND status = $2 AND coalesce(reason, '') = $3`,
+				order, tc.status, tc.declined); n != 1 {
+				t.Fatalf("%d %s payments stored, want 1", n, tc.status)
+			}
+		})
+	}
+}

@@ -49,6 +49,18 @@ end
 return changed
 `)
 
+// hold marks an entry as one readers must not be answered from: its order
+// has a dead letter, which only PostgreSQL shows. The mark outlives status
+// changes (a re-driven order still has its history there) and goes with the
+// entry; an entry created by it alone is a miss that lives liveTTL.
+var hold = rueidis.NewLuaScript(`
+redis.call('HSET', KEYS[1], 'hold', '1')
+if redis.call('TTL', KEYS[1]) < 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return 1
+`)
+
 // Cache reads and writes order status entries under a key prefix, so several
 // deployments (and parallel tests) can share one Redis.
 type Cache struct {
@@ -86,13 +98,13 @@ func (c *Cache) key(id uuid.UUID) string { return c.prefix + "order:" + id.Strin
 
 // Get returns the cached entry for an order, and false when there is none.
 func (c *Cache) Get(ctx context.Context, id uuid.UUID) (Entry, bool, error) {
-	m, err := c.rdb.Do(ctx, c.rdb.B().Hmget().Key(c.key(id)).Field("doc", "status").Build()).ToArray()
+	m, err := c.rdb.Do(ctx, c.rdb.B().Hmget().Key(c.key(id)).Field("doc", "status", "hold").Build()).ToArray()
 	if err != nil {
 		return Entry{}, false, fmt.Errorf("reading status cache: %w", err)
 	}
 	doc, err1 := m[0].ToString()
 	st, err2 := m[1].ToString()
-	if err1 != nil || err2 != nil || doc == "" {
+	if err1 != nil || err2 != nil || doc == "" || !m[2].IsNil() {
 		return Entry{}, false, nil
 	}
 	return Entry{Doc: []byte(doc), Status: event.Status(st)}, true, nil
@@ -118,6 +130,21 @@ func (c *Cache) Advance(ctx context.Context, us []Update) error {
 		execs[i] = c.args(u.OrderID, u.Status, "")
 	}
 	return c.exec(ctx, execs)
+}
+
+// Hold makes every later Get of these orders a miss, so their readers go
+// to PostgreSQL: they have a dead letter to show.
+func (c *Cache) Hold(ctx context.Context, ids []uuid.UUID) error {
+	execs := make([]rueidis.LuaExec, len(ids))
+	for i, id := range ids {
+		execs[i] = rueidis.LuaExec{Keys: []string{c.key(id)}, Args: []string{strconv.Itoa(int(liveTTL.Seconds()))}}
+	}
+	for _, r := range hold.ExecMulti(ctx, c.rdb, execs...) {
+		if err := r.Error(); err != nil {
+			return fmt.Errorf("holding status cache entries: %w", err)
+		}
+	}
+	return nil
 }
 
 func (c *Cache) args(id uuid.UUID, s event.Status, doc string) rueidis.LuaExec {
