@@ -235,13 +235,13 @@ func migrateCommand(cfg *Config) *cobra.Command {
 func seedCommand(cfg *Config) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "seed",
-		Short: "Load the demo catalogue (adds missing products; never changes existing stock)",
+		Short: "Load the demo catalogue and the public demo API key (adds what is missing; never changes existing stock)",
 		Args:  cobra.NoArgs,
 		RunE: cfg.withDB(func(ctx context.Context, log *slog.Logger, pool *pgxpool.Pool) error {
 			if _, err := schema.Migrate(ctx, pool); err != nil {
 				return err
 			}
-			n, err := seed.Load(ctx, pool)
+			n, err := seed.Load(ctx, pool, true)
 			if err != nil {
 				return err
 			}

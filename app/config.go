@@ -42,6 +42,9 @@ type Config struct {
 	RateBurst            int           // requests a key may burst above RateLimit
 	HTTPReadTimeout      time.Duration // a request's headers and body must arrive within this
 	KeyCacheTTL          time.Duration // how long the api may cache a valid API key (0: never)
+	AuthFailRate         float64       // failed authentications per second per client address before 429
+	AuthFailBurst        int           // failed authentications an address may burst above AuthFailRate
+	Demo                 bool          // this is a demo: the public demo key may work beyond loopback
 	StatementTimeout     time.Duration // PostgreSQL statement_timeout for every connection
 	KafkaLogLevel        string        // the Kafka client's own log level; empty for none
 	GroupPrefix          string        // consumer groups are <prefix><participant>
@@ -88,7 +91,7 @@ func DefaultConfig() Config {
 		SagaDeadline:         15 * time.Minute,
 		Topic:                "order-events",
 		Partitions:           6,
-		HTTPAddr:             ":8080",
+		HTTPAddr:             "127.0.0.1:8080",
 		AdminAddr:            AdminAuto,
 		PaymentDeclineRate:   0.15,
 		BrokerAddr:           "127.0.0.1:9092",
@@ -99,6 +102,8 @@ func DefaultConfig() Config {
 		RateBurst:            100,
 		HTTPReadTimeout:      10 * time.Second,
 		KeyCacheTTL:          10 * time.Second,
+		AuthFailRate:         5,
+		AuthFailBurst:        20,
 		StatementTimeout:     30 * time.Second,
 		LogLevel:             "info",
 		LogFormat:            "text",
@@ -202,11 +207,16 @@ func (c *Config) serveFlags(fs *pflag.FlagSet) {
 	fs.Float64Var(&c.RateLimit, "rate-limit", c.RateLimit, "requests per second allowed per API key (0: unlimited)")
 	fs.IntVar(&c.RateBurst, "rate-burst", c.RateBurst, "requests an API key may burst above --rate-limit")
 	fs.DurationVar(&c.HTTPReadTimeout, "http-read-timeout", c.HTTPReadTimeout, "time a client has to send a request's headers and body")
+	fs.Float64Var(&c.AuthFailRate, "auth-fail-rate", c.AuthFailRate,
+		"failed authentications per second a client address may make before it gets 429 (bounds key lookups per address; 0: no bound)")
+	fs.IntVar(&c.AuthFailBurst, "auth-fail-burst", c.AuthFailBurst, "failed authentications a client address may burst above --auth-fail-rate")
+	fs.BoolVar(&c.Demo, "demo", c.Demo,
+		"this is a demo: create and accept the public demo API key even when --http-addr listens beyond loopback (never in production)")
 	fs.DurationVar(&c.KeyCacheTTL, "key-cache-ttl", c.KeyCacheTTL,
 		"how long the api may keep a valid API key in memory (revocations reach it at once); 0 looks every request's key up")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long in-flight work may take to finish at shutdown")
 	fs.StringVar(&c.AdminAddr, "admin-addr", c.AdminAddr, "listen address of /metrics, /livez and /readyz; "+
-		"auto: :9464 for all and api, :9465 inventory, :9466 payment, :9467 delivery, :9468 status (the first named); empty: off")
+		"auto: 127.0.0.1:9464 for all and api, :9465 inventory, :9466 payment, :9467 delivery, :9468 status (the first named; loopback only, metrics are private); empty: off")
 	fs.StringVar(&c.KafkaLogLevel, "kafka-log-level", c.KafkaLogLevel, "log the Kafka client's own messages at this level (error, warn, info, debug); off when empty")
 	fs.StringVar(&c.PprofAddr, "pprof-addr", c.PprofAddr, "serve Go's pprof profiles on this address (e.g. 127.0.0.1:6060); off when empty")
 }
@@ -238,6 +248,9 @@ func (c Config) validate() error {
 	}
 	if c.GroupPrefix == "" {
 		return fmt.Errorf("--group-prefix: must not be empty")
+	}
+	if c.AuthFailRate < 0 || c.AuthFailBurst < 0 {
+		return fmt.Errorf("--auth-fail-rate %v, --auth-fail-burst %d: must not be negative", c.AuthFailRate, c.AuthFailBurst)
 	}
 	if c.KeyCacheTTL < 0 {
 		return fmt.Errorf("--key-cache-ttl %s: must not be negative", c.KeyCacheTTL)

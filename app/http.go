@@ -30,7 +30,8 @@ func (s *System) addHTTP(a *api.API) error {
 		e.Use(s.tracing.HTTPMiddleware)
 	}
 	e.Use(s.metrics.Middleware)
-	e.GET("/metrics", echo.WrapHandler(s.metrics.Handler()))
+	// No /metrics here: it publishes business figures and costs queries,
+	// so it is served only on --admin-addr, a private port.
 	a.Register(e)
 	srv := &http.Server{
 		Handler: e,

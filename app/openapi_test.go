@@ -146,7 +146,6 @@ func TestOpenAPIContract(t *testing.T) {
 	c.check(t, r.url, call{name: "index", method: "GET", path: "/", status: 200})
 	c.check(t, r.url, call{name: "products", method: "GET", path: "/products", status: 200})
 	c.check(t, r.url, call{name: "live page", method: "GET", path: "/live", status: 200})
-	c.check(t, r.url, call{name: "metrics", method: "GET", path: "/metrics", status: 200})
 
 	// The live stream's first message, then an order's events on it.
 	stream := openStream(t, r.url, u1)
@@ -203,6 +202,9 @@ func TestOpenAPIContract(t *testing.T) {
 		{name: "not yours", method: "GET", path: "/orders/" + id, key: u2, status: 404},
 		{name: "not your events", method: "GET", path: "/orders/" + id + "/events", key: u2, status: 404},
 		{name: "stream without key", method: "GET", path: "/live/stream", status: 401},
+		{name: "re-drive as a user", method: "POST", path: "/admin/dead-letters/1/replay", key: u1, status: 404},
+		{name: "re-drive, bad id", method: "POST", path: "/admin/dead-letters/x/replay", key: e.keyFor("admin"), status: 400, invalid: true},
+		{name: "re-drive, no such dead letter", method: "POST", path: "/admin/dead-letters/999/replay", key: e.keyFor("admin"), status: 404},
 	} {
 		c.check(t, r.url, cl)
 	}

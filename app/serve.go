@@ -151,8 +151,11 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	if _, err := schema.Migrate(startCtx, pool); err != nil {
 		return nil, err
 	}
+	// The public demo key only ever works for an api on loopback (the
+	// quick start), or in a declared demo.
+	demoOK := cfg.Demo || slices.Contains(names, api.Name) && loopbackOnly(cfg.HTTPAddr)
 	if cfg.Seed {
-		n, err := seed.Load(startCtx, pool)
+		n, err := seed.Load(startCtx, pool, demoOK)
 		if err != nil {
 			return nil, err
 		}
@@ -200,15 +203,21 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 
 	if slices.Contains(names, api.Name) {
 		alog := log.With("participant", api.Name)
-		auth := api.AuthConfig{Disabled: cfg.NoAuth, Rate: cfg.RateLimit, Burst: cfg.RateBurst, KeyCacheTTL: cfg.KeyCacheTTL}
+		auth := api.AuthConfig{Disabled: cfg.NoAuth, Rate: cfg.RateLimit, Burst: cfg.RateBurst, KeyCacheTTL: cfg.KeyCacheTTL,
+			FailRate: cfg.AuthFailRate, FailBurst: cfg.AuthFailBurst}
 		if cfg.NoAuth {
 			alog.Warn("AUTHENTICATION IS OFF (--no-auth): anyone can place orders as any user and read every order; never expose this")
 		} else if active, err := demoKeyActive(startCtx, pool); err != nil {
 			return nil, err
+		} else if active && !demoOK {
+			return nil, fmt.Errorf("the public demo API key (%s) is active in this database and --http-addr %s listens beyond loopback: "+
+				"revoke it (prozess apikey revoke %s), or pass --demo if this really is a demo", seed.DemoKeyID, cfg.HTTPAddr, seed.DemoKeyID)
 		} else if active {
 			alog.Warn("the public demo API key is active; for anything but a demo run with --seed=false and revoke it",
 				"key", seed.DemoKey, "user", seed.DemoUser, "revoke", "prozess apikey revoke "+seed.DemoKeyID)
 			auth.DemoKey = seed.DemoKey
+		} else if !demoOK {
+			alog.Info("no demo API key: --http-addr listens beyond loopback; create keys with prozess apikey create", "http_addr", cfg.HTTPAddr)
 		}
 		brokers := s.brokers
 		a := api.New(alog, pool, d.rdb, api.Config{Prefix: d.prefix, Topic: cfg.Topic, Auth: auth, SagaDeadline: cfg.SagaDeadline,
@@ -229,6 +238,9 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 			return nil, err
 		}
 		s.addLiveFeed(a)
+		s.metrics.RegisterCounterFunc("prozess_api_key_lookups_total",
+			"API key lookups that reached PostgreSQL (cache misses; bounded per client address by --auth-fail-rate).",
+			func() float64 { return float64(a.KeyLookups()) })
 	}
 	var joined []*saga.Consumer
 	for _, p := range consumers() {
@@ -343,12 +355,14 @@ func adminAddr(flag string, names []string) string {
 	if flag != AdminAuto {
 		return flag
 	}
+	// Loopback only: metrics publish business figures. A scraper on
+	// another host needs --admin-addr set to an address it can reach.
 	for i, p := range Participants() {
 		if len(names) > 0 && names[0] == p {
-			return fmt.Sprintf(":%d", 9464+i)
+			return fmt.Sprintf("127.0.0.1:%d", 9464+i)
 		}
 	}
-	return ":9464"
+	return "127.0.0.1:9464"
 }
 
 // addActor runs fn until the group is interrupted.
@@ -395,6 +409,20 @@ func OpenRedis(addr string) (rueidis.Client, error) {
 }
 
 // demoKeyActive reports whether the public demo API key still works.
+// loopbackOnly reports whether addr (host:port) listens on loopback only;
+// an empty host or 0.0.0.0 listens on every interface.
+func loopbackOnly(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
 func demoKeyActive(ctx context.Context, pool *pgxpool.Pool) (bool, error) {
 	var n int
 	if err := pool.QueryRow(ctx, `SELECT count(*) FROM api_keys WHERE id = $1 AND revoked_at IS NULL`, seed.DemoKeyID).Scan(&n); err != nil {

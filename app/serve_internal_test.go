@@ -20,3 +20,19 @@ func TestServiceName(t *testing.T) {
 		t.Errorf("serviceName(all) = %q", got)
 	}
 }
+
+// The demo key's rule and the private admin port hinge on what counts as
+// loopback only.
+func TestLoopbackOnly(t *testing.T) {
+	for addr, want := range map[string]bool{
+		"127.0.0.1:8080": true, "localhost:8080": true, "[::1]:8080": true, "127.0.0.2:1": true,
+		":8080": false, "0.0.0.0:8080": false, "[::]:8080": false, "10.0.0.5:8080": false, "api.example.com:443": false, "nonsense": false,
+	} {
+		if got := loopbackOnly(addr); got != want {
+			t.Errorf("loopbackOnly(%q) = %v, want %v", addr, got, want)
+		}
+	}
+	if got := adminAddr(AdminAuto, []string{"payment"}); !loopbackOnly(got) {
+		t.Errorf("the automatic admin address %s is not loopback only", got)
+	}
+}

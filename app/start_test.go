@@ -87,3 +87,38 @@ func TestCommandLineErrorsNameTheFlag(t *testing.T) {
 		})
 	}
 }
+
+// The public demo key only ever works for an api on loopback: beyond it,
+// serve neither creates the key nor offers it, and refuses to start while
+// it is active in the database, unless --demo says this is a demo.
+func TestDemoKeyOnlyOnLoopback(t *testing.T) {
+	e := newEnv(t)
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	demoKeys := func() int64 { return e.count(`SELECT count(*) FROM api_keys WHERE id = 'kdemo' AND revoked_at IS NULL`) }
+
+	public := e.config()
+	public.KafkaBrokers = e.broker()
+	public.HTTPAddr = "0.0.0.0:0"
+	r := e.start(public, "api")
+	if n := demoKeys(); n != 0 {
+		t.Fatalf("serve beyond loopback created the demo key (%d)", n)
+	}
+	if code, _ := r.post(t, "/admin/dead-letters/1/replay", "pz_kdemo_0000000000000000000000000000000000000000000000000000000000000000"); code != 401 {
+		t.Fatalf("the demo key beyond loopback: %d, want 401", code)
+	}
+	r.shutdown(t)
+
+	loopback := public
+	loopback.HTTPAddr = "127.0.0.1:0"
+	e.start(loopback, "api").shutdown(t) // the quick start, on loopback, creates it
+	if n := demoKeys(); n != 1 {
+		t.Fatalf("serve on loopback did not create the demo key (%d)", n)
+	}
+	_, err := app.NewSystem(context.Background(), public, []string{"api"}, quiet)
+	if err == nil || !strings.Contains(err.Error(), "demo API key") || !strings.Contains(err.Error(), "prozess apikey revoke kdemo") {
+		t.Fatalf("serve beyond loopback with the demo key active: %v, want a refusal naming the revoke", err)
+	}
+	demo := public
+	demo.Demo = true
+	e.start(demo, "api").shutdown(t)
+}

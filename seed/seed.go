@@ -35,19 +35,24 @@ func Catalogue() ([]Product, error) {
 }
 
 // The demo API key, for user u1, so the README's walkthrough can be pasted
-// as it is. It is public: `serve` warns while it works, and production
-// deployments run with --seed=false or revoke it (prozess apikey revoke kdemo).
+// as it is. It is public: `serve` creates and offers it only while the api
+// listens on loopback only (or with --demo), warns while it works, and
+// refuses to start beyond loopback while it is active.
 const (
 	DemoKeyID = "kdemo"
 	DemoUser  = "u1"
 	DemoKey   = "pz_kdemo_0000000000000000000000000000000000000000000000000000000000000000"
 )
 
-// Load inserts the demo products that are missing, and the demo API key if
-// it was never created, and reports how many products it added.
-func Load(ctx context.Context, pool *pgxpool.Pool) (int64, error) {
-	if err := api.EnsureKey(ctx, pool, DemoKeyID, DemoUser, false, DemoKey); err != nil {
-		return 0, fmt.Errorf("creating the demo API key: %w", err)
+// Load inserts the demo products that are missing and, with demoKey, the
+// demo API key if it was never created, and reports how many products it
+// added. `serve` asks for the key only when the api listens on loopback
+// only, or with --demo.
+func Load(ctx context.Context, pool *pgxpool.Pool, demoKey bool) (int64, error) {
+	if demoKey {
+		if err := api.EnsureKey(ctx, pool, DemoKeyID, DemoUser, false, DemoKey); err != nil {
+			return 0, fmt.Errorf("creating the demo API key: %w", err)
+		}
 	}
 	ps, err := Catalogue()
 	if err != nil {

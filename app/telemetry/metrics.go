@@ -8,6 +8,8 @@ import (
 	"context"
 	"net/http"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -119,6 +121,11 @@ func (m *Metrics) CountOutOfRange(participant string) {
 	}
 }
 
+// RegisterCounterFunc adds a counter read from fn at scrape time.
+func (m *Metrics) RegisterCounterFunc(name, help string, fn func() float64) {
+	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, fn))
+}
+
 // ObserveSweep records one sweep of the saga deadline's expirer.
 func (m *Metrics) ObserveSweep(expired int, paidOverdue int64) {
 	if m != nil {
@@ -172,14 +179,25 @@ type Consumer struct {
 
 // StateCollector reads, at scrape time, what lives elsewhere: each
 // consumer's counters and lag, the database's orders by status, the outbox,
-// and the connection pool.
+// and the connection pool. What costs a query (orders by status, outbox,
+// parked records, the broker's lag) is read at most once per StateInterval
+// however often, and by however many, /metrics is scraped: a scrape never
+// costs the database more than that.
 type StateCollector struct {
 	pool      *pgxpool.Pool
 	admin     *kadm.Client
 	consumers map[string]Consumer // by participant
 
-	records, orders, outboxRows, outboxAge, parked, poolConns, poolAcquires, lag *prometheus.Desc
+	records, orders, outboxRows, outboxAge, parked, poolConns, poolAcquires, lag, reads *prometheus.Desc
+
+	mu       sync.Mutex
+	costly   []prometheus.Metric // the last reading of the costly state
+	readAt   time.Time
+	readings atomic.Int64
 }
+
+// StateInterval is how long one reading of the costly state is served.
+const StateInterval = 5 * time.Second
 
 // NewStateCollector reads pool and, through admin, the consumers' groups.
 func NewStateCollector(pool *pgxpool.Pool, admin *kadm.Client, consumers map[string]Consumer) *StateCollector {
@@ -199,11 +217,13 @@ func NewStateCollector(pool *pgxpool.Pool, admin *kadm.Client, consumers map[str
 			"Age of the oldest outbox row waiting for the relay (0 when empty).", nil, nil),
 		poolConns:    prometheus.NewDesc("prozess_db_pool_connections", "PostgreSQL pool connections, by state.", []string{"state"}, nil),
 		poolAcquires: prometheus.NewDesc("prozess_db_pool_acquires_total", "Connections acquired from the PostgreSQL pool.", nil, nil),
+		reads: prometheus.NewDesc("prozess_metrics_state_reads_total",
+			"Times a scrape read the database's and the broker's state (orders by status, outbox, lag): at most once per 5 s, however often /metrics is scraped.", nil, nil),
 	}
 }
 
 func (c *StateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.records, c.orders, c.outboxRows, c.outboxAge, c.parked, c.poolConns, c.poolAcquires, c.lag} {
+	for _, d := range []*prometheus.Desc{c.records, c.orders, c.outboxRows, c.outboxAge, c.parked, c.poolConns, c.poolAcquires, c.lag, c.reads} {
 		ch <- d
 	}
 }
@@ -220,15 +240,32 @@ func (c *StateCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.poolConns, prometheus.GaugeValue, float64(s.IdleConns()), "idle")
 	ch <- prometheus.MustNewConstMetric(c.poolAcquires, prometheus.CounterValue, float64(s.AcquireCount()))
 
+	c.mu.Lock()
+	if c.costly == nil || time.Since(c.readAt) >= StateInterval {
+		c.costly, c.readAt = c.readCostly(), time.Now()
+		c.readings.Add(1)
+	}
+	costly := c.costly
+	c.mu.Unlock()
+	ch <- prometheus.MustNewConstMetric(c.reads, prometheus.CounterValue, float64(c.readings.Load()))
+	for _, m := range costly {
+		ch <- m
+	}
+}
+
+// readCostly reads the state that costs queries; what fails to read is
+// left out rather than reported as zero.
+func (c *StateCollector) readCostly() []prometheus.Metric {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
+	ms := []prometheus.Metric{}
 	rows, err := c.pool.Query(ctx, `SELECT status, count(*) FROM orders GROUP BY status`)
 	if err == nil {
 		var status string
 		var n int64
 		for rows.Next() {
 			if rows.Scan(&status, &n) == nil {
-				ch <- prometheus.MustNewConstMetric(c.orders, prometheus.GaugeValue, float64(n), status)
+				ms = append(ms, prometheus.MustNewConstMetric(c.orders, prometheus.GaugeValue, float64(n), status))
 			}
 		}
 		rows.Close()
@@ -236,21 +273,21 @@ func (c *StateCollector) Collect(ch chan<- prometheus.Metric) {
 	var n int64
 	var age float64
 	if err := c.pool.QueryRow(ctx, `SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM outbox`).Scan(&n, &age); err == nil {
-		ch <- prometheus.MustNewConstMetric(c.outboxRows, prometheus.GaugeValue, float64(n))
-		ch <- prometheus.MustNewConstMetric(c.outboxAge, prometheus.GaugeValue, age)
+		ms = append(ms, prometheus.MustNewConstMetric(c.outboxRows, prometheus.GaugeValue, float64(n)),
+			prometheus.MustNewConstMetric(c.outboxAge, prometheus.GaugeValue, age))
 	}
 	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM parked`).Scan(&n); err == nil {
-		ch <- prometheus.MustNewConstMetric(c.parked, prometheus.GaugeValue, float64(n))
+		ms = append(ms, prometheus.MustNewConstMetric(c.parked, prometheus.GaugeValue, float64(n)))
 	}
-	c.collectLag(ctx, ch)
+	return append(ms, c.readLag(ctx)...)
 }
 
-// collectLag asks the broker for each local participant's group lag. A
+// readLag asks the broker for each local participant's group lag. A
 // group the broker cannot describe right now is left out of the scrape
 // rather than reported as zero.
-func (c *StateCollector) collectLag(ctx context.Context, ch chan<- prometheus.Metric) {
+func (c *StateCollector) readLag(ctx context.Context) []prometheus.Metric {
 	if c.admin == nil || len(c.consumers) == 0 {
-		return
+		return nil
 	}
 	groups := make([]string, 0, len(c.consumers))
 	for _, cs := range c.consumers {
@@ -258,13 +295,15 @@ func (c *StateCollector) collectLag(ctx context.Context, ch chan<- prometheus.Me
 	}
 	lags, err := c.admin.Lag(ctx, groups...)
 	if err != nil {
-		return
+		return nil
 	}
+	var ms []prometheus.Metric
 	for name, cs := range c.consumers {
 		l, ok := lags[cs.Group]
 		if !ok || l.Error() != nil {
 			continue
 		}
-		ch <- prometheus.MustNewConstMetric(c.lag, prometheus.GaugeValue, float64(l.Lag.Total()), name)
+		ms = append(ms, prometheus.MustNewConstMetric(c.lag, prometheus.GaugeValue, float64(l.Lag.Total()), name))
 	}
+	return ms
 }

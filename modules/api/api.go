@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -45,6 +46,10 @@ type API struct {
 	writer  *writer
 	auth    AuthConfig
 	limits  *limiter
+	// failures bounds failed authentications per client address;
+	// lookups counts the key lookups that reached PostgreSQL.
+	failures *limiter
+	lookups  atomic.Int64
 	live    *hub
 	keys    *keyCache     // nil: every request's key is looked up
 	demoKey string        // shown on the live page while active
@@ -73,12 +78,16 @@ func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, cfg Config) *
 	auth := cfg.Auth
 	a := &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, cfg.Prefix), prefix: cfg.Prefix, topic: cfg.Topic,
 		writer: newWriter(pool, cfg.Topic), auth: auth, limits: newLimiter(auth.Rate, auth.Burst),
+		failures: newLimiter(auth.FailRate, auth.FailBurst),
 		live: newHub(), demoKey: auth.DemoKey, stop: make(chan struct{}), sagaDeadline: cfg.SagaDeadline, replayGuard: cfg.ReplayGuard}
 	if auth.KeyCacheTTL > 0 && !auth.Disabled {
 		a.keys = newKeyCache(auth.KeyCacheTTL)
 	}
 	return a
 }
+
+// KeyLookups is how many API key lookups reached PostgreSQL.
+func (a *API) KeyLookups() int64 { return a.lookups.Load() }
 
 // CloseStreams ends every live stream, so a server shutdown need not wait
 // for pages that never hang up.
@@ -89,7 +98,7 @@ func (a *API) CloseStreams() { a.once.Do(func() { close(a.stop) }) }
 // stopped taking requests.
 func (a *API) Run(ctx context.Context) error {
 	done := make(chan struct{})
-	go func() { defer close(done); a.keys.listen(ctx, a.pool, a.log) }()
+	go func() { defer close(done); a.followRevocations(ctx) }()
 	a.writer.run(ctx)
 	<-done
 	return nil
@@ -112,7 +121,7 @@ func (a *API) Register(e *echo.Echo) {
 		return c.JSON(http.StatusOK, map[string]any{
 			"service": "prozess",
 			"endpoints": []string{"POST /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products",
-				"GET /live", "GET /live/stream", "GET /openapi.json", "GET /metrics",
+				"GET /live", "GET /live/stream", "GET /openapi.json",
 				"POST /admin/dead-letters/{id}/replay"},
 		})
 	})

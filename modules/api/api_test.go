@@ -26,6 +26,7 @@ import (
 type testServer struct {
 	*httptest.Server
 	pool *pgxpool.Pool
+	api  *api.API
 	keys map[string]string // user -> API key; "admin" is an admin key
 }
 
@@ -37,7 +38,7 @@ func serverWith(t *testing.T, auth api.AuthConfig) *testServer {
 	t.Helper()
 	t.Parallel()
 	pool := schematest.NewPool(t)
-	if _, err := seed.Load(t.Context(), pool); err != nil {
+	if _, err := seed.Load(t.Context(), pool, true); err != nil {
 		t.Fatal(err)
 	}
 	rdb, prefix := schematest.NewRedis(t)
@@ -50,7 +51,7 @@ func serverWith(t *testing.T, auth api.AuthConfig) *testServer {
 	go a.Run(t.Context())
 	srv := httptest.NewServer(e)
 	t.Cleanup(srv.Close)
-	ts := &testServer{Server: srv, pool: pool, keys: map[string]string{}}
+	ts := &testServer{Server: srv, pool: pool, api: a, keys: map[string]string{}}
 	for _, u := range []string{"u1", "u2", "admin"} {
 		_, key, err := api.CreateKey(t.Context(), pool, u, u == "admin")
 		if err != nil {

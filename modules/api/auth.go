@@ -3,7 +3,9 @@ package api
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"math"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -30,6 +32,14 @@ type AuthConfig struct {
 	// most that long; RevokeKey's notification drops a key at once. Zero
 	// looks every request's key up in PostgreSQL.
 	KeyCacheTTL time.Duration
+	// FailRate and FailBurst bound failed authentications per client
+	// address (token bucket): past them, a key not already known to this
+	// process gets 429 with Retry-After before any database lookup, so
+	// guessing keys, or flooding with key-shaped strings, costs at most
+	// FailBurst + FailRate lookups a second per address. Zero FailRate: no
+	// bound.
+	FailRate  float64
+	FailBurst int
 }
 
 const principalKey = "prozess.principal"
@@ -55,7 +65,14 @@ func (a *API) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 			c.Response().Header().Set("WWW-Authenticate", `Bearer realm="prozess"`)
 			return errUnauthorized
 		}
-		p, ok, err := a.principalFor(c.Request().Context(), strings.TrimSpace(key))
+		addr := clientAddr(c.Request())
+		p, ok, err := a.principalFor(c.Request().Context(), strings.TrimSpace(key), addr)
+		var wait *waitError
+		if errors.As(err, &wait) {
+			c.Response().Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.d.Seconds()))))
+			return &Error{Status: http.StatusTooManyRequests, Code: "too_many_failed_authentications",
+				Message: "too many failed authentications from this address; retry after the Retry-After seconds"}
+		}
 		if err != nil {
 			return err
 		}
@@ -73,8 +90,15 @@ func (a *API) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
-// principalFor resolves a key from the cache, else from PostgreSQL.
-func (a *API) principalFor(ctx context.Context, key string) (Principal, bool, error) {
+// waitError is principalFor's answer for an address out of failed
+// authentications: nothing was looked up.
+type waitError struct{ d time.Duration }
+
+func (e *waitError) Error() string { return "too many failed authentications" }
+
+// principalFor resolves a key from the cache, else, while addr may still
+// fail, from PostgreSQL.
+func (a *API) principalFor(ctx context.Context, key, addr string) (Principal, bool, error) {
 	if !validKey(key) {
 		return Principal{}, false, nil
 	}
@@ -82,13 +106,38 @@ func (a *API) principalFor(ctx context.Context, key string) (Principal, bool, er
 	if p, ok := a.keys.get(h); ok {
 		return p, true, nil
 	}
+	// A lookup spends one of addr's failure tokens up front (so
+	// concurrent guesses cannot all pass a check before any spends), and a
+	// lookup that finds the key gives it back.
+	res, d := a.failures.reserve(addr)
+	if d > 0 {
+		return Principal{}, false, &waitError{d: d}
+	}
 	gen := a.keys.begin()
+	a.lookups.Add(1)
 	p, ok, err := lookupKey(ctx, a.pool, h[:])
+	if res != nil && (ok || err != nil) {
+		res.Cancel()
+	}
 	if ok {
 		a.keys.put(gen, h, p)
 	}
 	return p, ok, err
 }
+
+// clientAddr is the address a request came from: the connection's peer,
+// never a header a client could set (a proxy in front makes every client
+// one address; bound it there).
+func clientAddr(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+// maxLimited bounds a limiter's buckets; past it, it starts over.
+const maxLimited = 100_000
 
 // limiter keeps one token bucket per key.
 type limiter struct {
@@ -111,19 +160,41 @@ func (l *limiter) take(key string) time.Duration {
 	if l.rate == rate.Inf {
 		return 0
 	}
-	l.mu.Lock()
-	lim, ok := l.keys[key]
-	if !ok {
-		lim = rate.NewLimiter(l.rate, l.burst)
-		l.keys[key] = lim
-	}
-	l.mu.Unlock()
-	r := lim.Reserve()
+	r := l.bucket(key).Reserve()
 	if d := r.Delay(); d > 0 {
 		r.Cancel()
 		return d
 	}
 	return 0
+}
+
+func (l *limiter) bucket(key string) *rate.Limiter {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	lim, ok := l.keys[key]
+	if !ok {
+		if len(l.keys) >= maxLimited {
+			l.keys = map[string]*rate.Limiter{}
+		}
+		lim = rate.NewLimiter(l.rate, l.burst)
+		l.keys[key] = lim
+	}
+	return lim
+}
+
+// reserve takes a token of key's bucket now, or says how long until one
+// is there (taking none). Cancel on the reservation gives it back; without
+// a limit there is no reservation (nil).
+func (l *limiter) reserve(key string) (*rate.Reservation, time.Duration) {
+	if l.rate == rate.Inf {
+		return nil, 0
+	}
+	r := l.bucket(key).Reserve()
+	if d := r.Delay(); d > 0 {
+		r.Cancel()
+		return nil, d
+	}
+	return r, 0
 }
 
 // canRead reports whether p may see an order of user: its owner or an admin.

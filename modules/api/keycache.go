@@ -5,12 +5,10 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"log/slog"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/prozess/prozess/modules/retry"
 )
@@ -92,6 +90,9 @@ func (c *keyCache) put(gen uint64, h [sha256.Size]byte, p Principal) {
 
 // revoked drops every entry of key id.
 func (c *keyCache) revoked(id string) {
+	if c == nil {
+		return
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.gen++
@@ -104,6 +105,9 @@ func (c *keyCache) revoked(id string) {
 
 // setListening empties the cache and says whether it may be used.
 func (c *keyCache) setListening(on bool) {
+	if c == nil {
+		return
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.gen++
@@ -111,26 +115,31 @@ func (c *keyCache) setListening(on bool) {
 	clear(c.entries)
 }
 
-// listen follows revocations until ctx ends, reconnecting after a failure.
-func (c *keyCache) listen(ctx context.Context, pool *pgxpool.Pool, log *slog.Logger) {
-	if c == nil {
+// followRevocations listens for revocations until ctx ends, reconnecting
+// after a failure: each revoked key leaves the key cache and its open live
+// streams end (a revoked admin key must stop seeing every order at once).
+// After every (re)connect the keys of the open streams are checked in
+// PostgreSQL, so a revocation missed while not listening ends its streams
+// too.
+func (a *API) followRevocations(ctx context.Context) {
+	if a.auth.Disabled {
 		return
 	}
 	for attempt := 0; ctx.Err() == nil; attempt++ {
-		err := c.listenOnce(ctx, pool)
-		c.setListening(false)
+		err := a.listenOnce(ctx)
+		a.keys.setListening(false)
 		if ctx.Err() != nil {
 			return
 		}
-		log.Warn("API key cache off until revocations can be followed again", "err", err)
+		a.log.Warn("not following API key revocations; key cache off, reconnecting", "err", err)
 		if retry.Wait(ctx, attempt) != nil {
 			return
 		}
 	}
 }
 
-func (c *keyCache) listenOnce(ctx context.Context, pool *pgxpool.Pool) error {
-	conn, err := pgx.ConnectConfig(ctx, pool.Config().ConnConfig.Copy())
+func (a *API) listenOnce(ctx context.Context) error {
+	conn, err := pgx.ConnectConfig(ctx, a.pool.Config().ConnConfig.Copy())
 	if err != nil {
 		return fmt.Errorf("connecting: %w", err)
 	}
@@ -138,7 +147,10 @@ func (c *keyCache) listenOnce(ctx context.Context, pool *pgxpool.Pool) error {
 	if _, err := conn.Exec(ctx, "LISTEN "+keysChannel); err != nil {
 		return fmt.Errorf("listening for revocations: %w", err)
 	}
-	c.setListening(true)
+	a.keys.setListening(true)
+	if err := a.endRevokedStreams(ctx, conn); err != nil {
+		return err
+	}
 	for {
 		n, err := conn.WaitForNotification(ctx)
 		if err != nil {
@@ -147,6 +159,29 @@ func (c *keyCache) listenOnce(ctx context.Context, pool *pgxpool.Pool) error {
 			}
 			return fmt.Errorf("waiting for revocations: %w", err)
 		}
-		c.revoked(n.Payload)
+		a.keys.revoked(n.Payload)
+		if ended := a.live.endKey(n.Payload); ended > 0 {
+			a.log.Info("API key revoked: its live streams ended", "key_id", n.Payload, "streams", ended)
+		}
 	}
+}
+
+// endRevokedStreams ends the open streams of keys revoked already.
+func (a *API) endRevokedStreams(ctx context.Context, conn *pgx.Conn) error {
+	ids := a.live.keyIDs()
+	if len(ids) == 0 {
+		return nil
+	}
+	rows, err := conn.Query(ctx, `SELECT id FROM api_keys WHERE id = ANY($1) AND revoked_at IS NOT NULL`, ids)
+	if err != nil {
+		return fmt.Errorf("checking the keys of open streams: %w", err)
+	}
+	revoked, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return fmt.Errorf("checking the keys of open streams: %w", err)
+	}
+	for _, id := range revoked {
+		a.live.endKey(id)
+	}
+	return nil
 }

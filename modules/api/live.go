@@ -148,6 +148,36 @@ func (h *hub) send(m sseMessage, allowed func(Principal) bool) {
 	}
 }
 
+// endKey ends every stream of key id and says how many there were.
+func (h *hub) endKey(id string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for s := range h.subs {
+		if s.p.KeyID == id {
+			delete(h.subs, s)
+			close(s.gone)
+			n++
+		}
+	}
+	return n
+}
+
+// keyIDs lists the keys of the open streams.
+func (h *hub) keyIDs() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	seen := map[string]bool{}
+	var ids []string
+	for s := range h.subs {
+		if id := s.p.KeyID; id != "" && !seen[id] {
+			seen[id] = true
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
 func (h *hub) watched() bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -263,7 +293,7 @@ func (a *API) liveStream(c echo.Context) error {
 		case <-c.Request().Context().Done():
 			return nil
 		case <-s.gone:
-			return nil // fell behind; the page reconnects
+			return nil // fell behind (the page reconnects), or its key was revoked
 		case <-a.stop:
 			return nil
 		case m := <-s.ch:
