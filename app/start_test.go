@@ -94,7 +94,9 @@ func TestCommandLineErrorsNameTheFlag(t *testing.T) {
 func TestDemoKeyOnlyOnLoopback(t *testing.T) {
 	e := newEnv(t)
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	demoKeys := func() int64 { return e.count(`SELECT count(*) FROM api_keys WHERE id = 'kdemo' AND revoked_at IS NULL`) }
+	demoKeys := func() int64 {
+		return e.count(`SELECT count(*) FROM api_keys WHERE id = 'kdemo' AND revoked_at IS NULL`)
+	}
 
 	public := e.config()
 	public.KafkaBrokers = e.broker()

@@ -37,24 +37,24 @@ const redisTimeout = 150 * time.Millisecond
 
 // API serves the HTTP endpoints.
 type API struct {
-	log     *slog.Logger
-	pool    *pgxpool.Pool
-	rdb     rueidis.Client
-	cache   *statuscache.Cache
-	prefix  string
-	topic   string
-	writer  *writer
-	auth    AuthConfig
-	limits  *limiter
+	log    *slog.Logger
+	pool   *pgxpool.Pool
+	rdb    rueidis.Client
+	cache  *statuscache.Cache
+	prefix string
+	topic  string
+	writer *writer
+	auth   AuthConfig
+	limits *limiter
 	// failures bounds failed authentications per client address;
 	// lookups counts the key lookups that reached PostgreSQL.
 	failures *limiter
 	lookups  atomic.Int64
-	live    *hub
-	keys    *keyCache     // nil: every request's key is looked up
-	demoKey string        // shown on the live page while active
-	stop    chan struct{} // closed to end every live stream
-	once    sync.Once
+	live     *hub
+	keys     *keyCache     // nil: every request's key is looked up
+	demoKey  string        // shown on the live page while active
+	stop     chan struct{} // closed to end every live stream
+	once     sync.Once
 
 	sagaDeadline time.Duration
 	replayGuard  func(ctx context.Context, deadAt time.Time) error
@@ -79,7 +79,7 @@ func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, cfg Config) *
 	a := &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, cfg.Prefix), prefix: cfg.Prefix, topic: cfg.Topic,
 		writer: newWriter(pool, cfg.Topic), auth: auth, limits: newLimiter(auth.Rate, auth.Burst),
 		failures: newLimiter(auth.FailRate, auth.FailBurst),
-		live: newHub(), demoKey: auth.DemoKey, stop: make(chan struct{}), sagaDeadline: cfg.SagaDeadline, replayGuard: cfg.ReplayGuard}
+		live:     newHub(), demoKey: auth.DemoKey, stop: make(chan struct{}), sagaDeadline: cfg.SagaDeadline, replayGuard: cfg.ReplayGuard}
 	if auth.KeyCacheTTL > 0 && !auth.Disabled {
 		a.keys = newKeyCache(auth.KeyCacheTTL)
 	}
