@@ -176,7 +176,7 @@ func TestDeadLetterListAndReplay(t *testing.T) {
 	if _, err := runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic); err == nil || !strings.Contains(err.Error(), "--all") {
 		t.Fatalf("replay without a choice: %v", err)
 	}
-	dls, err := saga.ReadDeadLetters(t.Context(), r.sys.Brokers(), cfg.DLQTopic())
+	dls, err := saga.ReadDeadLetters(t.Context(), saga.Conn{Brokers: r.sys.Brokers()}, cfg.DLQTopic())
 	if err != nil || len(dls) != 1 {
 		t.Fatalf("%d dead letters (%v)", len(dls), err)
 	}

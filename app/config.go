@@ -20,6 +20,8 @@ type Config struct {
 	RedisAddr          string
 	RedisPrefix        string
 	KafkaBrokers       []string
+	KafkaSecurity      KafkaSecurity // TLS and SASL for every Kafka client
+	RedisSecurity      RedisSecurity // ACL user, password and TLS for Redis
 	Topic              string
 	Partitions         int32
 	HTTPAddr           string
@@ -121,7 +123,12 @@ func (c *Config) connectionFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.RedisPrefix, "redis-prefix", c.RedisPrefix, "prefix of every Redis key, so deployments can share one Redis")
 	fs.StringSliceVar(&c.KafkaBrokers, "kafka-brokers", c.KafkaBrokers, "Kafka bootstrap brokers, comma-separated; empty: serve all runs its own, other participant mixes use "+LocalKafkaBroker)
 	fs.StringVar(&c.Topic, "topic", c.Topic, "the saga's topic (dead letters go to <topic>.dlq)")
+	c.KafkaSecurity.flags(fs)
+	c.RedisSecurity.flags(fs)
 }
+
+// kafka is how this command's clients reach the brokers it names.
+func (c Config) kafka() (saga.Conn, error) { return c.KafkaSecurity.conn(c.KafkaBrokers) }
 
 // runningKafkaFlags are for commands that talk to the brokers of a running
 // system (dlq, orders tail): they start no broker of their own, so
@@ -129,6 +136,7 @@ func (c *Config) connectionFlags(fs *pflag.FlagSet) {
 func (c *Config) runningKafkaFlags(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&c.KafkaBrokers, "kafka-brokers", c.KafkaBrokers, "Kafka bootstrap brokers, comma-separated")
 	fs.StringVar(&c.Topic, "topic", c.Topic, "the saga's topic (dead letters are in <topic>.dlq)")
+	c.KafkaSecurity.flags(fs)
 }
 
 func (c Config) requireBrokers() error {

@@ -126,7 +126,7 @@ func (s *System) addServer(name string, ln net.Listener, h http.Handler) {
 func (s *System) addLiveFeed(a *api.API) {
 	topic, dlq := s.cfg.Topic, s.cfg.DLQTopic()
 	s.addActor(func(ctx context.Context) error {
-		return saga.Tail(ctx, s.brokers, []string{topic, dlq}, false, func(r *kgo.Record) {
+		return saga.Tail(ctx, s.kafka, []string{topic, dlq}, false, func(r *kgo.Record) {
 			if !a.Watched() {
 				return // nobody to tell: not even decoded
 			}

@@ -39,7 +39,10 @@ longer keeps up, and the knee is reported.`,
 			if len(cfg.KafkaBrokers) == 0 {
 				return fmt.Errorf("--kafka-brokers: loadgen observes the topic and needs the brokers the system uses")
 			}
-			lc.Brokers, lc.Topic, lc.DatabaseURL = cfg.KafkaBrokers, cfg.Topic, cfg.databaseURL()
+			if lc.Kafka, err = cfg.kafka(); err != nil {
+				return err
+			}
+			lc.Topic, lc.DatabaseURL = cfg.Topic, cfg.databaseURL()
 			ctx := cmd.Context()
 			if err := loadgen.EnsureProduct(ctx, lc.DatabaseURL, lc.Product); err != nil {
 				return err

@@ -41,9 +41,17 @@ dead letters. Exits non-zero on any violation.`,
 			} else if pending {
 				return fmt.Errorf("the database schema is older than this prozess: run prozess migrate first")
 			}
-			cc := check.Config{Deadline: deadline, SagaDeadline: cfg.SagaDeadline, Prefix: cfg.RedisPrefix, Brokers: cfg.KafkaBrokers, DLQTopic: cfg.DLQTopic()}
+			kafka, err := cfg.kafka()
+			if err != nil {
+				return err
+			}
+			cc := check.Config{Deadline: deadline, SagaDeadline: cfg.SagaDeadline, Prefix: cfg.RedisPrefix, Kafka: kafka, DLQTopic: cfg.DLQTopic()}
 			if !noCache {
-				rdb, err := OpenRedis(cfg.redisAddr())
+				auth, err := cfg.RedisSecurity.auth()
+				if err != nil {
+					return err
+				}
+				rdb, err := OpenRedis(cfg.redisAddr(), auth)
 				if err != nil {
 					return err
 				}
@@ -95,7 +103,11 @@ func dlqCommand(cfg *Config) *cobra.Command {
 			if err := cfg.requireBrokers(); err != nil {
 				return err
 			}
-			dls, err := saga.ReadDeadLetters(cmd.Context(), cfg.KafkaBrokers, cfg.DLQTopic())
+			kafka, err := cfg.kafka()
+			if err != nil {
+				return err
+			}
+			dls, err := saga.ReadDeadLetters(cmd.Context(), kafka, cfg.DLQTopic())
 			if err != nil {
 				return err
 			}
@@ -156,11 +168,15 @@ cannot be processed is dead-lettered again.`,
 				}
 				chosen[w] = true
 			}
-			dls, err := saga.ReadDeadLetters(cmd.Context(), cfg.KafkaBrokers, cfg.DLQTopic())
+			kafka, err := cfg.kafka()
 			if err != nil {
 				return err
 			}
-			retention, err := saga.InboxRetention(cmd.Context(), cfg.KafkaBrokers, cfg.Topic, cfg.InboxMargin)
+			dls, err := saga.ReadDeadLetters(cmd.Context(), kafka, cfg.DLQTopic())
+			if err != nil {
+				return err
+			}
+			retention, err := saga.InboxRetention(cmd.Context(), kafka, cfg.Topic, cfg.InboxMargin)
 			if err != nil {
 				return err
 			}
@@ -191,7 +207,7 @@ cannot be processed is dead-lettered again.`,
 				fmt.Println("nothing to replay")
 				return nil
 			}
-			cl, err := kgo.NewClient(kgo.SeedBrokers(cfg.KafkaBrokers...))
+			cl, err := kafka.Client()
 			if err != nil {
 				return err
 			}

@@ -164,7 +164,11 @@ changes nothing. --from-start replays the topic's retained history first.`,
 			defer stop()
 			out := cmd.OutOrStdout()
 			enc := json.NewEncoder(out)
-			return saga.Tail(ctx, cfg.KafkaBrokers, topics, fromStart, func(r *kgo.Record) {
+			kafka, err := cfg.kafka()
+			if err != nil {
+				return err
+			}
+			return saga.Tail(ctx, kafka, topics, fromStart, func(r *kgo.Record) {
 				l, ok := toTailLine(r, cfg.DLQTopic())
 				if !ok || len(wantOrder) > 0 && !wantOrder[l.OrderID] || len(types) > 0 && !slices.Contains(types, l.Type) {
 					return

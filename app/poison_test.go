@@ -17,7 +17,7 @@ import (
 // deadLetters reads the dead-letter topic: participant -> reasons.
 func deadLetters(t *testing.T, brokers []string, topic string) map[string][]string {
 	t.Helper()
-	dls, err := saga.ReadDeadLetters(t.Context(), brokers, topic)
+	dls, err := saga.ReadDeadLetters(t.Context(), saga.Conn{Brokers: brokers}, topic)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -230,7 +230,7 @@ func TestListedPoisonIsDeadLetteredByteExactWhileTheBatchGoesOn(t *testing.T) {
 		}
 	}
 	e.awaitQuiet(30 * time.Second)
-	dls, err := saga.ReadDeadLetters(t.Context(), cfg.KafkaBrokers, cfg.DLQTopic())
+	dls, err := saga.ReadDeadLetters(t.Context(), saga.Conn{Brokers: cfg.KafkaBrokers}, cfg.DLQTopic())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -94,6 +94,7 @@ type System struct {
 	httpAddr  string
 	adminAddr string
 	brokers   []string
+	kafka     saga.Conn // brokers, with TLS and SASL when configured
 	stats     map[string]*saga.ConsumerStats
 	metrics   *telemetry.Metrics
 	tracing   *telemetry.Tracing
@@ -165,7 +166,11 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	}
 	d := deps{cfg: cfg, log: log, pool: pool}
 	if slices.Contains(names, api.Name) || slices.Contains(names, status.Name) {
-		if d.rdb, err = OpenRedis(cfg.RedisAddr); err != nil {
+		auth, err := cfg.RedisSecurity.auth()
+		if err != nil {
+			return nil, err
+		}
+		if d.rdb, err = OpenRedis(cfg.RedisAddr, auth); err != nil {
 			return nil, err
 		}
 		s.closers = append(s.closers, d.rdb.Close)
@@ -185,16 +190,23 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		s.closers = append(s.closers, b.Close)
 		s.brokers = b.ListenAddrs()
 	}
-	if err := saga.EnsureTopics(startCtx, s.brokers, saga.Topics{Topic: cfg.Topic, DLQ: cfg.DLQTopic(), Partitions: cfg.Partitions,
+	// TLS and SASL apply to --kafka-brokers; the embedded broker is plain.
+	if s.kafka, err = cfg.KafkaSecurity.conn(s.brokers); err != nil {
+		return nil, err
+	}
+	if len(cfg.KafkaBrokers) == 0 {
+		s.kafka = saga.Conn{Brokers: s.brokers}
+	}
+	if err := saga.EnsureTopics(startCtx, s.kafka, saga.Topics{Topic: cfg.Topic, DLQ: cfg.DLQTopic(), Partitions: cfg.Partitions,
 		ReplicationFactor: cfg.ReplicationFactor, MinInSync: cfg.MinInSync, DLQRetention: cfg.DLQRetention, Strict: cfg.StrictTopics}, log); err != nil {
 		return nil, err
 	}
 
 	s.addActor(func(ctx context.Context) error {
-		return saga.RunInboxPruner(ctx, pool, s.brokers, cfg.Topic, cfg.InboxMargin, 10*time.Minute, log.With("participant", "inbox"))
+		return saga.RunInboxPruner(ctx, pool, s.kafka, cfg.Topic, cfg.InboxMargin, 10*time.Minute, log.With("participant", "inbox"))
 	})
 
-	relay, err := saga.NewRelay(log.With("participant", "relay"), pool, s.brokers, cfg.Fault, s.metrics, s.tracing)
+	relay, err := saga.NewRelay(log.With("participant", "relay"), pool, s.kafka, cfg.Fault, s.metrics, s.tracing)
 	if err != nil {
 		return nil, err
 	}
@@ -219,12 +231,12 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		} else if !demoOK {
 			alog.Info("no demo API key: --http-addr listens beyond loopback; create keys with prozess apikey create", "http_addr", cfg.HTTPAddr)
 		}
-		brokers := s.brokers
+		kafka := s.kafka
 		a := api.New(alog, pool, d.rdb, api.Config{Prefix: d.prefix, Topic: cfg.Topic, Auth: auth, SagaDeadline: cfg.SagaDeadline,
 			// An admin's re-drive is refused past the inboxes' memory, as
 			// `prozess dlq replay` refuses it.
 			ReplayGuard: func(ctx context.Context, deadAt time.Time) error {
-				retention, err := saga.InboxRetention(ctx, brokers, cfg.Topic, cfg.InboxMargin)
+				retention, err := saga.InboxRetention(ctx, kafka, cfg.Topic, cfg.InboxMargin)
 				if err != nil {
 					return err
 				}
@@ -265,7 +277,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		}
 		c, err := saga.NewConsumer(p.name, plog, pool, h, saga.ConsumerConfig{
 			OnDeadLetter: onDead,
-			Brokers:      s.brokers, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: saga.KafkaLogger(cfg.KafkaLogLevel, plog),
+			Kafka:        s.kafka, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: saga.KafkaLogger(cfg.KafkaLogLevel, plog),
 			Group: cfg.GroupPrefix + p.name, InstanceID: cfg.InstanceID, ResetOutOfRange: cfg.ResetOutOfRange, PoisonAfter: cfg.PoisonAfter,
 			Metrics: s.metrics, Tracing: s.tracing,
 		})
@@ -394,21 +406,23 @@ func (s *System) close() {
 }
 
 // OpenRedis connects to Redis and fails with one clear line if it cannot.
-func OpenRedis(addr string) (rueidis.Client, error) {
+func OpenRedis(addr string, auth RedisAuth) (rueidis.Client, error) {
 	rdb, err := rueidis.NewClient(rueidis.ClientOption{
 		InitAddress:       []string{addr},
+		Username:          auth.Username,
+		Password:          auth.Password,
+		TLSConfig:         auth.TLS,
 		DisableCache:      true,
 		ConnWriteTimeout:  5 * time.Second,
 		Dialer:            net.Dialer{Timeout: 5 * time.Second},
 		ForceSingleClient: true,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("cannot reach Redis at %s: %w", addr, err)
+		return nil, fmt.Errorf("cannot reach Redis at %s: %s", addr, redact(err.Error(), auth.Password))
 	}
 	return rdb, nil
 }
 
-// demoKeyActive reports whether the public demo API key still works.
 // loopbackOnly reports whether addr (host:port) listens on loopback only;
 // an empty host or 0.0.0.0 listens on every interface.
 func loopbackOnly(addr string) bool {
@@ -423,6 +437,7 @@ func loopbackOnly(addr string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
+// demoKeyActive reports whether the public demo API key still works.
 func demoKeyActive(ctx context.Context, pool *pgxpool.Pool) (bool, error) {
 	var n int
 	if err := pool.QueryRow(ctx, `SELECT count(*) FROM api_keys WHERE id = $1 AND revoked_at IS NULL`, seed.DemoKeyID).Scan(&n); err != nil {

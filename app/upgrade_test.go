@@ -101,7 +101,7 @@ func TestEventsFromANewerProducerAreApplied(t *testing.T) {
 			t.Fatalf("order %s, picked up from a newer event, ended %s", id, got.Status)
 		}
 	}
-	dls, err := saga.ReadDeadLetters(t.Context(), r.sys.Brokers(), cfg.DLQTopic())
+	dls, err := saga.ReadDeadLetters(t.Context(), saga.Conn{Brokers: r.sys.Brokers()}, cfg.DLQTopic())
 	if err != nil || len(dls) != 0 {
 		t.Fatalf("%d dead letters (%v), want none", len(dls), err)
 	}

@@ -17,8 +17,8 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/rueidis"
 	"github.com/twmb/franz-go/pkg/kadm"
-	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/modules/statuscache"
@@ -32,7 +32,7 @@ type Config struct {
 	SagaDeadline time.Duration
 	Redis        rueidis.Client
 	Prefix       string   // Redis key prefix (--redis-prefix; the deployment id is added)
-	Brokers      []string // for the dead-letter count; none skips it
+	Kafka        saga.Conn // for the dead-letter count; no brokers skips it
 	DLQTopic     string
 }
 
@@ -103,8 +103,8 @@ func Run(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Report, error) {
 			return nil, fmt.Errorf("checking %s: %w", s.rule, err)
 		}
 	}
-	if len(cfg.Brokers) > 0 {
-		n, err := countTopic(ctx, cfg.Brokers, cfg.DLQTopic)
+	if len(cfg.Kafka.Brokers) > 0 {
+		n, err := countTopic(ctx, cfg.Kafka, cfg.DLQTopic)
 		if err != nil {
 			return nil, err
 		}
@@ -404,8 +404,8 @@ func (r *Report) outbox(ctx context.Context, pool *pgxpool.Pool, deadline time.D
 }
 
 // countTopic counts the records a topic holds.
-func countTopic(ctx context.Context, brokers []string, topic string) (int64, error) {
-	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+func countTopic(ctx context.Context, conn saga.Conn, topic string) (int64, error) {
+	cl, err := conn.Client()
 	if err != nil {
 		return 0, err
 	}
@@ -415,11 +415,11 @@ func countTopic(ctx context.Context, brokers []string, topic string) (int64, err
 	defer cancel()
 	starts, err := adm.ListStartOffsets(ctx, topic)
 	if err != nil {
-		return 0, fmt.Errorf("cannot reach Kafka at %v: %w", brokers, err)
+		return 0, fmt.Errorf("cannot reach Kafka at %v: %w", conn.Brokers, err)
 	}
 	ends, err := adm.ListEndOffsets(ctx, topic)
 	if err != nil {
-		return 0, fmt.Errorf("cannot reach Kafka at %v: %w", brokers, err)
+		return 0, fmt.Errorf("cannot reach Kafka at %v: %w", conn.Brokers, err)
 	}
 	var n int64
 	ends.Each(func(o kadm.ListedOffset) {

@@ -22,6 +22,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/event"
 )
@@ -29,7 +30,7 @@ import (
 // Config is one load run.
 type Config struct {
 	URL         string        // the api's base URL
-	Brokers     []string      // to observe terminal events
+	Kafka       saga.Conn     // to observe terminal events
 	Topic       string        // the saga topic
 	DatabaseURL string        // for per-order costs; empty skips them
 	Rate        float64       // orders per second
@@ -88,8 +89,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Runner, error) {
 	_, _ = rand.Read(b)
 	assigned := make(chan struct{})
 	var once sync.Once
-	client, err := kgo.NewClient(
-		kgo.SeedBrokers(cfg.Brokers...),
+	client, err := cfg.Kafka.Client(
 		kgo.ConsumerGroup("prozess-loadgen-"+hex.EncodeToString(b)),
 		kgo.ConsumeTopics(cfg.Topic),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtEnd()),
@@ -107,7 +107,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Runner, error) {
 	case <-assigned:
 	case <-time.After(30 * time.Second):
 		client.Close()
-		return nil, fmt.Errorf("observer not assigned partitions of %s at %v within 30s", cfg.Topic, cfg.Brokers)
+		return nil, fmt.Errorf("observer not assigned partitions of %s at %v within 30s", cfg.Topic, cfg.Kafka.Brokers)
 	}
 	time.Sleep(500 * time.Millisecond) // let the end offsets resolve before the first order
 	return r, nil

@@ -46,7 +46,7 @@ func benchSetup(b *testing.B) (sagatest.Kafka, *pgxpool.Pool, saga.Topics) {
 	k := sagatest.New(b)
 	pool := schematest.NewPool(b)
 	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 6}
-	if err := saga.EnsureTopics(b.Context(), k.Brokers, spec, slog.New(slog.DiscardHandler)); err != nil {
+	if err := saga.EnsureTopics(b.Context(), saga.Conn{Brokers: k.Brokers}, spec, slog.New(slog.DiscardHandler)); err != nil {
 		b.Fatal(err)
 	}
 	return k, pool, spec
@@ -87,7 +87,7 @@ func BenchmarkConsumer(b *testing.B) {
 		b.Fatal(err)
 	}
 	c, err := saga.NewConsumer("bench", slog.New(slog.DiscardHandler), pool, applyAll{},
-		saga.ConsumerConfig{Brokers: k.Brokers, Topic: k.Topic, DLQTopic: spec.DLQ, Group: k.GroupPrefix + "bench"})
+		saga.ConsumerConfig{Kafka: saga.Conn{Brokers: k.Brokers}, Topic: k.Topic, DLQTopic: spec.DLQ, Group: k.GroupPrefix + "bench"})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -108,7 +108,7 @@ func BenchmarkRelay(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	r, err := saga.NewRelay(slog.New(slog.DiscardHandler), pool, k.Brokers, nil, nil, nil)
+	r, err := saga.NewRelay(slog.New(slog.DiscardHandler), pool, saga.Conn{Brokers: k.Brokers}, nil, nil, nil)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -14,7 +14,6 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kfake"
-	"github.com/twmb/franz-go/pkg/kgo"
 )
 
 // StartBroker starts franz-go's kfake, a Kafka-protocol broker, on addr with
@@ -95,10 +94,10 @@ func (t Topics) durability(n int) (rf int16, minISR int, err error) {
 // Creating them explicitly (not by auto-creation) is also what makes kfake
 // persist them at once. Existing topics less durable than asked for are
 // reported in one line, or refused when t.Strict.
-func EnsureTopics(ctx context.Context, brokers []string, t Topics, log *slog.Logger) error {
+func EnsureTopics(ctx context.Context, conn Conn, t Topics, log *slog.Logger) error {
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	cl, err := conn.Client()
 	if err != nil {
 		return fmt.Errorf("creating kafka admin client: %w", err)
 	}
@@ -106,7 +105,7 @@ func EnsureTopics(ctx context.Context, brokers []string, t Topics, log *slog.Log
 	adm := kadm.NewClient(cl)
 	bs, err := adm.ListBrokers(ctx)
 	if err != nil {
-		return fmt.Errorf("cannot reach Kafka at %v: %w", brokers, err)
+		return fmt.Errorf("cannot reach Kafka at %v: %w", conn.Brokers, err)
 	}
 	rf, minISR, err := t.durability(len(bs))
 	if err != nil {

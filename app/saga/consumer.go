@@ -71,7 +71,7 @@ type FaultFunc func(participant, point string) error
 type Consumer struct {
 	name         string
 	group        string
-	brokers      []string
+	kafka        Conn
 	log          *slog.Logger
 	client       *kgo.Client
 	pool         *pgxpool.Pool
@@ -97,7 +97,7 @@ type ConsumerStats struct {
 
 // ConsumerConfig holds what NewConsumer needs beyond the handler.
 type ConsumerConfig struct {
-	Brokers []string
+	Kafka Conn
 	// Group is the consumer group; empty means GroupName(participant).
 	Group string
 	// InstanceID, when set, makes the consumer a static member of its
@@ -151,9 +151,8 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	if cfg.ResetOutOfRange {
 		reset = kgo.NewOffset().AtStart()
 	}
-	opts := []kgo.Opt{
-		kgo.SeedBrokers(cfg.Brokers...),
-		kgo.ClientID("prozess-" + name),
+	opts := cfg.Kafka.Opts(
+		kgo.ClientID("prozess-"+name),
 		kgo.ConsumerGroup(cfg.Group),
 		kgo.ConsumeTopics(cfg.Topic),
 		kgo.ConsumeResetOffset(reset),
@@ -162,13 +161,13 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 		kgo.FetchMaxWait(time.Second),
 		// A crashed member holds its partitions until its session times
 		// out; Kafka's 45s default would stall the saga that long.
-		kgo.SessionTimeout(10 * time.Second),
+		kgo.SessionTimeout(10*time.Second),
 		kgo.HeartbeatInterval(time.Second),
 		// No commit on revoke: with BlockRebalanceOnPoll a rebalance only
 		// runs between batches, when every applied batch is committed; what
 		// is still uncommitted then is a batch that failed, and committing it
 		// would skip records never applied.
-	}
+	)
 	if cfg.InstanceID != "" {
 		opts = append(opts, kgo.InstanceID(cfg.InstanceID))
 	}
@@ -180,7 +179,7 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	if err != nil {
 		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
 	}
-	return &Consumer{name: name, group: cfg.Group, brokers: cfg.Brokers, log: log, client: client, pool: pool, handler: h,
+	return &Consumer{name: name, group: cfg.Group, kafka: cfg.Kafka, log: log, client: client, pool: pool, handler: h,
 		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, poisonAfter: cfg.PoisonAfter, metrics: cfg.Metrics, tracer: cfg.Tracing.ForParticipant(name, cfg.Group), onDeadLetter: cfg.OnDeadLetter}, nil
 }
 
@@ -268,7 +267,7 @@ func (c *Consumer) outOfRange(topic string, partition int32) error {
 	c.metrics.CountOutOfRange(c.name)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	cl, err := kgo.NewClient(kgo.SeedBrokers(c.brokers...))
+	cl, err := c.kafka.Client()
 	if err != nil {
 		return fmt.Errorf("%s: consumer group %s, partition %s/%d: committed offset no longer on the topic (%v)", c.name, c.group, topic, partition, err)
 	}

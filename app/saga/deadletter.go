@@ -57,8 +57,8 @@ type DeadLetter struct {
 }
 
 // ReadDeadLetters reads the whole dead-letter topic, start to end.
-func ReadDeadLetters(ctx context.Context, brokers []string, topic string) ([]DeadLetter, error) {
-	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+func ReadDeadLetters(ctx context.Context, conn Conn, topic string) ([]DeadLetter, error) {
+	cl, err := conn.Client()
 	if err != nil {
 		return nil, err
 	}
@@ -68,11 +68,11 @@ func ReadDeadLetters(ctx context.Context, brokers []string, topic string) ([]Dea
 	adm := kadm.NewClient(cl)
 	ends, err := adm.ListEndOffsets(ctx, topic)
 	if err != nil {
-		return nil, fmt.Errorf("cannot reach Kafka at %v: %w", brokers, err)
+		return nil, fmt.Errorf("cannot reach Kafka at %v: %w", conn.Brokers, err)
 	}
 	starts, err := adm.ListStartOffsets(ctx, topic)
 	if err != nil {
-		return nil, fmt.Errorf("cannot reach Kafka at %v: %w", brokers, err)
+		return nil, fmt.Errorf("cannot reach Kafka at %v: %w", conn.Brokers, err)
 	}
 	want := map[int32]int64{}
 	parts := map[string]map[int32]kgo.Offset{topic: {}}
@@ -86,7 +86,7 @@ func ReadDeadLetters(ctx context.Context, brokers []string, topic string) ([]Dea
 	if len(want) == 0 {
 		return nil, nil
 	}
-	reader, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumePartitions(parts))
+	reader, err := conn.Client(kgo.ConsumePartitions(parts))
 	if err != nil {
 		return nil, err
 	}

@@ -9,7 +9,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kadm"
-	"github.com/twmb/franz-go/pkg/kgo"
 )
 
 // InboxRetention is how long inbox rows must be kept: as long as a
@@ -17,8 +16,8 @@ import (
 // retention.ms (read from the cluster) plus margin for consumers lagging
 // behind it. It returns 0, keep forever, when the topic keeps its records
 // forever (retention.ms -1).
-func InboxRetention(ctx context.Context, brokers []string, topic string, margin time.Duration) (time.Duration, error) {
-	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+func InboxRetention(ctx context.Context, conn Conn, topic string, margin time.Duration) (time.Duration, error) {
+	cl, err := conn.Client()
 	if err != nil {
 		return 0, fmt.Errorf("creating kafka admin client: %w", err)
 	}
@@ -70,9 +69,9 @@ func PruneInbox(ctx context.Context, pool *pgxpool.Pool, retention time.Duration
 // RunInboxPruner prunes the inbox every interval until ctx ends, reading
 // the topic's retention each time (an operator may change it). Failures are
 // logged and tried again next time: a late prune only costs disk.
-func RunInboxPruner(ctx context.Context, pool *pgxpool.Pool, brokers []string, topic string, margin, interval time.Duration, log *slog.Logger) error {
+func RunInboxPruner(ctx context.Context, pool *pgxpool.Pool, conn Conn, topic string, margin, interval time.Duration, log *slog.Logger) error {
 	for {
-		retention, err := InboxRetention(ctx, brokers, topic, margin)
+		retention, err := InboxRetention(ctx, conn, topic, margin)
 		if err == nil {
 			var n int64
 			if n, err = PruneInbox(ctx, pool, retention); n > 0 {

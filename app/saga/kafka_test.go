@@ -76,7 +76,7 @@ func TestTopicsAreDurable(t *testing.T) {
 		t.Fatal(err)
 	}
 	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 3}
-	if err := saga.EnsureTopics(t.Context(), k.Brokers, spec, slog.New(slog.DiscardHandler)); err != nil {
+	if err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: k.Brokers}, spec, slog.New(slog.DiscardHandler)); err != nil {
 		t.Fatal(err)
 	}
 	wantRF := min(3, len(brokers))
@@ -97,7 +97,7 @@ func TestTopicsAreDurable(t *testing.T) {
 	// Asking for more copies than brokers is refused with the flag's name.
 	tooMany := spec
 	tooMany.ReplicationFactor = int16(len(brokers) + 1)
-	if err := saga.EnsureTopics(t.Context(), k.Brokers, tooMany, slog.New(slog.DiscardHandler)); err == nil ||
+	if err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: k.Brokers}, tooMany, slog.New(slog.DiscardHandler)); err == nil ||
 		!strings.Contains(err.Error(), "--replication-factor") {
 		t.Errorf("replication factor above the broker count: %v", err)
 	}
@@ -121,14 +121,14 @@ func TestWeakExistingTopicIsReported(t *testing.T) {
 	topicState(t, adm, k.Topic+".dlq")
 	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 3, ReplicationFactor: 1, MinInSync: 1}
 	var logs bytes.Buffer
-	if err := saga.EnsureTopics(t.Context(), k.Brokers, spec, slog.New(slog.NewTextHandler(&logs, nil))); err != nil {
+	if err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: k.Brokers}, spec, slog.New(slog.NewTextHandler(&logs, nil))); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(logs.String(), "topic "+k.Topic+".dlq is less durable than configured: retention.ms 86400000 (want -1") {
 		t.Errorf("no warning about the dead letters' retention:\n%s", logs.String())
 	}
 	spec.Strict = true
-	err := saga.EnsureTopics(t.Context(), k.Brokers, spec, slog.New(slog.DiscardHandler))
+	err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: k.Brokers}, spec, slog.New(slog.DiscardHandler))
 	if err == nil || !strings.Contains(err.Error(), "--strict-topics") {
 		t.Fatalf("strict start on a weak topic: %v", err)
 	}
@@ -203,13 +203,13 @@ func TestOutOfRangeStopsInsteadOfSkipping(t *testing.T) {
 	pool := schematest.NewPool(t)
 	adm := admin(t, k.Brokers)
 	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 1}
-	if err := saga.EnsureTopics(t.Context(), k.Brokers, spec, slog.New(slog.DiscardHandler)); err != nil {
+	if err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: k.Brokers}, spec, slog.New(slog.DiscardHandler)); err != nil {
 		t.Fatal(err)
 	}
 	group := k.GroupPrefix + "reader"
 	newConsumer := func(reset bool) *saga.Consumer {
 		c, err := saga.NewConsumer("reader", slog.New(slog.DiscardHandler), pool, skipAll{},
-			saga.ConsumerConfig{Brokers: k.Brokers, Topic: k.Topic, DLQTopic: spec.DLQ, Group: group, ResetOutOfRange: reset})
+			saga.ConsumerConfig{Kafka: saga.Conn{Brokers: k.Brokers}, Topic: k.Topic, DLQTopic: spec.DLQ, Group: group, ResetOutOfRange: reset})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -272,7 +272,7 @@ func TestStaticMembershipSurvivesRestart(t *testing.T) {
 	k := sagatest.New(t)
 	pool := schematest.NewPool(t)
 	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 2}
-	if err := saga.EnsureTopics(t.Context(), k.Brokers, spec, slog.New(slog.DiscardHandler)); err != nil {
+	if err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: k.Brokers}, spec, slog.New(slog.DiscardHandler)); err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
@@ -282,7 +282,7 @@ func TestStaticMembershipSurvivesRestart(t *testing.T) {
 		group := k.GroupPrefix + "static-" + strconv.FormatBool(tc.same)
 		start := func() (*saga.Consumer, func()) {
 			c, err := saga.NewConsumer("static", slog.New(slog.DiscardHandler), pool, skipAll{},
-				saga.ConsumerConfig{Brokers: k.Brokers, Topic: k.Topic, DLQTopic: spec.DLQ, Group: group, InstanceID: tc.instance})
+				saga.ConsumerConfig{Kafka: saga.Conn{Brokers: k.Brokers}, Topic: k.Topic, DLQTopic: spec.DLQ, Group: group, InstanceID: tc.instance})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -327,7 +327,7 @@ func TestInboxPrunedAfterTopicRetention(t *testing.T) {
 	}
 	topicState(t, adm, k.Topic) // created and described
 	topicState(t, adm, k.Topic+".dlq")
-	retention, err := saga.InboxRetention(t.Context(), k.Brokers, k.Topic, time.Second)
+	retention, err := saga.InboxRetention(t.Context(), saga.Conn{Brokers: k.Brokers}, k.Topic, time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -345,7 +345,7 @@ func TestInboxPrunedAfterTopicRetention(t *testing.T) {
 	}
 	// A topic that keeps its records forever can redeliver anything: keep
 	// every inbox row.
-	if r, err := saga.InboxRetention(t.Context(), k.Brokers, k.Topic+".dlq", time.Second); err != nil || r != 0 {
+	if r, err := saga.InboxRetention(t.Context(), saga.Conn{Brokers: k.Brokers}, k.Topic+".dlq", time.Second); err != nil || r != 0 {
 		t.Fatalf("retention for a topic kept forever: %s, %v; want 0 (keep)", r, err)
 	}
 	if n, err := saga.PruneInbox(t.Context(), pool, 0); err != nil || n != 0 {

@@ -53,9 +53,9 @@ type Relay struct {
 }
 
 // NewRelay creates the relay and its producer.
-func NewRelay(log *slog.Logger, pool *pgxpool.Pool, brokers []string, fault FaultFunc, m *telemetry.Metrics, t *telemetry.Tracing) (*Relay, error) {
-	opts := append(m.KafkaHooks(),
-		kgo.SeedBrokers(brokers...),
+func NewRelay(log *slog.Logger, pool *pgxpool.Pool, conn Conn, fault FaultFunc, m *telemetry.Metrics, t *telemetry.Tracing) (*Relay, error) {
+	opts := conn.Opts(m.KafkaHooks()...)
+	opts = append(opts,
 		kgo.ClientID("prozess-relay"),
 		// The relay hands over whole batches; lingering only adds latency.
 		kgo.ProducerLinger(0),

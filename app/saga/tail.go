@@ -12,12 +12,12 @@ import (
 // starts when fromStart), and calls fn for every record until ctx ends.
 // It commits nothing and affects no participant: it is how the live page
 // and `prozess orders tail` watch the saga.
-func Tail(ctx context.Context, brokers []string, topics []string, fromStart bool, fn func(*kgo.Record)) error {
+func Tail(ctx context.Context, conn Conn, topics []string, fromStart bool, fn func(*kgo.Record)) error {
 	at := kgo.NewOffset().AtEnd()
 	if fromStart {
 		at = kgo.NewOffset().AtStart()
 	}
-	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumeTopics(topics...), kgo.ConsumeResetOffset(at),
+	cl, err := conn.Client(kgo.ConsumeTopics(topics...), kgo.ConsumeResetOffset(at),
 		kgo.FetchMaxWait(500*time.Millisecond))
 	if err != nil {
 		return fmt.Errorf("creating tail client: %w", err)
