@@ -31,7 +31,7 @@ type Config struct {
 	// not shipped are counted apart (the expiry never cancels them).
 	SagaDeadline time.Duration
 	Redis        rueidis.Client
-	Prefix       string   // Redis key prefix (--redis-prefix; the deployment id is added)
+	Prefix       string    // Redis key prefix (--redis-prefix; the deployment id is added)
 	Kafka        saga.Conn // for the dead-letter count; no brokers skips it
 	DLQTopic     string
 }
