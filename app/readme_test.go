@@ -89,7 +89,7 @@ func (p readmePorts) move(s string) string {
 // other commands talk to by default.
 func (p readmePorts) env(local bool) []string {
 	env := []string{
-		fmt.Sprintf("PROZESS_HTTP_ADDR=:%d", p.http),
+		fmt.Sprintf("PROZESS_HTTP_ADDR=127.0.0.1:%d", p.http),
 		fmt.Sprintf("PROZESS_BROKER_ADDR=127.0.0.1:%d", p.kafka),
 		fmt.Sprintf("PROZESS_EMBEDDED_POSTGRES_ADDR=127.0.0.1:%d", p.pg),
 		fmt.Sprintf("PROZESS_EMBEDDED_REDIS_ADDR=127.0.0.1:%d", p.redis),

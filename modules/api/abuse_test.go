@@ -145,3 +145,24 @@ func TestRevokingAKeyEndsItsStreams(t *testing.T) {
 		t.Fatalf("no key: %d", code)
 	}
 }
+
+// A client's first burst with a valid key is not a flood of failures: 60
+// concurrent requests share one lookup, and none gets 429.
+func TestFirstBurstWithAValidKeyIsOneLookup(t *testing.T) {
+	ts := serverWith(t, api.AuthConfig{Rate: 1e6, Burst: 1e6, FailRate: 1, FailBurst: 2})
+	before := ts.api.KeyLookups()
+	var wg sync.WaitGroup
+	var bad atomic.Int64
+	for range 60 {
+		wg.Go(func() {
+			if code, _, _ := ts.do(t, http.MethodGet, "/orders/00000000-0000-0000-0000-000000000000", "u1", ""); code != http.StatusNotFound {
+				bad.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if bad.Load() > 0 {
+		t.Fatalf("%d of 60 requests with a valid key were refused", bad.Load())
+	}
+	t.Logf("60 concurrent requests with one key: %d lookups", ts.api.KeyLookups()-before)
+}

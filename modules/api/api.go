@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/labstack/echo/v4"
 	"github.com/redis/rueidis"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/prozess/prozess/modules/statuscache"
 )
@@ -48,13 +49,14 @@ type API struct {
 	limits *limiter
 	// failures bounds failed authentications per client address;
 	// lookups counts the key lookups that reached PostgreSQL.
-	failures *limiter
-	lookups  atomic.Int64
-	live     *hub
-	keys     *keyCache     // nil: every request's key is looked up
-	demoKey  string        // shown on the live page while active
-	stop     chan struct{} // closed to end every live stream
-	once     sync.Once
+	failures    *failBudget
+	lookups     atomic.Int64
+	lookupGroup singleflight.Group // one lookup per key at a time
+	live        *hub
+	keys        *keyCache     // nil: every request's key is looked up
+	demoKey     string        // shown on the live page while active
+	stop        chan struct{} // closed to end every live stream
+	once        sync.Once
 
 	sagaDeadline time.Duration
 	replayGuard  func(ctx context.Context, deadAt time.Time) error
@@ -78,7 +80,7 @@ func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, cfg Config) *
 	auth := cfg.Auth
 	a := &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, cfg.Prefix), prefix: cfg.Prefix, topic: cfg.Topic,
 		writer: newWriter(pool, cfg.Topic), auth: auth, limits: newLimiter(auth.Rate, auth.Burst),
-		failures: newLimiter(auth.FailRate, auth.FailBurst),
+		failures: newFailBudget(auth.FailRate, auth.FailBurst),
 		live:     newHub(), demoKey: auth.DemoKey, stop: make(chan struct{}), sagaDeadline: cfg.SagaDeadline, replayGuard: cfg.ReplayGuard}
 	if auth.KeyCacheTTL > 0 && !auth.Disabled {
 		a.keys = newKeyCache(auth.KeyCacheTTL)

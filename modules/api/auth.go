@@ -106,23 +106,35 @@ func (a *API) principalFor(ctx context.Context, key, addr string) (Principal, bo
 	if p, ok := a.keys.get(h); ok {
 		return p, true, nil
 	}
-	// A lookup spends one of addr's failure tokens up front (so
-	// concurrent guesses cannot all pass a check before any spends), and a
-	// lookup that finds the key gives it back.
-	res, d := a.failures.reserve(addr)
-	if d > 0 {
-		return Principal{}, false, &waitError{d: d}
+	// Concurrent requests with one key share one lookup (a client's first
+	// burst costs one lookup, not one each). A lookup spends one of addr's
+	// failure tokens up front, so concurrent guesses cannot all pass a
+	// check before any spends, and a lookup that finds the key gives it
+	// back.
+	type found struct {
+		p  Principal
+		ok bool
 	}
-	gen := a.keys.begin()
-	a.lookups.Add(1)
-	p, ok, err := lookupKey(ctx, a.pool, h[:])
-	if res != nil && (ok || err != nil) {
-		res.Cancel()
+	v, err, _ := a.lookupGroup.Do(string(h[:]), func() (any, error) {
+		if d := a.failures.take(addr); d > 0 {
+			return nil, &waitError{d: d}
+		}
+		gen := a.keys.begin()
+		a.lookups.Add(1)
+		p, ok, err := lookupKey(context.WithoutCancel(ctx), a.pool, h[:])
+		if ok || err != nil {
+			a.failures.refund(addr)
+		}
+		if ok {
+			a.keys.put(gen, h, p)
+		}
+		return found{p, ok}, err
+	})
+	if err != nil {
+		return Principal{}, false, err
 	}
-	if ok {
-		a.keys.put(gen, h, p)
-	}
-	return p, ok, err
+	f := v.(found)
+	return f.p, f.ok, nil
 }
 
 // clientAddr is the address a request came from: the connection's peer,
@@ -182,19 +194,62 @@ func (l *limiter) bucket(key string) *rate.Limiter {
 	return lim
 }
 
-// reserve takes a token of key's bucket now, or says how long until one
-// is there (taking none). Cancel on the reservation gives it back; without
-// a limit there is no reservation (nil).
-func (l *limiter) reserve(key string) (*rate.Reservation, time.Duration) {
-	if l.rate == rate.Inf {
-		return nil, 0
+// failBudget is a token bucket per client address whose tokens can be
+// given back: a lookup takes one before it runs and returns it when the
+// key was good, so only failures spend the budget, however the lookups
+// interleave (rate.Reservation.Cancel restores less once later
+// reservations exist).
+type failBudget struct {
+	rate  float64 // tokens per second; 0: no bound
+	burst float64
+	mu    sync.Mutex
+	addrs map[string]*bucket
+}
+
+type bucket struct {
+	tokens float64
+	at     time.Time
+}
+
+func newFailBudget(perSecond float64, burst int) *failBudget {
+	return &failBudget{rate: perSecond, burst: float64(max(burst, 1)), addrs: map[string]*bucket{}}
+}
+
+// take spends a token of addr's, or returns how long until one is there.
+func (f *failBudget) take(addr string) time.Duration {
+	if f.rate <= 0 {
+		return 0
 	}
-	r := l.bucket(key).Reserve()
-	if d := r.Delay(); d > 0 {
-		r.Cancel()
-		return nil, d
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	now := time.Now()
+	b, ok := f.addrs[addr]
+	if !ok {
+		if len(f.addrs) >= maxLimited {
+			f.addrs = map[string]*bucket{}
+		}
+		b = &bucket{tokens: f.burst, at: now}
+		f.addrs[addr] = b
 	}
-	return r, 0
+	b.tokens = min(f.burst, b.tokens+now.Sub(b.at).Seconds()*f.rate)
+	b.at = now
+	if b.tokens < 1 {
+		return time.Duration((1 - b.tokens) / f.rate * float64(time.Second))
+	}
+	b.tokens--
+	return 0
+}
+
+// refund gives addr's token back.
+func (f *failBudget) refund(addr string) {
+	if f.rate <= 0 {
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if b, ok := f.addrs[addr]; ok {
+		b.tokens = min(f.burst, b.tokens+1)
+	}
 }
 
 // canRead reports whether p may see an order of user: its owner or an admin.
