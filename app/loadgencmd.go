@@ -17,7 +17,7 @@ func loadgenCommand(cfg *Config) *cobra.Command {
 		URL: "http://127.0.0.1:8080", Rate: 100, Duration: 20 * time.Second, Warmup: 5 * time.Second,
 		MaxInFlight: 512, Deadline: 30 * time.Second, Product: "prod-load",
 	}
-	var asJSON bool
+	var asJSON, hopsOut bool
 	var step, maxRate float64
 	cmd := &cobra.Command{
 		Use:   "loadgen",
@@ -88,6 +88,11 @@ longer keeps up, and the knee is reported.`,
 				}
 			}
 			fmt.Print(loadgen.Table(results))
+			if hopsOut {
+				for _, r := range results {
+					fmt.Print(loadgen.HopTable(r))
+				}
+			}
 			if step > 0 {
 				fmt.Printf("knee: %.0f orders/s (the highest rate kept up with)\n", knee)
 			}
@@ -95,6 +100,7 @@ longer keeps up, and the knee is reported.`,
 		},
 	}
 	fs := cmd.Flags()
+	fs.BoolVar(&hopsOut, "hops", false, "also print where each shipped order's time went, stretch by stretch (outbox, relay, broker and fetch, handler), from the events' own timestamps")
 	cfg.connectionFlags(fs)
 	fs.StringVar(&lc.URL, "url", lc.URL, "the api's base URL")
 	fs.Float64Var(&lc.Rate, "rate", lc.Rate, "orders per second (the first rate with --step)")

@@ -212,6 +212,8 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	}
 	s.closers = append(s.closers, relay.Close)
 	s.addActor(relay.Run)
+	signal := saga.NewOutboxSignal(relay, pool, log.With("participant", "relay"))
+	s.addActor(signal.Run)
 
 	if slices.Contains(names, api.Name) {
 		alog := log.With("participant", api.Name)
@@ -233,6 +235,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		}
 		kafka := s.kafka
 		a := api.New(alog, pool, d.rdb, api.Config{Prefix: d.prefix, Topic: cfg.Topic, Auth: auth, SagaDeadline: cfg.SagaDeadline,
+			OutboxCommitted: signal.Committed,
 			// An admin's re-drive is refused past the inboxes' memory, as
 			// `prozess dlq replay` refuses it.
 			ReplayGuard: func(ctx context.Context, deadAt time.Time) error {
@@ -276,8 +279,8 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 			}
 		}
 		c, err := saga.NewConsumer(p.name, plog, pool, h, saga.ConsumerConfig{
-			OnDeadLetter: onDead,
-			Kafka:        s.kafka, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: saga.KafkaLogger(cfg.KafkaLogLevel, plog),
+			OnDeadLetter: onDead, OutboxCommitted: signal.Committed,
+			Kafka: s.kafka, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: saga.KafkaLogger(cfg.KafkaLogLevel, plog),
 			Group: cfg.GroupPrefix + p.name, InstanceID: cfg.InstanceID, ResetOutOfRange: cfg.ResetOutOfRange, PoisonAfter: cfg.PoisonAfter,
 			Metrics: s.metrics, Tracing: s.tracing,
 		})
@@ -290,7 +293,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		s.addActor(c.Run)
 	}
 	if slices.Contains(names, status.Name) {
-		x := status.NewExpirer(log.With("participant", "expirer"), pool, cfg.Topic, cfg.SagaDeadline)
+		x := status.NewExpirer(log.With("participant", "expirer"), pool, cfg.Topic, cfg.SagaDeadline, signal.Committed)
 		s.addActor(func(ctx context.Context) error {
 			return x.Run(ctx, min(max(cfg.SagaDeadline/10, 100*time.Millisecond), 10*time.Second), s.metrics.ObserveSweep)
 		})

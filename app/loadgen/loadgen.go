@@ -57,6 +57,9 @@ type Result struct {
 	Outcomes    map[string]int `json:"outcomes"`
 	Cost        *Cost          `json:"per_order_cost,omitempty"`
 	FirstErrors []string       `json:"first_errors,omitempty"`
+	// Hops breaks the shipped orders' end-to-end latency into stretches
+	// (see hops.go).
+	Hops []Hop `json:"hops,omitempty"`
 }
 
 // Cost is what one order cost the database, from its own statistics.
@@ -77,6 +80,7 @@ type Runner struct {
 	due      map[string]time.Time // measured order -> due time
 	terminal map[string]time.Time // order -> when its terminal event was seen
 	outcome  map[string]event.Type
+	stamps   map[string]map[event.Type]stamp // order -> its events' decision and publish times
 }
 
 // New connects the observer to the topic and waits until it is assigned its
@@ -101,7 +105,8 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Runner, error) {
 	}
 	r := &Runner{cfg: cfg, log: log, client: client,
 		http: &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: cfg.MaxInFlight}},
-		due:  map[string]time.Time{}, terminal: map[string]time.Time{}, outcome: map[string]event.Type{}}
+		due:  map[string]time.Time{}, terminal: map[string]time.Time{}, outcome: map[string]event.Type{},
+		stamps: map[string]map[event.Type]stamp{}}
 	go r.observe(ctx)
 	select {
 	case <-assigned:
@@ -124,12 +129,16 @@ func (r *Runner) observe(ctx context.Context) {
 		}
 		now := time.Now()
 		fs.EachRecord(func(rec *kgo.Record) {
-			var typ event.Type
-			for _, h := range rec.Headers {
-				if h.Key == "ce_type" {
-					typ = event.Type(h.Value)
-				}
+			typ, st, ok := stampOf(rec)
+			if !ok {
+				return
 			}
+			r.mu.Lock()
+			if r.stamps[string(rec.Key)] == nil {
+				r.stamps[string(rec.Key)] = map[event.Type]stamp{}
+			}
+			r.stamps[string(rec.Key)][typ] = st
+			r.mu.Unlock()
 			if typ != event.OrderShipped && typ != event.InventoryFailed && typ != event.PaymentFailed {
 				return
 			}
@@ -181,6 +190,7 @@ func (r *Runner) Run(ctx context.Context) (Result, error) {
 			last = done
 		}
 	}
+	res.Hops = hops(r.due, r.stamps, r.terminal)
 	r.mu.Unlock()
 	res.EndToEnd = Summarize(e2e)
 	if span := last.Sub(start).Seconds(); span > 0 {

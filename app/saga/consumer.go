@@ -85,6 +85,7 @@ type Consumer struct {
 	metrics      *telemetry.Metrics
 	tracer       *telemetry.ParticipantTracer
 	onDeadLetter func(ctx context.Context, orders []uuid.UUID)
+	committed    func()
 }
 
 // ConsumerStats counts what a consumer did with the records it polled.
@@ -130,6 +131,9 @@ type ConsumerConfig struct {
 	// in a committed batch (the wiring makes the status cache send their
 	// readers to PostgreSQL, which shows the dead letter).
 	OnDeadLetter func(ctx context.Context, orders []uuid.UUID)
+	// OutboxCommitted, when set, is called after a batch that wrote to
+	// the outbox has committed (OutboxSignal.Committed wakes the relay).
+	OutboxCommitted func()
 }
 
 // NewConsumer creates the Kafka client for participant name, in consumer
@@ -180,7 +184,7 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
 	}
 	return &Consumer{name: name, group: cfg.Group, kafka: cfg.Kafka, log: log, client: client, pool: pool, handler: h,
-		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, poisonAfter: cfg.PoisonAfter, metrics: cfg.Metrics, tracer: cfg.Tracing.ForParticipant(name, cfg.Group), onDeadLetter: cfg.OnDeadLetter}, nil
+		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, poisonAfter: cfg.PoisonAfter, metrics: cfg.Metrics, tracer: cfg.Tracing.ForParticipant(name, cfg.Group), onDeadLetter: cfg.OnDeadLetter, committed: cfg.OutboxCommitted}, nil
 }
 
 // GroupName is participant name's consumer group by default.
@@ -564,6 +568,9 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	}
 	if err := tx.Commit(ctx); err != nil {
 		return fmt.Errorf("committing batch: %w", err)
+	}
+	if c.committed != nil && len(emits)+len(dead) > 0 {
+		c.committed()
 	}
 	c.stats.Batches.Add(1)
 	c.stats.Applied.Add(int64(applied))

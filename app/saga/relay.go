@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -47,6 +48,8 @@ type Relay struct {
 	producer *kgo.Client
 	batch    int
 	poll     time.Duration
+	wake     chan struct{} // buffered: a wake during a publish is kept
+	leading  atomic.Bool
 	fault    FaultFunc
 	metrics  *telemetry.Metrics
 	tracing  *telemetry.Tracing
@@ -66,7 +69,7 @@ func NewRelay(log *slog.Logger, pool *pgxpool.Pool, conn Conn, fault FaultFunc, 
 	if err != nil {
 		return nil, fmt.Errorf("creating relay kafka client: %w", err)
 	}
-	return &Relay{log: log, pool: pool, producer: producer, batch: 1000, poll: time.Second, fault: fault, metrics: m, tracing: t}, nil
+	return &Relay{log: log, pool: pool, producer: producer, batch: 1000, poll: time.Second, wake: make(chan struct{}, 1), fault: fault, metrics: m, tracing: t}, nil
 }
 
 // Ping checks that the broker answers, for readiness.
@@ -97,6 +100,18 @@ func (r *Relay) Run(ctx context.Context) error {
 	}
 }
 
+// Wake makes the relay look at the outbox now, if it is the leader: rows
+// were just committed in this process.
+func (r *Relay) Wake() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Leading reports whether this process's relay holds the lock.
+func (r *Relay) Leading() bool { return r.leading.Load() }
+
 // lead takes the relay lock on a dedicated connection (the lock lives as long
 // as the session) and relays while holding it.
 func (r *Relay) lead(ctx context.Context) error {
@@ -119,6 +134,8 @@ func (r *Relay) lead(ctx context.Context) error {
 		case <-time.After(time.Second):
 		}
 	}
+	r.leading.Store(true)
+	defer r.leading.Store(false)
 	r.log.Info("outbox relay active: this process publishes the outbox")
 	// Deleting published rows need not wait for the WAL flush: a delete lost
 	// in a database crash only publishes those rows again, and every
@@ -147,14 +164,29 @@ func (r *Relay) lead(ctx context.Context) error {
 		if n == r.batch {
 			continue // more waiting
 		}
+		// Woken in process (Wake, after a commit here), by a NOTIFY from
+		// another process's OutboxSignal, or by the poll.
 		wctx, cancel := context.WithTimeout(ctx, r.poll)
+		woken := make(chan struct{})
+		go func() {
+			defer close(woken)
+			select {
+			case <-r.wake:
+				cancel()
+			case <-wctx.Done():
+			}
+		}()
 		_, err = conn.WaitForNotification(wctx)
 		cancel()
-		if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		<-woken
+		if err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			return fmt.Errorf("waiting for outbox notification: %w", err)
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
 	}
 }

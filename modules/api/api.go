@@ -60,6 +60,7 @@ type API struct {
 
 	sagaDeadline time.Duration
 	replayGuard  func(ctx context.Context, deadAt time.Time) error
+	committed    func() // see Config.OutboxCommitted; may be nil
 }
 
 // Config is what the api needs beyond its clients.
@@ -73,15 +74,19 @@ type Config struct {
 	// ReplayGuard, when set, may refuse an admin's re-drive of a dead
 	// letter by its age (the inboxes' retention; see deadletter.Redrive).
 	ReplayGuard func(ctx context.Context, deadAt time.Time) error
+	// OutboxCommitted, when set, is called after a transaction that wrote
+	// to the outbox has committed, to wake the relay.
+	OutboxCommitted func()
 }
 
 // New returns the api participant.
 func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, cfg Config) *API {
 	auth := cfg.Auth
 	a := &API{log: log, pool: pool, rdb: rdb, cache: statuscache.New(rdb, cfg.Prefix), prefix: cfg.Prefix, topic: cfg.Topic,
-		writer: newWriter(pool, cfg.Topic), auth: auth, limits: newLimiter(auth.Rate, auth.Burst),
+		writer: newWriter(pool, cfg.Topic, cfg.OutboxCommitted), auth: auth, limits: newLimiter(auth.Rate, auth.Burst),
 		failures: newFailBudget(auth.FailRate, auth.FailBurst),
-		live:     newHub(), demoKey: auth.DemoKey, stop: make(chan struct{}), sagaDeadline: cfg.SagaDeadline, replayGuard: cfg.ReplayGuard}
+		live:     newHub(), demoKey: auth.DemoKey, stop: make(chan struct{}), sagaDeadline: cfg.SagaDeadline, replayGuard: cfg.ReplayGuard,
+		committed: cfg.OutboxCommitted}
 	if auth.KeyCacheTTL > 0 && !auth.Disabled {
 		a.keys = newKeyCache(auth.KeyCacheTTL)
 	}

@@ -50,6 +50,9 @@ func (a *API) redrive(c echo.Context) error {
 	case err != nil:
 		return err
 	}
+	if a.committed != nil {
+		a.committed()
+	}
 	a.log.InfoContext(ctx, "dead letter re-driven", "dead_letter_id", e.ID, "order_id", e.OrderID, "participant", e.Participant, "by", by)
 	return c.JSON(http.StatusOK, RedriveResponse{DeadLetter: e})
 }

@@ -29,17 +29,19 @@ import (
 // expired_at stamp, written in the transaction that emits the event, make
 // each order expire exactly once.
 type Expirer struct {
-	log      *slog.Logger
-	pool     *pgxpool.Pool
-	topic    string
-	deadline time.Duration
-	batch    int
+	log       *slog.Logger
+	pool      *pgxpool.Pool
+	topic     string
+	deadline  time.Duration
+	batch     int
+	committed func() // after a sweep's OrderExpired events commit; may be nil
 }
 
 // NewExpirer returns the sweeper for orders older than deadline; their
-// OrderExpired goes to topic through the outbox.
-func NewExpirer(log *slog.Logger, pool *pgxpool.Pool, topic string, deadline time.Duration) *Expirer {
-	return &Expirer{log: log, pool: pool, topic: topic, deadline: deadline, batch: 500}
+// OrderExpired goes to topic through the outbox, and committed (when set)
+// is called after each sweep that wrote some, to wake the relay.
+func NewExpirer(log *slog.Logger, pool *pgxpool.Pool, topic string, deadline time.Duration, committed func()) *Expirer {
+	return &Expirer{log: log, pool: pool, topic: topic, deadline: deadline, batch: 500, committed: committed}
 }
 
 // Sweep expires up to one batch of overdue orders and counts the paid ones
@@ -76,6 +78,9 @@ func (x *Expirer) Sweep(ctx context.Context) (expired int, paidOverdue int64, er
 	})
 	if err != nil {
 		return 0, 0, err
+	}
+	if expired > 0 && x.committed != nil {
+		x.committed()
 	}
 	if err := x.pool.QueryRow(ctx, `SELECT count(*) FROM orders WHERE status = 'PAID' AND created_at < now() - make_interval(secs => $1)`,
 		x.deadline.Seconds()).Scan(&paidOverdue); err != nil {

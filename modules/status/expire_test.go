@@ -41,7 +41,7 @@ func TestExpirerExpiresEachOverdueOrderOnce(t *testing.T) {
 	total := 0
 	for range 4 { // four status processes sweeping at once
 		wg.Go(func() {
-			x := status.NewExpirer(log, pool, "order-events", 15*time.Minute)
+			x := status.NewExpirer(log, pool, "order-events", 15*time.Minute, nil)
 			for {
 				n, paidOverdue, err := x.Sweep(ctx)
 				if err != nil {
