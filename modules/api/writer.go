@@ -51,8 +51,12 @@ func newWriter(pool *pgxpool.Pool, topic string, committed func()) *writer {
 }
 
 // writers is how many batches may be in flight at once: one filling while
-// another commits keeps the database busy without queueing behind a flush.
-const writers = 4
+// the other commits keeps the database busy without queueing behind a
+// flush. Two, not four: at 1200 orders/s on the 2-core machine, two writers'
+// larger batches gave end-to-end p99 50 ms against 61-65 ms and POST p99
+// 14 ms against 15-16 (same runs, docs/PERFORMANCE.md), and kept up at
+// 2400/s with POST p99 26 ms against 46.
+const writers = 2
 
 // run serves the queue until ctx ends.
 func (w *writer) run(ctx context.Context) {
