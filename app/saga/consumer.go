@@ -20,6 +20,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/modules/deadletter"
@@ -86,6 +87,7 @@ type Consumer struct {
 	tracer       *telemetry.ParticipantTracer
 	onDeadLetter func(ctx context.Context, orders []uuid.UUID)
 	committed    func()
+	applied      map[string]map[int32]kgo.EpochOffset // the last applied batch's offsets (Run's goroutine only)
 }
 
 // ConsumerStats counts what a consumer did with the records it polled.
@@ -229,6 +231,8 @@ func (c *Consumer) Run(ctx context.Context) error {
 	for {
 		fetches := c.client.PollRecords(ctx, c.maxBatch)
 		if fetches.IsClientClosed() || ctx.Err() != nil {
+			// Not UncommittedOffsets: this poll's records were never applied.
+			c.commitApplied()
 			c.client.AllowRebalance()
 			return nil
 		}
@@ -253,10 +257,12 @@ func (c *Consumer) Run(ctx context.Context) error {
 		err := c.process(ctx, recs)
 		c.metrics.ObserveBatch(c.name, len(recs), time.Since(start))
 		if err != nil {
-			c.client.AllowRebalance()
 			if errors.Is(err, context.Canceled) {
+				c.commitApplied() // the batches before this one
+				c.client.AllowRebalance()
 				return nil
 			}
+			c.client.AllowRebalance()
 			return err
 		}
 		c.commitOffsets()
@@ -294,14 +300,45 @@ func (c *Consumer) outOfRange(topic string, partition int32) error {
 		c.name, c.group, topic, partition, committed, start, max(0, start-committed))
 }
 
-// commitOffsets commits what was just applied. If it fails, the records are
-// delivered again later and the inbox skips them.
+// commitOffsets commits what was just applied, without waiting for the
+// broker: the next batch is polled and applied while the commit travels
+// (franz-go keeps commits in order). The offsets still only ever follow
+// the database commit; a commit that fails or is lost (a crash, a
+// rebalance in between) only makes the records come again, and the inbox
+// skips them. On Apache Kafka an offset commit waits for the offsets
+// topic's replication, a round trip every hop used to wait for.
 func (c *Consumer) commitOffsets() {
+	offs := c.client.UncommittedOffsets() // exactly the batch just applied
+	c.applied = offs
+	c.client.CommitOffsets(context.Background(), offs, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, resp *kmsg.OffsetCommitResponse, err error) {
+		if err == nil && resp != nil {
+			for _, t := range resp.Topics {
+				for _, p := range t.Partitions {
+					if p.ErrorCode != 0 && err == nil {
+						err = kerr.ErrorForCode(p.ErrorCode)
+					}
+				}
+			}
+		}
+		if err != nil {
+			c.log.Warn("committing offsets failed; records will be redelivered and skipped", "err", err)
+		}
+	})
+}
+
+// commitApplied commits the last applied batch's offsets and waits, when
+// the consumer stops, so a clean restart redelivers nothing.
+func (c *Consumer) commitApplied() {
+	if c.applied == nil {
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := c.client.CommitUncommittedOffsets(ctx); err != nil {
-		c.log.Warn("committing offsets failed; records will be redelivered and skipped", "err", err)
-	}
+	c.client.CommitOffsetsSync(ctx, c.applied, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, _ *kmsg.OffsetCommitResponse, err error) {
+		if err != nil {
+			c.log.Warn("committing the last offsets at stop failed; those records will be redelivered and skipped", "err", err)
+		}
+	})
 }
 
 // process applies a batch, retrying transient failures. A record found
