@@ -23,7 +23,9 @@ import (
 //	observe:    terminal published -> seen by loadgen (its own fetch)
 //
 // Every clock is the machine's own, so the stretches add up to the
-// end-to-end latency.
+// end-to-end latency. A record timestamp has millisecond precision (Kafka's),
+// so each stretch that starts or ends at a publication is good to about a
+// millisecond: an idle outbox hop can show as -0.0.
 type stamp struct{ decided, published time.Time }
 
 // hopPath is the happy path's events in order; a declined or failed
