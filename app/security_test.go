@@ -3,15 +3,8 @@ package app_test
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"io"
 	"log/slog"
-	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -23,78 +16,25 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/prozess/prozess/app"
+	"github.com/prozess/prozess/app/testpki"
 	"github.com/prozess/prozess/modules/event"
 )
 
-// pki is a CA and a server certificate it signed for 127.0.0.1 and
-// localhost, as PEM files, generated for one test.
-type pki struct {
-	dir                       string
-	caFile, certFile, keyFile string
-	otherCAFile               string // a CA that signed nothing: its clients must refuse the server
-}
-
-func newPKI(t *testing.T) pki {
+// newPKI writes the test's own certificates (app/testpki).
+func newPKI(t *testing.T) (testpki.Files, string) {
 	t.Helper()
 	dir := t.TempDir()
-	p := pki{dir: dir, caFile: filepath.Join(dir, "ca.pem"), certFile: filepath.Join(dir, "server.pem"),
-		keyFile: filepath.Join(dir, "server-key.pem"), otherCAFile: filepath.Join(dir, "other-ca.pem")}
-	caKey, caCert, caDER := selfSignedCA(t, "prozess test CA")
-	writePEM(t, p.caFile, "CERTIFICATE", caDER)
-	_, _, otherDER := selfSignedCA(t, "some other CA")
-	writePEM(t, p.otherCAFile, "CERTIFICATE", otherDER)
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	f, err := testpki.Write(dir, 24*time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "localhost"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		DNSNames: []string{"localhost"}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	writePEM(t, p.certFile, "CERTIFICATE", der)
-	kb, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	writePEM(t, p.keyFile, "PRIVATE KEY", kb)
-	return p
-}
-
-func selfSignedCA(t *testing.T, name string) (*ecdsa.PrivateKey, *x509.Certificate, []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return key, cert, der
-}
-
-func writePEM(t *testing.T, path, typ string, der []byte) {
-	t.Helper()
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	return f, dir
 }
 
 // secureRedis starts a redis-server of the test's own that accepts only
 // TLS (certificates from p) and only the ACL user it is given, and returns
 // its address.
-func secureRedis(t *testing.T, p pki, user, password string) string {
+func secureRedis(t *testing.T, p testpki.Files, user, password string) string {
 	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
@@ -108,7 +48,7 @@ func secureRedis(t *testing.T, p pki, user, password string) string {
 	ln.Close()
 	_, port, _ := net.SplitHostPort(addr)
 	cmd := exec.Command(bin, "--port", "0", "--tls-port", port, "--bind", "127.0.0.1",
-		"--tls-cert-file", p.certFile, "--tls-key-file", p.keyFile, "--tls-ca-cert-file", p.caFile, "--tls-auth-clients", "no",
+		"--tls-cert-file", p.Cert, "--tls-key-file", p.Key, "--tls-ca-cert-file", p.CA, "--tls-auth-clients", "no",
 		"--save", "", "--appendonly", "no", "--dir", t.TempDir(),
 		"--user", "default", "off",
 		"--user", user, "on", ">"+password, "~*", "&*", "+@all")
@@ -150,10 +90,10 @@ func TestSagaOverSecuredConnections(t *testing.T) {
 		t.Skip("needs the machine's PostgreSQL with ssl on (PROZESS_TEST_DATABASE_URL); the embedded one has no TLS")
 	}
 	e := newEnv(t)
-	p := newPKI(t)
+	p, dir := newPKI(t)
 	const redisUser, redisPassword = "prozess-app", "redis-pw-4f1c9e0b77d2"
 	redisAddr := secureRedis(t, p, redisUser, redisPassword)
-	pwFile := filepath.Join(p.dir, "redis-password")
+	pwFile := filepath.Join(dir, "redis-password")
 	if err := os.WriteFile(pwFile, []byte(redisPassword+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -162,11 +102,11 @@ func TestSagaOverSecuredConnections(t *testing.T) {
 	cfg.DatabaseURL = requireSSL(e.dbURL)
 	cfg.RedisAddr = redisAddr
 	cfg.RedisSecurity.Username, cfg.RedisSecurity.PasswordFile = redisUser, pwFile
-	cfg.RedisSecurity.TLS.CAFile = p.caFile
+	cfg.RedisSecurity.TLS.CAFile = p.CA
 	secrets := []string{redisPassword}
 	if sasl := os.Getenv("PROZESS_TEST_KAFKA_SASL_BROKERS"); sasl != "" {
 		kafkaPassword := os.Getenv("PROZESS_TEST_KAFKA_SASL_PASSWORD")
-		kpw := filepath.Join(p.dir, "kafka-password")
+		kpw := filepath.Join(dir, "kafka-password")
 		if err := os.WriteFile(kpw, []byte(kafkaPassword), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -225,7 +165,7 @@ func TestSagaOverSecuredConnections(t *testing.T) {
 		}
 		return err
 	}
-	wrongPw := filepath.Join(p.dir, "wrong")
+	wrongPw := filepath.Join(dir, "wrong")
 	if err := os.WriteFile(wrongPw, []byte("not-the-password"), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -235,7 +175,7 @@ func TestSagaOverSecuredConnections(t *testing.T) {
 		want   string
 	}{
 		{"wrong redis password", func(c *app.Config) { c.RedisSecurity.PasswordFile = wrongPw }, "Redis at " + redisAddr},
-		{"untrusted redis certificate", func(c *app.Config) { c.RedisSecurity.TLS.CAFile = p.otherCAFile }, "Redis at " + redisAddr},
+		{"untrusted redis certificate", func(c *app.Config) { c.RedisSecurity.TLS.CAFile = p.OtherCA }, "Redis at " + redisAddr},
 	}
 	if len(secrets) > 1 {
 		cases = append(cases,
@@ -248,7 +188,7 @@ func TestSagaOverSecuredConnections(t *testing.T) {
 				name   string
 				mangle func(*app.Config)
 				want   string
-			}{"untrusted kafka certificate", func(c *app.Config) { c.KafkaSecurity.TLS.CAFile = p.otherCAFile }, "Kafka at"})
+			}{"untrusted kafka certificate", func(c *app.Config) { c.KafkaSecurity.TLS.CAFile = p.OtherCA }, "Kafka at"})
 	}
 	for _, tc := range cases {
 		err := startErr(tc.mangle)
