@@ -188,10 +188,8 @@ cannot be processed is dead-lettered again.`,
 					if d.Headers[saga.HeaderDLQTopic] == "" {
 						return fmt.Errorf("dead letter %s has no %s header; not replaying it", id, saga.HeaderDLQTopic)
 					}
-					if since := d.Age(); retention > 0 && since > retention {
-						return fmt.Errorf("dead letter %s is %s old, older than the inboxes keep event ids (%s's retention.ms + --inbox-retention-margin = %s): "+
-							"participants that applied it may have forgotten it and would apply it twice; not replaying it",
-							id, since.Round(time.Second), cfg.Topic, retention)
+					if err := deadletter.TooOld(d.Age(), retention, cfg.Topic); err != nil {
+						return fmt.Errorf("dead letter %s is %w; not replaying it", id, err)
 					}
 					recs = append(recs, d.Original())
 					if d.ID > 0 {

@@ -20,6 +20,7 @@ import (
 	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/modules/api"
+	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/modules/delivery"
 	"github.com/prozess/prozess/modules/inventory"
 	"github.com/prozess/prozess/modules/payment"
@@ -238,14 +239,13 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 			OutboxCommitted: signal.Committed,
 			// An admin's re-drive is refused past the inboxes' memory, as
 			// `prozess dlq replay` refuses it.
-			ReplayGuard: func(ctx context.Context, deadAt time.Time) error {
+			ReplayGuard: func(ctx context.Context, age time.Duration) error {
 				retention, err := saga.InboxRetention(ctx, kafka, cfg.Topic, cfg.InboxMargin)
 				if err != nil {
 					return err
 				}
-				if age := time.Since(deadAt); retention > 0 && age > retention {
-					return fmt.Errorf("dead-lettered %s ago, longer than the inboxes keep event ids (%s): participants that applied it "+
-						"may have forgotten it and would apply it twice", age.Round(time.Second), retention)
+				if err := deadletter.TooOld(age, retention, cfg.Topic); err != nil {
+					return fmt.Errorf("the event is %w", err)
 				}
 				return nil
 			}})

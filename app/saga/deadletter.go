@@ -135,16 +135,7 @@ func (d DeadLetter) At() time.Time {
 // Age is how long ago the dead-lettered event happened: its ce_time, or,
 // without one, when it was dead-lettered. Participants that applied it
 // remember its id in their inboxes only for so long.
-func (d DeadLetter) Age() time.Duration {
-	at, err := time.Parse(time.RFC3339Nano, d.Headers["ce_time"])
-	if dl := d.At(); err != nil || !dl.IsZero() && dl.Before(at) {
-		at = dl
-	}
-	if at.IsZero() {
-		return 0 // no time at all: nothing says it is too old
-	}
-	return time.Since(at)
-}
+func (d DeadLetter) Age() time.Duration { return deadletter.Age(d.Headers["ce_time"], d.At()) }
 
 // Original is the record as it was before it was dead-lettered: its topic,
 // key, value and headers without the dead-letter ones.

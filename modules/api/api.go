@@ -59,7 +59,7 @@ type API struct {
 	once        sync.Once
 
 	sagaDeadline time.Duration
-	replayGuard  func(ctx context.Context, deadAt time.Time) error
+	replayGuard  func(ctx context.Context, age time.Duration) error
 	committed    func() // see Config.OutboxCommitted; may be nil
 }
 
@@ -72,8 +72,9 @@ type Config struct {
 	// orders older than it that have not shipped (0: not counted).
 	SagaDeadline time.Duration
 	// ReplayGuard, when set, may refuse an admin's re-drive of a dead
-	// letter by its age (the inboxes' retention; see deadletter.Redrive).
-	ReplayGuard func(ctx context.Context, deadAt time.Time) error
+	// letter by the event's age (the inboxes' retention; see
+	// deadletter.Redrive and deadletter.TooOld).
+	ReplayGuard func(ctx context.Context, age time.Duration) error
 	// OutboxCommitted, when set, is called after a transaction that wrote
 	// to the outbox has committed, to wake the relay.
 	OutboxCommitted func()

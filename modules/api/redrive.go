@@ -34,9 +34,9 @@ func (a *API) redrive(c echo.Context) error {
 	if p.KeyID != "" {
 		by = "admin key " + p.KeyID
 	}
-	var guard func(time.Time) error
+	var guard func(time.Duration) error
 	if a.replayGuard != nil {
-		guard = func(at time.Time) error { return a.replayGuard(ctx, at) }
+		guard = func(age time.Duration) error { return a.replayGuard(ctx, age) }
 	}
 	e, err := deadletter.Redrive(ctx, a.pool, id, by, guard)
 	var refused *deadletter.RefusedError

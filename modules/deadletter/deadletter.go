@@ -171,6 +171,32 @@ var (
 	ErrReplayed = errors.New("dead letter already replayed")
 )
 
+// Age is how long ago a dead-lettered event happened: its ce_time, or, when
+// that is missing or later, when it was dead-lettered (zero deadAt: not
+// known). Participants that applied the event remember its id in their
+// inboxes only for so long, so a replay's safety is judged by this age.
+func Age(ceTime string, deadAt time.Time) time.Duration {
+	at, err := time.Parse(time.RFC3339Nano, ceTime)
+	if err != nil || !deadAt.IsZero() && deadAt.Before(at) {
+		at = deadAt
+	}
+	if at.IsZero() {
+		return 0 // no time at all: nothing says it is too old
+	}
+	return time.Since(at)
+}
+
+// TooOld is the refusal of a replay of an event age old, when the inboxes
+// keep event ids for retention (topic's retention.ms plus
+// --inbox-retention-margin; 0: for ever), or nil.
+func TooOld(age, retention time.Duration, topic string) error {
+	if retention <= 0 || age <= retention {
+		return nil
+	}
+	return fmt.Errorf("%s old, older than the inboxes keep event ids (%s's retention.ms + --inbox-retention-margin = %s): "+
+		"participants that applied it may have forgotten it and would apply it twice", age.Round(time.Second), topic, retention)
+}
+
 // RefusedError is a re-drive its guard refused, with the guard's reason.
 type RefusedError struct{ Err error }
 
@@ -183,8 +209,9 @@ func (e *RefusedError) Unwrap() error { return e.Err }
 // in its order's audit trail; the relay publishes it, and the participant
 // that dead-lettered it applies it (see HeaderReplayOf). guard, when set,
 // may refuse a dead letter by its age (the inboxes forget event ids after
-// a while, and a participant that applied it then would apply it again).
-func Redrive(ctx context.Context, pool *pgxpool.Pool, id int64, by string, guard func(deadAt time.Time) error) (Entry, error) {
+// a while, and a participant that applied it then would apply it again):
+// it is given the event's Age.
+func Redrive(ctx context.Context, pool *pgxpool.Pool, id int64, by string, guard func(age time.Duration) error) (Entry, error) {
 	var e Entry
 	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
 		var topic string
@@ -201,14 +228,20 @@ func Redrive(ctx context.Context, pool *pgxpool.Pool, id int64, by string, guard
 		if e.ReplayedAt != nil {
 			return ErrReplayed
 		}
-		if guard != nil {
-			if err := guard(e.At); err != nil {
-				return &RefusedError{Err: err}
-			}
-		}
 		hs, err := event.DecodeHeaders(headerBytes)
 		if err != nil {
 			return fmt.Errorf("dead letter %d: %w", id, err)
+		}
+		if guard != nil {
+			ceTime := ""
+			for _, h := range hs {
+				if h.Key == "ce_time" {
+					ceTime = string(h.Value)
+				}
+			}
+			if err := guard(Age(ceTime, e.At)); err != nil {
+				return &RefusedError{Err: err}
+			}
 		}
 		hs = append(hs, kgo.RecordHeader{Key: HeaderReplayOf, Value: []byte("dead_letters:" + strconv.FormatInt(id, 10))})
 		if err := event.WriteOutbox(ctx, tx, &kgo.Record{Topic: topic, Key: key, Value: value, Headers: hs}); err != nil {
