@@ -78,9 +78,9 @@ func Run(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Report, error) {
 		return nil, fmt.Errorf("counting orders: %w", err)
 	}
 	if cfg.SagaDeadline > 0 {
-		if err := pool.QueryRow(ctx, `SELECT count(*) FROM orders WHERE status = 'PAID' AND created_at < now() - make_interval(secs => $1)`,
-			cfg.SagaDeadline.Seconds()).Scan(&r.PaidOverdue); err != nil {
-			return nil, fmt.Errorf("counting paid orders past the saga deadline: %w", err)
+		var err error
+		if r.PaidOverdue, err = deadletter.PaidOverdue(ctx, pool, cfg.SagaDeadline); err != nil {
+			return nil, err
 		}
 	}
 	secs := cfg.Deadline.Seconds()

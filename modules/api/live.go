@@ -360,9 +360,8 @@ func (a *API) snapshot(ctx context.Context, p Principal) (LiveSnapshot, error) {
 		}
 		snap.PaidOverdue = -1
 		if a.sagaDeadline > 0 {
-			if err := a.pool.QueryRow(ctx, `SELECT count(*) FROM orders WHERE status = 'PAID' AND created_at < now() - make_interval(secs => $1)`,
-				a.sagaDeadline.Seconds()).Scan(&snap.PaidOverdue); err != nil {
-				return LiveSnapshot{}, fmt.Errorf("counting paid orders past the saga deadline: %w", err)
+			if snap.PaidOverdue, err = deadletter.PaidOverdue(ctx, a.pool, a.sagaDeadline); err != nil {
+				return LiveSnapshot{}, err
 			}
 		}
 	}

@@ -4,7 +4,9 @@
 // broker refused for good (parked by the relay). The consumer loop records a
 // dead letter in the transaction that dead-letters it; the api shows an
 // order's dead letters and parked records in GET /orders/{id} and lets an
-// admin re-drive one; `prozess dlq replay` marks what it replays.
+// admin re-drive one; `prozess dlq replay` marks what it replays. It also
+// counts the paid orders the saga deadline leaves to an operator
+// (PaidOverdue), for the expirer's metric, `prozess check` and the live page.
 package deadletter
 
 import (
@@ -163,6 +165,18 @@ func ParkedForOrder(ctx context.Context, db Querier, order uuid.UUID) ([]Parked,
 		return nil, fmt.Errorf("reading parked records of order %s: %w", order, err)
 	}
 	return out, nil
+}
+
+// PaidOverdue counts the paid orders older than deadline that have not
+// shipped: the saga deadline never cancels them (the money has moved), so
+// they wait for an operator.
+func PaidOverdue(ctx context.Context, db Querier, deadline time.Duration) (int64, error) {
+	var n int64
+	if err := db.QueryRow(ctx, `SELECT count(*) FROM orders WHERE status = 'PAID' AND created_at < now() - make_interval(secs => $1)`,
+		deadline.Seconds()).Scan(&n); err != nil {
+		return 0, fmt.Errorf("counting paid orders past the saga deadline: %w", err)
+	}
+	return n, nil
 }
 
 // Errors of Redrive.

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/modules/retry"
 )
@@ -82,9 +83,8 @@ func (x *Expirer) Sweep(ctx context.Context) (expired int, paidOverdue int64, er
 	if expired > 0 && x.committed != nil {
 		x.committed()
 	}
-	if err := x.pool.QueryRow(ctx, `SELECT count(*) FROM orders WHERE status = 'PAID' AND created_at < now() - make_interval(secs => $1)`,
-		x.deadline.Seconds()).Scan(&paidOverdue); err != nil {
-		return expired, 0, fmt.Errorf("counting paid orders past the deadline: %w", err)
+	if paidOverdue, err = deadletter.PaidOverdue(ctx, x.pool, x.deadline); err != nil {
+		return expired, 0, err
 	}
 	return expired, paidOverdue, nil
 }
