@@ -103,11 +103,7 @@ func dlqCommand(cfg *Config) *cobra.Command {
 			if err := cfg.requireBrokers(); err != nil {
 				return err
 			}
-			kafka, err := cfg.kafka()
-			if err != nil {
-				return err
-			}
-			dls, err := saga.ReadDeadLetters(cmd.Context(), kafka, cfg.DLQTopic())
+			_, dls, err := cfg.deadLetters(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -168,11 +164,7 @@ cannot be processed is dead-lettered again.`,
 				}
 				chosen[w] = true
 			}
-			kafka, err := cfg.kafka()
-			if err != nil {
-				return err
-			}
-			dls, err := saga.ReadDeadLetters(cmd.Context(), kafka, cfg.DLQTopic())
+			kafka, dls, err := cfg.deadLetters(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -238,6 +230,17 @@ cannot be processed is dead-lettered again.`,
 	replay.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL, to mark the replayed dead letters in their orders (empty: "+LocalDatabaseURL+")")
 	cmd.AddCommand(list, replay)
 	return cmd
+}
+
+// deadLetters reads the dead-letter topic through the command's Kafka
+// connection, which it returns for what else the command does there.
+func (c Config) deadLetters(ctx context.Context) (saga.Conn, []saga.DeadLetter, error) {
+	kafka, err := c.kafka()
+	if err != nil {
+		return saga.Conn{}, nil, err
+	}
+	dls, err := saga.ReadDeadLetters(ctx, kafka, c.DLQTopic())
+	return kafka, dls, err
 }
 
 func apikeyCommand(cfg *Config) *cobra.Command {
