@@ -3,11 +3,8 @@ package app_test
 import (
 	"bytes"
 	"context"
-	"io"
-	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -23,30 +20,17 @@ import (
 	"github.com/prozess/prozess/schema/schematest"
 )
 
-// stdoutMu serializes runCLI: it swaps the process's os.Stdout, which
-// parallel tests share.
-var stdoutMu sync.Mutex
-
-// runCLI runs the prozess command line in-process and returns its output.
+// runCLI runs prozess with args as a user would, its output captured, with
+// a data directory of its own, so no server recorded by a prozess running
+// in the test's working directory is ever reached.
 func runCLI(t *testing.T, args ...string) (string, error) {
 	t.Helper()
-	stdoutMu.Lock()
-	defer stdoutMu.Unlock()
 	cmd := app.NewRootCommand()
-	cmd.SetArgs(args)
-	old := os.Stdout
-	rd, wr, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.Stdout = wr
+	cmd.SetArgs(append([]string{"--data-dir", t.TempDir()}, args...))
 	var out bytes.Buffer
-	done := make(chan struct{})
-	go func() { io.Copy(&out, rd); close(done) }()
-	err = cmd.ExecuteContext(context.Background())
-	wr.Close()
-	os.Stdout = old
-	<-done
+	cmd.SetOut(&out)
+	cmd.SetErr(&out)
+	err := cmd.ExecuteContext(context.Background())
 	return out.String(), err
 }
 
@@ -165,7 +149,7 @@ func TestDeadLetterListAndReplay(t *testing.T) {
 	if err := cl.ProduceSync(t.Context(), rec).FirstErr(); err != nil {
 		t.Fatal(err)
 	}
-	out, err := runCLI(t, "dlq", "list", "--kafka-brokers", brokers, "--topic", cfg.Topic)
+	out, err := runCLI(t, "dlq", "list", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--database-url", e.dbURL)
 	if err != nil || !strings.Contains(out, "1 dead letters") || !strings.Contains(out, "fixed in v2") ||
 		!strings.Contains(out, "inventory") || !strings.Contains(out, cfg.Topic+"/0@41") {
 		t.Fatalf("dlq list: %v\n%s", err, out)
@@ -180,7 +164,8 @@ func TestDeadLetterListAndReplay(t *testing.T) {
 	if err != nil || len(dls) != 1 {
 		t.Fatalf("%d dead letters (%v)", len(dls), err)
 	}
-	out, err = runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--record", strconv.Itoa(int(dls[0].Partition))+"@"+strconv.FormatInt(dls[0].Offset, 10))
+	out, err = runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--database-url", e.dbURL,
+		"--record", strconv.Itoa(int(dls[0].Partition))+"@"+strconv.FormatInt(dls[0].Offset, 10))
 	if err != nil || !strings.Contains(out, "replayed 1") {
 		t.Fatalf("dlq replay: %v\n%s", err, out)
 	}
@@ -221,7 +206,7 @@ func TestDeadLetterReplayRefusedPastInboxRetention(t *testing.T) {
 	if err := cl.ProduceSync(t.Context(), rec).FirstErr(); err != nil {
 		t.Fatal(err)
 	}
-	_, err = runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--all")
+	_, err = runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--all", "--database-url", e.dbURL)
 	if err == nil || !strings.Contains(err.Error(), "older than the inboxes keep event ids") || !strings.Contains(err.Error(), "not replaying it") {
 		t.Fatalf("replaying a 30-day-old dead letter with a 1-day topic retention: %v", err)
 	}

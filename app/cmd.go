@@ -7,6 +7,7 @@ package app
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/cobra"
+	"github.com/twmb/franz-go/pkg/kfake"
 
 	"github.com/prozess/prozess/app/embedded"
 	"github.com/prozess/prozess/app/saga"
@@ -52,6 +54,7 @@ variable as fallback, e.g. --database-url and PROZESS_DATABASE_URL.`,
 		},
 	}
 	cfg.logFlags(root.PersistentFlags())
+	cfg.dataDirFlag(root.PersistentFlags())
 	root.AddCommand(serveCommand(&cfg), devCommand(&cfg), brokerCommand(&cfg), migrateCommand(&cfg), seedCommand(&cfg), loadgenCommand(&cfg), checkCommand(&cfg), dlqCommand(&cfg), apikeyCommand(&cfg), ordersCommand(&cfg))
 	return root
 }
@@ -138,16 +141,20 @@ For development and tests; production uses real Kafka.`,
 				return err
 			}
 			defer unlock()
-			b, err := saga.StartBroker(cfg.BrokerAddr, cfg.kafkaDir(), log)
+			b, err := cfg.startBroker(log)
 			if err != nil {
 				return err
 			}
-			fmt.Println(b.ListenAddrs()[0])
+			defer b.Close()
+			if err := recordServers(cfg.DataDir, embedded.Servers{KafkaBrokers: b.ListenAddrs()}); err != nil {
+				return err
+			}
+			defer embedded.RemoveServers(cfg.DataDir)
+			fmt.Fprintln(cmd.OutOrStdout(), b.ListenAddrs()[0])
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			<-ctx.Done()
 			log.Info("broker shutting down")
-			b.Close()
 			return nil
 		},
 	}
@@ -161,8 +168,9 @@ func devCommand(cfg *Config) *cobra.Command {
 		Short: "Run the servers for participants in separate processes: Kafka broker, PostgreSQL and Redis",
 		Long: `Run, in one process, an embedded Kafka broker (franz-go's kfake), a PostgreSQL
 server (the machine's installation, or binaries fetched once) and an in-process
-Redis, on their usual local ports and with their data in --data-dir, so that
-'prozess serve PARTICIPANT' in other terminals finds them with no flags. For
+Redis, on their usual local ports (a free one where the usual is taken), with
+their data and where they listen in --data-dir, so that 'prozess serve
+PARTICIPANT' and the other commands in other terminals find them with no flags. For
 development only; nothing here is meant for production. Ctrl-C stops all three.`,
 		Example: "  prozess dev\n  prozess serve payment   # in another terminal",
 		Args:    cobra.NoArgs,
@@ -192,12 +200,16 @@ development only; nothing here is meant for production. Ctrl-C stops all three.`
 				return err
 			}
 			defer rdb.Close()
-			b, err := saga.StartBroker(cfg.BrokerAddr, cfg.kafkaDir(), log)
+			b, err := cfg.startBroker(log)
 			if err != nil {
 				return err
 			}
 			defer b.Close()
-			fmt.Printf("prozess dev: Kafka %s, PostgreSQL %s, Redis %s (Ctrl-C stops them)\n",
+			if err := recordServers(cfg.DataDir, embedded.Servers{DatabaseURL: pg.URL("prozess"), RedisAddr: rdb.Addr(), KafkaBrokers: b.ListenAddrs()}); err != nil {
+				return err
+			}
+			defer embedded.RemoveServers(cfg.DataDir)
+			fmt.Fprintf(cmd.OutOrStdout(), "prozess dev: Kafka %s, PostgreSQL %s, Redis %s (Ctrl-C stops them)\n",
 				b.ListenAddrs()[0], pg.URL("prozess"), rdb.Addr())
 			<-ctx.Done()
 			log.Info("dev servers shutting down")
@@ -214,7 +226,7 @@ func migrateCommand(cfg *Config) *cobra.Command {
 		Use:   "migrate",
 		Short: "Apply the embedded database schema",
 		Args:  cobra.NoArgs,
-		RunE: cfg.withDB(func(ctx context.Context, log *slog.Logger, pool *pgxpool.Pool) error {
+		RunE: cfg.withDB(func(ctx context.Context, _ io.Writer, log *slog.Logger, pool *pgxpool.Pool) error {
 			res, err := schema.Migrate(ctx, pool)
 			if err != nil {
 				return err
@@ -237,7 +249,7 @@ func seedCommand(cfg *Config) *cobra.Command {
 		Use:   "seed",
 		Short: "Load the demo catalogue and the public demo API key (adds what is missing; never changes existing stock)",
 		Args:  cobra.NoArgs,
-		RunE: cfg.withDB(func(ctx context.Context, log *slog.Logger, pool *pgxpool.Pool) error {
+		RunE: cfg.withDB(func(ctx context.Context, _ io.Writer, log *slog.Logger, pool *pgxpool.Pool) error {
 			if _, err := schema.Migrate(ctx, pool); err != nil {
 				return err
 			}
@@ -253,29 +265,56 @@ func seedCommand(cfg *Config) *cobra.Command {
 	return cmd
 }
 
-// withDB makes a command body that gets the process's logger and a pool on
-// --database-url, closed when the body returns.
-func (c *Config) withDB(fn func(ctx context.Context, log *slog.Logger, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
+// withDB makes a command body that gets the command's output, the
+// process's logger and a pool on --database-url, closed when the body
+// returns.
+func (c *Config) withDB(fn func(ctx context.Context, out io.Writer, log *slog.Logger, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, _ []string) error {
 		log, pool, err := c.openDB(cmd.Context())
 		if err != nil {
 			return err
 		}
 		defer pool.Close()
-		return fn(cmd.Context(), log, pool)
+		return fn(cmd.Context(), cmd.OutOrStdout(), log, pool)
 	}
 }
 
-// openDB is the process's logger and a pool on --database-url; the caller
-// closes the pool.
+// openDB is the process's logger and a pool on --database-url (or the
+// recorded embedded server's); the caller closes the pool.
 func (c *Config) openDB(ctx context.Context) (*slog.Logger, *pgxpool.Pool, error) {
 	log, err := telemetry.NewLogger(c.LogLevel, c.LogFormat)
 	if err != nil {
 		return nil, nil, err
 	}
-	pool, err := OpenDB(ctx, c.databaseURL(), c.StatementTimeout, log)
+	url, err := c.databaseURL()
+	if err != nil {
+		return nil, nil, err
+	}
+	pool, err := OpenDB(ctx, url, c.StatementTimeout, log)
 	if err != nil {
 		return nil, nil, err
 	}
 	return log, pool, nil
+}
+
+// startBroker starts the embedded broker on --broker-addr, or on the usual
+// address, or on a free port when that is taken.
+func (c Config) startBroker(log *slog.Logger) (*kfake.Cluster, error) {
+	ln, err := embedded.Listen(c.BrokerAddr, embedded.UsualKafkaAddr)
+	if err != nil {
+		return nil, fmt.Errorf("embedded broker cannot listen on %s (a broker already running there?): "+
+			"pass --kafka-brokers to use it, or move the embedded one with --broker-addr", c.BrokerAddr)
+	}
+	if c.BrokerAddr == "" && ln.Addr().String() != embedded.UsualKafkaAddr {
+		log.Info("embedded kafka broker: the usual address is taken, using a free port", "usual", embedded.UsualKafkaAddr, "addr", ln.Addr().String())
+	}
+	return saga.StartBrokerOn(ln, c.kafkaDir(), log)
+}
+
+// recordServers records where this process's embedded servers listen in
+// its data directory (which it has locked), for the commands given no
+// address.
+func recordServers(dir string, s embedded.Servers) error {
+	s.PID = os.Getpid()
+	return embedded.WriteServers(dir, s)
 }

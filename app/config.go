@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prozess/prozess/app/embedded"
 	"github.com/prozess/prozess/app/saga"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -67,48 +68,38 @@ type Config struct {
 	TracerProvider trace.TracerProvider
 }
 
-// The local servers a command talks to when it is given no address: those
-// `prozess dev` (and `serve all`) serve, on their usual ports.
-const (
-	LocalDatabaseURL = "postgres://postgres@127.0.0.1:5432/prozess?sslmode=disable"
-	LocalRedisAddr   = "127.0.0.1:6379"
-	LocalKafkaBroker = "127.0.0.1:9092"
-)
-
 // AdminAuto is the --admin-addr default: a port of the process's own, so
 // participants in separate processes on one machine never collide.
 const AdminAuto = "auto"
 
 // DefaultConfig returns the defaults, which work on a fresh machine: with no
 // database URL or Redis address, `serve all` runs its own PostgreSQL and
-// Redis, and every other command talks to the local ones.
+// Redis, and every other command talks to the servers a running `serve all`
+// or `dev` recorded in the data directory.
 func DefaultConfig() Config {
 	return Config{
-		EmbeddedPostgresAddr: "127.0.0.1:5432",
-		EmbeddedRedisAddr:    "127.0.0.1:6379",
-		RedisPrefix:          "prozess:",
-		GroupPrefix:          "prozess-",
-		InboxMargin:          time.Hour,
-		PoisonAfter:          time.Minute,
-		SagaDeadline:         15 * time.Minute,
-		Topic:                "order-events",
-		Partitions:           6,
-		HTTPAddr:             "127.0.0.1:8080",
-		AdminAddr:            AdminAuto,
-		PaymentDeclineRate:   0.15,
-		BrokerAddr:           "127.0.0.1:9092",
-		DataDir:              ".prozess",
-		Seed:                 true,
-		ShutdownTimeout:      15 * time.Second,
-		RateLimit:            50,
-		RateBurst:            100,
-		HTTPReadTimeout:      10 * time.Second,
-		KeyCacheTTL:          10 * time.Second,
-		AuthFailRate:         5,
-		AuthFailBurst:        20,
-		StatementTimeout:     30 * time.Second,
-		LogLevel:             "info",
-		LogFormat:            "text",
+		RedisPrefix:        "prozess:",
+		GroupPrefix:        "prozess-",
+		InboxMargin:        time.Hour,
+		PoisonAfter:        time.Minute,
+		SagaDeadline:       15 * time.Minute,
+		Topic:              "order-events",
+		Partitions:         6,
+		HTTPAddr:           "127.0.0.1:8080",
+		AdminAddr:          AdminAuto,
+		PaymentDeclineRate: 0.15,
+		DataDir:            ".prozess",
+		Seed:               true,
+		ShutdownTimeout:    15 * time.Second,
+		RateLimit:          50,
+		RateBurst:          100,
+		HTTPReadTimeout:    10 * time.Second,
+		KeyCacheTTL:        10 * time.Second,
+		AuthFailRate:       5,
+		AuthFailBurst:      20,
+		StatementTimeout:   30 * time.Second,
+		LogLevel:           "info",
+		LogFormat:          "text",
 	}
 }
 
@@ -117,33 +108,80 @@ func (c Config) DLQTopic() string { return c.Topic + ".dlq" }
 
 func (c *Config) connectionFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.DatabaseURL, "database-url", c.DatabaseURL,
-		"PostgreSQL connection URL (the database is created if missing); empty: serve all runs its own, other commands use "+LocalDatabaseURL)
+		"PostgreSQL connection URL (the database is created if missing); empty: serve all runs its own, other commands use the one a running serve all or dev recorded in --data-dir")
 	fs.DurationVar(&c.StatementTimeout, "db-statement-timeout", c.StatementTimeout, "PostgreSQL statement_timeout for every query (0: none)")
-	fs.StringVar(&c.RedisAddr, "redis-addr", c.RedisAddr, "Redis address, host:port; empty: serve all runs its own, other commands use "+LocalRedisAddr)
+	fs.StringVar(&c.RedisAddr, "redis-addr", c.RedisAddr, "Redis address, host:port; empty: serve all runs its own, other commands use the one a running serve all or dev recorded in --data-dir")
 	fs.StringVar(&c.RedisPrefix, "redis-prefix", c.RedisPrefix, "prefix of every Redis key, so deployments can share one Redis")
-	fs.StringSliceVar(&c.KafkaBrokers, "kafka-brokers", c.KafkaBrokers, "Kafka bootstrap brokers, comma-separated; empty: serve all runs its own, other participant mixes use "+LocalKafkaBroker)
+	fs.StringSliceVar(&c.KafkaBrokers, "kafka-brokers", c.KafkaBrokers, "Kafka bootstrap brokers, comma-separated; empty: serve all runs its own, other commands use the one a running serve all, dev or broker recorded in --data-dir")
 	fs.StringVar(&c.Topic, "topic", c.Topic, "the saga's topic (dead letters go to <topic>.dlq)")
 	c.KafkaSecurity.flags(fs)
 	c.RedisSecurity.flags(fs)
 }
 
-// kafka is how this command's clients reach the brokers it names.
-func (c Config) kafka() (saga.Conn, error) { return c.KafkaSecurity.conn(c.KafkaBrokers) }
+// kafka is how this command's clients reach the brokers it names, or those
+// recorded by the serve all, dev or broker running on --data-dir.
+func (c Config) kafka() (saga.Conn, error) {
+	brokers, err := c.brokers()
+	if err != nil {
+		return saga.Conn{}, err
+	}
+	return c.KafkaSecurity.conn(brokers)
+}
 
 // runningKafkaFlags are for commands that talk to the brokers of a running
-// system (dlq, orders tail): they start no broker of their own, so
-// requireBrokers insists on --kafka-brokers.
+// system (dlq, orders tail): they start no broker of their own.
 func (c *Config) runningKafkaFlags(fs *pflag.FlagSet) {
-	fs.StringSliceVar(&c.KafkaBrokers, "kafka-brokers", c.KafkaBrokers, "Kafka bootstrap brokers, comma-separated")
+	fs.StringSliceVar(&c.KafkaBrokers, "kafka-brokers", c.KafkaBrokers,
+		"Kafka bootstrap brokers, comma-separated; empty: those a running serve all, dev or broker recorded in --data-dir")
 	fs.StringVar(&c.Topic, "topic", c.Topic, "the saga's topic (dead letters are in <topic>.dlq)")
 	c.KafkaSecurity.flags(fs)
 }
 
-func (c Config) requireBrokers() error {
-	if len(c.KafkaBrokers) == 0 {
-		return fmt.Errorf("--kafka-brokers: name the brokers the system uses")
+// local is what the serve all, dev or broker running on --data-dir
+// recorded; flag names the address the caller lacks, for the error.
+func (c Config) local(flag string) (embedded.Servers, error) {
+	s, err := embedded.ReadServers(c.DataDir)
+	if err != nil {
+		return s, fmt.Errorf("--%s not given, and %w: start `prozess serve all` or `prozess dev` there, or pass --%s (or %s)",
+			flag, err, flag, EnvName(flag))
 	}
-	return nil
+	return s, nil
+}
+
+// databaseURL is --database-url, or the recorded embedded server's.
+func (c Config) databaseURL() (string, error) {
+	if c.DatabaseURL != "" {
+		return c.DatabaseURL, nil
+	}
+	s, err := c.local("database-url")
+	if err == nil && s.DatabaseURL == "" {
+		err = fmt.Errorf("--database-url not given, and the prozess running with --data-dir %s serves no PostgreSQL of its own: pass --database-url", c.DataDir)
+	}
+	return s.DatabaseURL, err
+}
+
+// redisAddr is --redis-addr, or the recorded embedded server's.
+func (c Config) redisAddr() (string, error) {
+	if c.RedisAddr != "" {
+		return c.RedisAddr, nil
+	}
+	s, err := c.local("redis-addr")
+	if err == nil && s.RedisAddr == "" {
+		err = fmt.Errorf("--redis-addr not given, and the prozess running with --data-dir %s serves no Redis of its own: pass --redis-addr", c.DataDir)
+	}
+	return s.RedisAddr, err
+}
+
+// brokers is --kafka-brokers, or the recorded embedded broker's.
+func (c Config) brokers() ([]string, error) {
+	if len(c.KafkaBrokers) > 0 {
+		return c.KafkaBrokers, nil
+	}
+	s, err := c.local("kafka-brokers")
+	if err == nil && len(s.KafkaBrokers) == 0 {
+		err = fmt.Errorf("--kafka-brokers not given, and the prozess running with --data-dir %s serves no broker of its own: pass --kafka-brokers", c.DataDir)
+	}
+	return s.KafkaBrokers, err
 }
 
 func (c *Config) logFlags(fs *pflag.FlagSet) {
@@ -152,35 +190,28 @@ func (c *Config) logFlags(fs *pflag.FlagSet) {
 }
 
 func (c *Config) brokerFlags(fs *pflag.FlagSet, addrName string) {
-	fs.StringVar(&c.BrokerAddr, addrName, c.BrokerAddr, "listen address of the embedded Kafka broker")
-	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory of the embedded servers' data (kafka/, postgres/), kept across restarts")
+	fs.StringVar(&c.BrokerAddr, addrName, c.BrokerAddr, "listen address of the embedded Kafka broker (default "+embedded.UsualKafkaAddr+", or a free port when that is taken)")
+}
+
+// dataDirFlag is every command's: where serve all, dev and broker keep
+// their data and record where their servers listen, which the other
+// commands read when given no address.
+func (c *Config) dataDirFlag(fs *pflag.FlagSet) {
+	fs.StringVar(&c.DataDir, "data-dir", c.DataDir,
+		"directory of the embedded servers' data (kafka/, postgres/) and of where they listen (servers.json), which commands given no address use")
 }
 
 // embeddedFlags are the addresses of the PostgreSQL and Redis that serve
 // all and dev run themselves.
 func (c *Config) embeddedFlags(fs *pflag.FlagSet) {
-	fs.StringVar(&c.EmbeddedPostgresAddr, "embedded-postgres-addr", c.EmbeddedPostgresAddr, "listen address of the embedded PostgreSQL (without --database-url)")
-	fs.StringVar(&c.EmbeddedRedisAddr, "embedded-redis-addr", c.EmbeddedRedisAddr, "listen address of the embedded Redis (without --redis-addr)")
+	fs.StringVar(&c.EmbeddedPostgresAddr, "embedded-postgres-addr", c.EmbeddedPostgresAddr,
+		"listen address of the embedded PostgreSQL, without --database-url (default "+embedded.UsualPostgresAddr+", or a free port when that is taken)")
+	fs.StringVar(&c.EmbeddedRedisAddr, "embedded-redis-addr", c.EmbeddedRedisAddr,
+		"listen address of the embedded Redis, without --redis-addr (default "+embedded.UsualRedisAddr+", or a free port when that is taken)")
 }
 
 // kafkaDir is where the embedded broker keeps its data.
 func (c Config) kafkaDir() string { return filepath.Join(c.DataDir, "kafka") }
-
-// databaseURL is --database-url, or the local server's.
-func (c Config) databaseURL() string {
-	if c.DatabaseURL == "" {
-		return LocalDatabaseURL
-	}
-	return c.DatabaseURL
-}
-
-// redisAddr is --redis-addr, or the local server's.
-func (c Config) redisAddr() string {
-	if c.RedisAddr == "" {
-		return LocalRedisAddr
-	}
-	return c.RedisAddr
-}
 
 // kafkaFlags are how serve uses Kafka: its topics' durability and its
 // consumer groups.

@@ -3,7 +3,6 @@ package app
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -36,13 +35,13 @@ longer keeps up, and the knee is reported.`,
 			if err != nil {
 				return err
 			}
-			if len(cfg.KafkaBrokers) == 0 {
-				return fmt.Errorf("--kafka-brokers: loadgen observes the topic and needs the brokers the system uses")
-			}
 			if lc.Kafka, err = cfg.kafka(); err != nil {
 				return err
 			}
-			lc.Topic, lc.DatabaseURL = cfg.Topic, cfg.databaseURL()
+			if lc.DatabaseURL, err = cfg.databaseURL(); err != nil {
+				return err
+			}
+			lc.Topic = cfg.Topic
 			ctx := cmd.Context()
 			if err := loadgen.EnsureProduct(ctx, lc.DatabaseURL, lc.Product); err != nil {
 				return err
@@ -77,24 +76,25 @@ longer keeps up, and the knee is reported.`,
 				run.Warmup = 0 // the system is warm after the first step
 				lc.Warmup = 0
 			}
+			out := cmd.OutOrStdout()
 			if asJSON {
-				enc := json.NewEncoder(os.Stdout)
+				enc := json.NewEncoder(out)
 				enc.SetIndent("", "  ")
 				return enc.Encode(map[string]any{"runs": results, "knee_rate": knee})
 			}
 			for _, r := range results {
 				for _, e := range r.FirstErrors {
-					fmt.Fprintf(os.Stderr, "error at %.0f/s: %s\n", r.TargetRate, e)
+					fmt.Fprintf(cmd.ErrOrStderr(), "error at %.0f/s: %s\n", r.TargetRate, e)
 				}
 			}
-			fmt.Print(loadgen.Table(results))
+			fmt.Fprint(out, loadgen.Table(results))
 			if hopsOut {
 				for _, r := range results {
-					fmt.Print(loadgen.HopTable(r))
+					fmt.Fprint(out, loadgen.HopTable(r))
 				}
 			}
 			if step > 0 {
-				fmt.Printf("knee: %.0f orders/s (the highest rate kept up with)\n", knee)
+				fmt.Fprintf(out, "knee: %.0f orders/s (the highest rate kept up with)\n", knee)
 			}
 			return nil
 		},

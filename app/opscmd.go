@@ -4,8 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
-	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -35,7 +35,7 @@ back exactly once; every audit trail a path through the lifecycle; the Redis
 status cache agreeing with PostgreSQL; the outbox draining; and the count of
 dead letters. Exits non-zero on any violation.`,
 		Args: cobra.NoArgs,
-		RunE: cfg.withDB(func(ctx context.Context, _ *slog.Logger, pool *pgxpool.Pool) error {
+		RunE: cfg.withDB(func(ctx context.Context, out io.Writer, _ *slog.Logger, pool *pgxpool.Pool) error {
 			if pending, err := schema.Pending(ctx, pool); err != nil {
 				return err
 			} else if pending {
@@ -51,7 +51,11 @@ dead letters. Exits non-zero on any violation.`,
 				if err != nil {
 					return err
 				}
-				rdb, err := OpenRedis(cfg.redisAddr(), auth)
+				addr, err := cfg.redisAddr()
+				if err != nil {
+					return err
+				}
+				rdb, err := OpenRedis(addr, auth)
 				if err != nil {
 					return err
 				}
@@ -63,13 +67,13 @@ dead letters. Exits non-zero on any violation.`,
 				return err
 			}
 			if asJSON {
-				enc := json.NewEncoder(os.Stdout)
+				enc := json.NewEncoder(out)
 				enc.SetIndent("", "  ")
 				if err := enc.Encode(rep); err != nil {
 					return err
 				}
 			} else {
-				fmt.Print(rep.Text())
+				fmt.Fprint(out, rep.Text())
 			}
 			if n := len(rep.Violations); n > 0 {
 				total := 0
@@ -100,9 +104,6 @@ func dlqCommand(cfg *Config) *cobra.Command {
 		Short: "List the dead-letter topic's records with their reason, participant and origin",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := cfg.requireBrokers(); err != nil {
-				return err
-			}
 			_, dls, err := cfg.deadLetters(cmd.Context())
 			if err != nil {
 				return err
@@ -116,26 +117,27 @@ func dlqCommand(cfg *Config) *cobra.Command {
 				return err
 			}
 			parked, err := saga.ReadParked(cmd.Context(), pool)
+			out := cmd.OutOrStdout()
 			if err != nil {
 				return err
 			}
 			if asJSON {
-				return json.NewEncoder(os.Stdout).Encode(map[string]any{"dead_letters": dls, "parked": parked})
+				return json.NewEncoder(out).Encode(map[string]any{"dead_letters": dls, "parked": parked})
 			}
-			fmt.Printf("%d dead letters in %s\n", len(dls), cfg.DLQTopic())
+			fmt.Fprintf(out, "%d dead letters in %s\n", len(dls), cfg.DLQTopic())
 			for _, d := range dls {
-				fmt.Printf("%d@%d  %-10s %-18s from %s at %s\n    key %q: %s\n", d.Partition, d.Offset, d.Participant, d.Type, d.Origin, d.Time, d.Key, d.Reason)
+				fmt.Fprintf(out, "%d@%d  %-10s %-18s from %s at %s\n    key %q: %s\n", d.Partition, d.Offset, d.Participant, d.Type, d.Origin, d.Time, d.Key, d.Reason)
 			}
-			fmt.Printf("%d parked outbox records (refused by the broker for good, kept in PostgreSQL)\n", len(parked))
+			fmt.Fprintf(out, "%d parked outbox records (refused by the broker for good, kept in PostgreSQL)\n", len(parked))
 			for _, p := range parked {
-				fmt.Printf("outbox #%d  %-18s for %s, %d bytes, parked %s\n    key %q: %s\n", p.ID, p.Type, p.Topic, p.Bytes,
+				fmt.Fprintf(out, "outbox #%d  %-18s for %s, %d bytes, parked %s\n    key %q: %s\n", p.ID, p.Type, p.Topic, p.Bytes,
 					p.ParkedAt.UTC().Format(time.RFC3339), p.Key, p.Error)
 			}
 			return nil
 		},
 	}
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
-	list.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL, for parked records (empty: "+LocalDatabaseURL+")")
+	list.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL, for parked records (empty: the one recorded in --data-dir)")
 	var all bool
 	var which []string
 	replay := &cobra.Command{
@@ -147,9 +149,6 @@ inbox knows the event id); the others process them now. A record that still
 cannot be processed is dead-lettered again.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := cfg.requireBrokers(); err != nil {
-				return err
-			}
 			if all == (len(which) > 0) {
 				return fmt.Errorf("give either --all or at least one --record PARTITION@OFFSET")
 			}
@@ -194,7 +193,7 @@ cannot be processed is dead-lettered again.`,
 				return fmt.Errorf("--record %s: no such dead letter in %s", id, cfg.DLQTopic())
 			}
 			if len(recs) == 0 {
-				fmt.Println("nothing to replay")
+				fmt.Fprintln(cmd.OutOrStdout(), "nothing to replay")
 				return nil
 			}
 			cl, err := kafka.Client()
@@ -205,7 +204,7 @@ cannot be processed is dead-lettered again.`,
 			if err := cl.ProduceSync(cmd.Context(), recs...).FirstErr(); err != nil {
 				return fmt.Errorf("replaying %d records: %w", len(recs), err)
 			}
-			fmt.Printf("replayed %d records\n", len(recs))
+			fmt.Fprintf(cmd.OutOrStdout(), "replayed %d records\n", len(recs))
 			// The orders' readers see them replayed (and their trails say
 			// so), as after a re-drive from the live page.
 			if len(rows) > 0 {
@@ -227,7 +226,7 @@ cannot be processed is dead-lettered again.`,
 		cfg.runningKafkaFlags(c.Flags())
 	}
 	cfg.inboxFlag(replay.Flags())
-	replay.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL, to mark the replayed dead letters in their orders (empty: "+LocalDatabaseURL+")")
+	replay.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL, to mark the replayed dead letters in their orders (empty: the one recorded in --data-dir)")
 	cmd.AddCommand(list, replay)
 	return cmd
 }
@@ -247,19 +246,19 @@ func apikeyCommand(cfg *Config) *cobra.Command {
 	cmd := &cobra.Command{Use: "apikey", Short: "Create, list and revoke API keys"}
 	var user string
 	var admin, asJSON bool
-	withPool := func(run func(ctx context.Context, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
-		return cfg.withDB(func(ctx context.Context, _ *slog.Logger, pool *pgxpool.Pool) error {
+	withPool := func(run func(ctx context.Context, out io.Writer, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
+		return cfg.withDB(func(ctx context.Context, out io.Writer, _ *slog.Logger, pool *pgxpool.Pool) error {
 			if _, err := schema.Migrate(ctx, pool); err != nil {
 				return err
 			}
-			return run(ctx, pool)
+			return run(ctx, out, pool)
 		})
 	}
 	create := &cobra.Command{
 		Use:   "create --user USER [--admin]",
 		Short: "Create a key for USER; the key is printed once, as the last line",
 		Args:  cobra.NoArgs,
-		RunE: withPool(func(ctx context.Context, pool *pgxpool.Pool) error {
+		RunE: withPool(func(ctx context.Context, out io.Writer, pool *pgxpool.Pool) error {
 			if user == "" {
 				return fmt.Errorf("--user is required")
 			}
@@ -267,7 +266,7 @@ func apikeyCommand(cfg *Config) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Printf("created API key %s for user %s (admin: %v); it is shown only now:\n%s\n", id, user, admin, key)
+			fmt.Fprintf(out, "created API key %s for user %s (admin: %v); it is shown only now:\n%s\n", id, user, admin, key)
 			return nil
 		}),
 	}
@@ -277,20 +276,20 @@ func apikeyCommand(cfg *Config) *cobra.Command {
 		Use:   "list",
 		Short: "List keys (never their secrets)",
 		Args:  cobra.NoArgs,
-		RunE: withPool(func(ctx context.Context, pool *pgxpool.Pool) error {
+		RunE: withPool(func(ctx context.Context, out io.Writer, pool *pgxpool.Pool) error {
 			keys, err := api.ListKeys(ctx, pool)
 			if err != nil {
 				return err
 			}
 			if asJSON {
-				return json.NewEncoder(os.Stdout).Encode(keys)
+				return json.NewEncoder(out).Encode(keys)
 			}
 			for _, k := range keys {
 				state := "active"
 				if k.RevokedAt != nil {
 					state = "revoked " + k.RevokedAt.Format(time.RFC3339)
 				}
-				fmt.Printf("%-12s user=%-20s admin=%-5v created=%s %s\n", k.ID, k.UserID, k.Admin, k.CreatedAt.Format(time.RFC3339), state)
+				fmt.Fprintf(out, "%-12s user=%-20s admin=%-5v created=%s %s\n", k.ID, k.UserID, k.Admin, k.CreatedAt.Format(time.RFC3339), state)
 			}
 			return nil
 		}),
@@ -304,16 +303,16 @@ func apikeyCommand(cfg *Config) *cobra.Command {
 		PreRun: func(_ *cobra.Command, args []string) {
 			revokeID = args[0]
 		},
-		RunE: withPool(func(ctx context.Context, pool *pgxpool.Pool) error {
+		RunE: withPool(func(ctx context.Context, out io.Writer, pool *pgxpool.Pool) error {
 			if err := api.RevokeKey(ctx, pool, revokeID); err != nil {
 				return err
 			}
-			fmt.Printf("revoked %s\n", revokeID)
+			fmt.Fprintf(out, "revoked %s\n", revokeID)
 			return nil
 		}),
 	}
 	for _, c := range []*cobra.Command{create, list, revoke} {
-		c.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL (empty: "+LocalDatabaseURL+")")
+		c.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL (empty: the one recorded in --data-dir)")
 	}
 	cmd.AddCommand(create, list, revoke)
 	return cmd

@@ -141,7 +141,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		s.closers = append(s.closers, stop) // closed last: flushes every span
 	}
 
-	if cfg, err = s.startEmbedded(ctx, cfg, len(names) == len(Participants())); err != nil {
+	if cfg, err = s.startEmbedded(ctx, cfg, names); err != nil {
 		return nil, err
 	}
 	s.cfg = cfg
@@ -182,15 +182,9 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		}
 	}
 
-	s.brokers = cfg.KafkaBrokers
-	if len(s.brokers) == 0 {
-		b, err := saga.StartBroker(cfg.BrokerAddr, cfg.kafkaDir(), log)
-		if err != nil {
-			return nil, err
-		}
-		s.closers = append(s.closers, b.Close)
-		s.brokers = b.ListenAddrs()
-	}
+	if len(cfg.KafkaBrokers) > 0 {
+		s.brokers = cfg.KafkaBrokers
+	} // else startEmbedded started the broker
 	// TLS and SASL apply to --kafka-brokers; the embedded broker is plain.
 	if s.kafka, err = cfg.KafkaSecurity.conn(s.brokers); err != nil {
 		return nil, err
@@ -318,28 +312,40 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	return s, nil
 }
 
-// startEmbedded starts, for `serve all` (all), what cfg names no server
-// for: PostgreSQL without a database URL, Redis without an address, each on
-// its --embedded-*-addr, with the data in --data-dir, which it locks first
-// (the embedded broker, started later without --kafka-brokers, keeps its
-// data there too). Other participant mixes never start a server silently:
-// they use the local ones (`prozess dev`'s). It returns cfg with the
-// addresses filled in.
-func (s *System) startEmbedded(ctx context.Context, cfg Config, all bool) (Config, error) {
-	if !all {
-		cfg.DatabaseURL, cfg.RedisAddr = cfg.databaseURL(), cfg.redisAddr()
-		if len(cfg.KafkaBrokers) == 0 {
-			cfg.KafkaBrokers = []string{LocalKafkaBroker}
+// startEmbedded starts, for `serve all`, what cfg names no server for:
+// PostgreSQL without a database URL, Redis without an address, the broker
+// without brokers, each on its --embedded-*-addr (or --broker-addr): the
+// usual port, or a free one when that is taken. Their data goes in
+// --data-dir, which it locks first, and where they listen is recorded
+// there for the other commands. Other participant mixes never start a
+// server: they use the addresses given, else those a running `serve all`
+// or `dev` recorded in --data-dir. It returns cfg with the database and
+// Redis addresses filled in; the embedded broker's are in s.brokers.
+func (s *System) startEmbedded(ctx context.Context, cfg Config, names []string) (Config, error) {
+	if len(names) != len(Participants()) {
+		var err error
+		if cfg.DatabaseURL, err = cfg.databaseURL(); err != nil {
+			return cfg, err
+		}
+		if cfg.KafkaBrokers, err = cfg.brokers(); err != nil {
+			return cfg, err
+		}
+		if slices.Contains(names, api.Name) || slices.Contains(names, status.Name) {
+			if cfg.RedisAddr, err = cfg.redisAddr(); err != nil {
+				return cfg, err
+			}
 		}
 		return cfg, nil
 	}
-	if cfg.DatabaseURL == "" || cfg.RedisAddr == "" || len(cfg.KafkaBrokers) == 0 {
-		unlock, err := embedded.LockDataDir(cfg.DataDir)
-		if err != nil {
-			return cfg, err
-		}
-		s.closers = append(s.closers, unlock)
+	if cfg.DatabaseURL != "" && cfg.RedisAddr != "" && len(cfg.KafkaBrokers) > 0 {
+		return cfg, nil
 	}
+	unlock, err := embedded.LockDataDir(cfg.DataDir)
+	if err != nil {
+		return cfg, err
+	}
+	s.closers = append(s.closers, unlock)
+	var rec embedded.Servers
 	if cfg.DatabaseURL == "" {
 		pg, err := embedded.StartPostgres(ctx, filepath.Join(cfg.DataDir, "postgres"), cfg.EmbeddedPostgresAddr, "", s.log)
 		if err != nil {
@@ -351,6 +357,7 @@ func (s *System) startEmbedded(ctx context.Context, cfg Config, all bool) (Confi
 			}
 		})
 		cfg.DatabaseURL = pg.URL("prozess")
+		rec.DatabaseURL = cfg.DatabaseURL
 	}
 	if cfg.RedisAddr == "" {
 		r, err := embedded.StartRedis(cfg.EmbeddedRedisAddr, s.log)
@@ -359,7 +366,21 @@ func (s *System) startEmbedded(ctx context.Context, cfg Config, all bool) (Confi
 		}
 		s.closers = append(s.closers, r.Close)
 		cfg.RedisAddr = r.Addr()
+		rec.RedisAddr = cfg.RedisAddr
 	}
+	if len(cfg.KafkaBrokers) == 0 {
+		b, err := cfg.startBroker(s.log)
+		if err != nil {
+			return cfg, err
+		}
+		s.closers = append(s.closers, b.Close)
+		s.brokers = b.ListenAddrs()
+		rec.KafkaBrokers = s.brokers
+	}
+	if err := recordServers(cfg.DataDir, rec); err != nil {
+		return cfg, err
+	}
+	s.closers = append(s.closers, func() { embedded.RemoveServers(cfg.DataDir) })
 	return cfg, nil
 }
 

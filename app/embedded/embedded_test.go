@@ -3,10 +3,14 @@ package embedded_test
 import (
 	"context"
 	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/redis/rueidis"
 
 	"github.com/prozess/prozess/app/embedded"
@@ -64,4 +68,88 @@ func TestLockDataDir(t *testing.T) {
 		t.Fatalf("after unlocking: %v", err)
 	}
 	again()
+}
+
+// As root, from a project under a private home (root's own is 0700), the
+// server runs as the postgres user, which cannot reach the data directory:
+// the data goes where it can, linked from the data directory, and a
+// restart finds it again.
+func TestPostgresAsRootUnderPrivateHome(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the case is root's: as any other user the server runs as that user")
+	}
+	if _, ok := embedded.FindBinaries(); !ok {
+		t.Skip("no PostgreSQL installation: the fetched binaries do not run as root")
+	}
+	home := filepath.Join(t.TempDir(), "home")
+	if err := os.Mkdir(home, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(home, "shop", ".prozess", "postgres")
+	log := slog.New(slog.DiscardHandler)
+	start := func() *embedded.Postgres {
+		t.Helper()
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		pg, err := embedded.StartPostgres(t.Context(), dir, addr, "", log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pg
+	}
+	pg := start()
+	target, err := os.Readlink(dir)
+	if err != nil {
+		pg.Stop()
+		t.Fatalf("the data directory is not a link to where the postgres user can reach: %v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(filepath.Dir(target)) })
+	conn, err := pgx.Connect(t.Context(), pg.URL("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(t.Context(), "CREATE TABLE kept (id int); INSERT INTO kept VALUES (7)"); err != nil {
+		t.Fatal(err)
+	}
+	conn.Close(t.Context())
+	if err := pg.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	pg = start()
+	defer pg.Stop()
+	conn, err = pgx.Connect(t.Context(), pg.URL("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(t.Context())
+	var id int
+	if err := conn.QueryRow(t.Context(), "SELECT id FROM kept").Scan(&id); err != nil || id != 7 {
+		t.Fatalf("after a restart the data is gone: %d, %v", id, err)
+	}
+}
+
+// With no address given the servers take their usual port, or a free one
+// when something else holds it; a given address is kept, taken or not.
+func TestChooseAddrMovesOffATakenUsualPort(t *testing.T) {
+	held, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	usual := held.Addr().String()
+	got, err := embedded.ChooseAddr("", usual)
+	if err != nil || got == usual || !strings.HasPrefix(got, "127.0.0.1:") {
+		t.Fatalf("with %s taken, chose %q (%v)", usual, got, err)
+	}
+	if _, err := embedded.ChooseAddr(usual, "127.0.0.1:1"); err == nil {
+		t.Fatalf("a given address that is taken was accepted")
+	}
+	held.Close()
+	if got, err := embedded.ChooseAddr("", usual); err != nil || got != usual {
+		t.Fatalf("with %s free, chose %q (%v)", usual, got, err)
+	}
 }

@@ -42,7 +42,21 @@ type Postgres struct {
 // the machine's PostgreSQL when it finds one, and otherwise fetches
 // binaries once into cacheDir. As root it runs the server as the postgres
 // system user, since PostgreSQL refuses to run as root.
+//
+// An empty addr means UsualPostgresAddr, or a free port on its host when
+// that is taken (a PostgreSQL of the machine's own, usually); a given addr
+// that is taken is an error naming the flag.
 func StartPostgres(ctx context.Context, dir, addr, cacheDir string, log *slog.Logger) (*Postgres, error) {
+	if addr == "" {
+		a, err := ChooseAddr("", UsualPostgresAddr)
+		if err != nil {
+			return nil, fmt.Errorf("embedded PostgreSQL: no free port on 127.0.0.1: %w", err)
+		}
+		if a != UsualPostgresAddr {
+			log.Info("embedded PostgreSQL: the usual address is taken, using a free port", "usual", UsualPostgresAddr, "addr", a)
+		}
+		addr = a
+	}
 	host, portStr, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, fmt.Errorf("embedded PostgreSQL address %q: want host:port", addr)
@@ -64,7 +78,14 @@ func StartPostgres(ctx context.Context, dir, addr, cacheDir string, log *slog.Lo
 	p := &Postgres{host: host, port: port, user: "postgres", log: log}
 	start := time.Now()
 	if bin, ok := FindBinaries(); ok {
-		err = p.startLocal(ctx, bin, dir)
+		var cred *runAs
+		if cred, err = serverUser(); err != nil {
+			return nil, err
+		}
+		if dir, err = reachableDataDir(dir, cred, log); err != nil {
+			return nil, err
+		}
+		err = p.startLocal(ctx, bin, dir, cred)
 	} else {
 		err = p.startFetched(ctx, dir, cacheDir)
 	}
@@ -168,11 +189,7 @@ func versionOf(path string) int {
 // then the postmaster as a child process in its own process group, so the
 // terminal's Ctrl-C reaches prozess, which stops the server last, after
 // every actor that uses it.
-func (p *Postgres) startLocal(ctx context.Context, bin, dir string) error {
-	cred, err := serverUser()
-	if err != nil {
-		return err
-	}
+func (p *Postgres) startLocal(ctx context.Context, bin, dir string, cred *runAs) error {
 	if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); err != nil {
 		if err := p.initdb(ctx, bin, dir, cred); err != nil {
 			return err

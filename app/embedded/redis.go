@@ -19,10 +19,18 @@ type Redis struct {
 	done chan struct{}
 }
 
-// StartRedis serves an in-process Redis on addr.
+// StartRedis serves an in-process Redis on addr; an empty addr means
+// UsualRedisAddr, or a free port on its host when that is taken.
 func StartRedis(addr string, log *slog.Logger) (*Redis, error) {
 	srv := miniredis.NewMiniRedis()
-	if err := srv.StartAddr(addr); err != nil {
+	chosen, err := ChooseAddr(addr, UsualRedisAddr)
+	if err == nil {
+		if addr == "" && chosen != UsualRedisAddr {
+			log.Info("embedded Redis: the usual address is taken, using a free port", "usual", UsualRedisAddr, "addr", chosen)
+		}
+		err = srv.StartAddr(chosen)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("embedded Redis cannot listen on %s (a Redis already running there?): "+
 			"pass --redis-addr to use that server, or move the embedded one with --embedded-redis-addr", addr)
 	}

@@ -20,15 +20,23 @@ import (
 // its data in dataDir, so a restart loses nothing. It is the development and
 // test broker; production uses real Kafka.
 func StartBroker(addr, dataDir string, log *slog.Logger) (*kfake.Cluster, error) {
-	if dataDir == "" {
-		return nil, errors.New("the embedded broker needs a data directory (--data-dir)")
-	}
-	if err := os.MkdirAll(dataDir, 0o755); err != nil {
-		return nil, fmt.Errorf("creating broker data directory %s: %w", dataDir, err)
-	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("embedded broker cannot listen on %s: %w", addr, err)
+	}
+	return StartBrokerOn(ln, dataDir, log)
+}
+
+// StartBrokerOn is StartBroker on a listener the caller chose (serve all's
+// usual port, or a free one when that is taken); the broker closes it.
+func StartBrokerOn(ln net.Listener, dataDir string, log *slog.Logger) (*kfake.Cluster, error) {
+	if dataDir == "" {
+		ln.Close()
+		return nil, errors.New("the embedded broker needs a data directory (--data-dir)")
+	}
+	if err := os.MkdirAll(dataDir, 0o755); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("creating broker data directory %s: %w", dataDir, err)
 	}
 	used := false
 	c, err := kfake.NewCluster(
