@@ -6,6 +6,7 @@ package app
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -14,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/cobra"
@@ -32,10 +34,31 @@ func Main(args []string) int {
 	cmd.SetArgs(args)
 	if err := cmd.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "prozess:", err)
-		return 1
+		return exitCode(err)
 	}
 	return 0
 }
+
+// exitCode is the exit status for a command's error: 1, or the one an
+// exitCodeError carries.
+func exitCode(err error) int {
+	var ec *exitCodeError
+	if errors.As(err, &ec) {
+		return ec.code
+	}
+	return 1
+}
+
+// exitCodeError is an error with an exit status of its own, for commands
+// whose callers (scripts, probes) must tell one failure from another:
+// `check` exits 1 for violations and 2 when it could not check.
+type exitCodeError struct {
+	code int
+	err  error
+}
+
+func (e *exitCodeError) Error() string { return e.err.Error() }
+func (e *exitCodeError) Unwrap() error { return e.err }
 
 // NewRootCommand builds the command tree.
 func NewRootCommand() *cobra.Command {
@@ -222,11 +245,31 @@ development only; nothing here is meant for production. Ctrl-C stops all three.`
 }
 
 func migrateCommand(cfg *Config) *cobra.Command {
+	var dryRun bool
 	cmd := &cobra.Command{
 		Use:   "migrate",
-		Short: "Apply the embedded database schema",
-		Args:  cobra.NoArgs,
-		RunE: cfg.withDB(func(ctx context.Context, _ io.Writer, log *slog.Logger, pool *pgxpool.Pool) error {
+		Short: "Apply the embedded database schema: the upgrade step (creates the database when missing)",
+		Long: `Apply every migration of this build the database lacks, with no time limit
+(serve also migrates at start, within its start timeout, unless --migrate=false:
+run this first as the upgrade step of a deployment). --dry-run lists what it
+would apply and changes nothing; 'migrate status' lists every migration.`,
+		Args: cobra.NoArgs,
+		RunE: cfg.withSetupDB(func(ctx context.Context, out io.Writer, log *slog.Logger, pool *pgxpool.Pool) error {
+			if dryRun {
+				ms, err := schema.Status(ctx, pool)
+				if err != nil {
+					return err
+				}
+				n := 0
+				for _, m := range ms {
+					if !m.Applied {
+						fmt.Fprintf(out, "would apply %s\n", m.Path)
+						n++
+					}
+				}
+				fmt.Fprintf(out, "%d migrations to apply (dry run: nothing changed)\n", n)
+				return nil
+			}
 			res, err := schema.Migrate(ctx, pool)
 			if err != nil {
 				return err
@@ -240,7 +283,43 @@ func migrateCommand(cfg *Config) *cobra.Command {
 			return nil
 		}),
 	}
+	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "list the migrations that would be applied; change nothing")
 	cfg.connectionFlags(cmd.Flags())
+	status := &cobra.Command{
+		Use:   "status",
+		Short: "List this build's migrations and which the database has applied (changes nothing)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := telemetry.NewLogger(cfg.LogLevel, cfg.LogFormat)
+			if err != nil {
+				return err
+			}
+			url, err := cfg.databaseURL()
+			if err != nil {
+				return err
+			}
+			pool, err := openExistingDB(cmd.Context(), url, cfg.StatementTimeout, log)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			ms, err := schema.Status(cmd.Context(), pool)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			for _, m := range ms {
+				state := "pending"
+				if m.Applied {
+					state = "applied " + m.AppliedAt.UTC().Format(time.RFC3339)
+				}
+				fmt.Fprintf(out, "%05d  %-40s %s\n", m.Version, m.Path, state)
+			}
+			return nil
+		},
+	}
+	cfg.connectionFlags(status.Flags())
+	cmd.AddCommand(status)
 	return cmd
 }
 
@@ -249,7 +328,7 @@ func seedCommand(cfg *Config) *cobra.Command {
 		Use:   "seed",
 		Short: "Load the demo catalogue and the public demo API key (adds what is missing; never changes existing stock)",
 		Args:  cobra.NoArgs,
-		RunE: cfg.withDB(func(ctx context.Context, _ io.Writer, log *slog.Logger, pool *pgxpool.Pool) error {
+		RunE: cfg.withSetupDB(func(ctx context.Context, _ io.Writer, log *slog.Logger, pool *pgxpool.Pool) error {
 			if _, err := schema.Migrate(ctx, pool); err != nil {
 				return err
 			}
@@ -267,10 +346,22 @@ func seedCommand(cfg *Config) *cobra.Command {
 
 // withDB makes a command body that gets the command's output, the
 // process's logger and a pool on --database-url, closed when the body
-// returns.
+// returns. The database must exist and have this build's schema: only
+// withSetupDB's commands create or migrate anything.
 func (c *Config) withDB(fn func(ctx context.Context, out io.Writer, log *slog.Logger, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
+	return c.withDBFor(false, fn)
+}
+
+// withSetupDB is withDB for the commands that set a database up (migrate,
+// seed): it creates the database when it is missing and asks nothing of
+// its schema.
+func (c *Config) withSetupDB(fn func(ctx context.Context, out io.Writer, log *slog.Logger, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
+	return c.withDBFor(true, fn)
+}
+
+func (c *Config) withDBFor(setup bool, fn func(ctx context.Context, out io.Writer, log *slog.Logger, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, _ []string) error {
-		log, pool, err := c.openDB(cmd.Context())
+		log, pool, err := c.openDBFor(cmd.Context(), setup)
 		if err != nil {
 			return err
 		}
@@ -280,8 +371,13 @@ func (c *Config) withDB(fn func(ctx context.Context, out io.Writer, log *slog.Lo
 }
 
 // openDB is the process's logger and a pool on --database-url (or the
-// recorded embedded server's); the caller closes the pool.
+// recorded embedded server's), which must exist with this build's schema;
+// the caller closes the pool.
 func (c *Config) openDB(ctx context.Context) (*slog.Logger, *pgxpool.Pool, error) {
+	return c.openDBFor(ctx, false)
+}
+
+func (c *Config) openDBFor(ctx context.Context, setup bool) (*slog.Logger, *pgxpool.Pool, error) {
 	log, err := telemetry.NewLogger(c.LogLevel, c.LogFormat)
 	if err != nil {
 		return nil, nil, err
@@ -290,11 +386,33 @@ func (c *Config) openDB(ctx context.Context) (*slog.Logger, *pgxpool.Pool, error
 	if err != nil {
 		return nil, nil, err
 	}
-	pool, err := OpenDB(ctx, url, c.StatementTimeout, log)
+	if setup {
+		pool, err := OpenDB(ctx, url, c.StatementTimeout, log)
+		return log, pool, err
+	}
+	pool, err := openExistingDB(ctx, url, c.StatementTimeout, log)
 	if err != nil {
 		return nil, nil, err
 	}
+	if err := requireSchema(ctx, pool); err != nil {
+		pool.Close()
+		return nil, nil, err
+	}
 	return log, pool, nil
+}
+
+// requireSchema refuses a database whose schema is older than this build
+// (or absent): reading it would misread it, and migrating is the upgrade
+// step's to do (prozess migrate), never a side effect of a look.
+func requireSchema(ctx context.Context, pool *pgxpool.Pool) error {
+	pending, err := schema.Pending(ctx, pool)
+	if err != nil {
+		return err
+	}
+	if pending {
+		return fmt.Errorf("the database schema is older than this prozess (or not there): run prozess migrate first")
+	}
+	return nil
 }
 
 // startBroker starts the embedded broker on --broker-addr, or on the usual

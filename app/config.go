@@ -35,6 +35,7 @@ type Config struct {
 	EmbeddedPostgresAddr string
 	EmbeddedRedisAddr    string
 	Seed                 bool
+	Migrate              bool // apply pending migrations at serve start; false: refuse an older schema
 	ShutdownTimeout      time.Duration
 	LogLevel             string
 	LogFormat            string
@@ -90,6 +91,7 @@ func DefaultConfig() Config {
 		PaymentDeclineRate: 0.15,
 		DataDir:            ".prozess",
 		Seed:               true,
+		Migrate:            true,
 		ShutdownTimeout:    15 * time.Second,
 		RateLimit:          50,
 		RateBurst:          100,
@@ -241,6 +243,8 @@ func (c *Config) serveFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.HTTPAddr, "http-addr", c.HTTPAddr, "listen address of the HTTP API (api participant)")
 	fs.Float64Var(&c.PaymentDeclineRate, "payment-decline-rate", c.PaymentDeclineRate, "share of simulated payments declined, 0 to 1")
 	fs.Int32Var(&c.Partitions, "partitions", c.Partitions, "partitions of the saga topic when it is created")
+	fs.BoolVar(&c.Migrate, "migrate", c.Migrate,
+		"apply pending migrations at start, within the 30 s start timeout; false (production): refuse to start on an older schema, and run prozess migrate as the upgrade step")
 	fs.BoolVar(&c.Seed, "seed", c.Seed, "load the demo catalogue and the demo API key at start (adds what is missing only; use false in production)")
 	fs.BoolVar(&c.NoAuth, "no-auth", c.NoAuth, "turn API key authentication off: anyone may act as any user (local use only)")
 	fs.Float64Var(&c.RateLimit, "rate-limit", c.RateLimit, "requests per second allowed per API key (0: unlimited)")

@@ -17,7 +17,19 @@ import (
 // OpenDB connects to PostgreSQL, creating the database first if it is
 // missing (and saying so), so a fresh machine needs no manual step. Every
 // connection gets statementTimeout (0: none), so no query can hang forever.
+// Only the commands that set a database up (serve, migrate, seed) create
+// it: for any other, a misspelt name must fail, not answer from a fresh,
+// empty database (openExistingDB).
 func OpenDB(ctx context.Context, url string, statementTimeout time.Duration, log *slog.Logger) (*pgxpool.Pool, error) {
+	return openDB(ctx, url, statementTimeout, log, true)
+}
+
+// openExistingDB is OpenDB for a database that must exist already.
+func openExistingDB(ctx context.Context, url string, statementTimeout time.Duration, log *slog.Logger) (*pgxpool.Pool, error) {
+	return openDB(ctx, url, statementTimeout, log, false)
+}
+
+func openDB(ctx context.Context, url string, statementTimeout time.Duration, log *slog.Logger, create bool) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, fmt.Errorf("--database-url: %w", err)
@@ -26,7 +38,12 @@ func OpenDB(ctx context.Context, url string, statementTimeout time.Duration, log
 		cfg.ConnConfig.RuntimeParams["statement_timeout"] = strconv.FormatInt(statementTimeout.Milliseconds(), 10)
 	}
 	where := fmt.Sprintf("%s:%d", cfg.ConnConfig.Host, cfg.ConnConfig.Port)
-	if err := ensureDatabase(ctx, cfg.ConnConfig, log); err != nil {
+	if err := ensureDatabase(ctx, cfg.ConnConfig, log, create); err != nil {
+		var missing *missingDatabase
+		if errors.As(err, &missing) {
+			return nil, fmt.Errorf("--database-url: PostgreSQL at %s has no database %q (this command creates none): "+
+				"check the URL, or create it with prozess migrate", where, missing.name)
+		}
 		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %s", where, oneLine(err))
 	}
 	cfg.MaxConns = max(cfg.MaxConns, 16)
@@ -41,7 +58,12 @@ func OpenDB(ctx context.Context, url string, statementTimeout time.Duration, log
 	return pool, nil
 }
 
-func ensureDatabase(ctx context.Context, cc *pgx.ConnConfig, log *slog.Logger) error {
+// missingDatabase is the database a command that creates none did not find.
+type missingDatabase struct{ name string }
+
+func (m *missingDatabase) Error() string { return "database " + m.name + " does not exist" }
+
+func ensureDatabase(ctx context.Context, cc *pgx.ConnConfig, log *slog.Logger, create bool) error {
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err == nil {
 		return conn.Close(ctx)
@@ -49,6 +71,9 @@ func ensureDatabase(ctx context.Context, cc *pgx.ConnConfig, log *slog.Logger) e
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) || pgErr.Code != "3D000" { // invalid_catalog_name
 		return err
+	}
+	if !create {
+		return &missingDatabase{name: cc.Database}
 	}
 	admin := cc.Copy()
 	admin.Database = "postgres"

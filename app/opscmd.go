@@ -3,6 +3,7 @@ package app
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -19,7 +20,6 @@ import (
 	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/deadletter"
-	"github.com/prozess/prozess/schema"
 )
 
 func checkCommand(cfg *Config) *cobra.Command {
@@ -33,14 +33,10 @@ func checkCommand(cfg *Config) *cobra.Command {
 at most once; nothing shipped without payment; declined orders' stock given
 back exactly once; every audit trail a path through the lifecycle; the Redis
 status cache agreeing with PostgreSQL; the outbox draining; and the count of
-dead letters. Exits non-zero on any violation.`,
+dead letters. Exits 1 on any violation, 2 when it could not check (a server
+unreachable, a bad flag), 0 when every invariant holds.`,
 		Args: cobra.NoArgs,
 		RunE: cfg.withDB(func(ctx context.Context, out io.Writer, _ *slog.Logger, pool *pgxpool.Pool) error {
-			if pending, err := schema.Pending(ctx, pool); err != nil {
-				return err
-			} else if pending {
-				return fmt.Errorf("the database schema is older than this prozess: run prozess migrate first")
-			}
 			kafka, err := cfg.kafka()
 			if err != nil {
 				return err
@@ -80,10 +76,19 @@ dead letters. Exits non-zero on any violation.`,
 				for _, c := range rep.ViolationsByRule {
 					total += c
 				}
-				return fmt.Errorf("%d violations", total)
+				return violations(total)
 			}
 			return nil
 		}),
+	}
+	check := cmd.RunE
+	cmd.RunE = func(c *cobra.Command, args []string) error {
+		err := check(c, args)
+		var v violations
+		if err != nil && !errors.As(err, &v) {
+			return &exitCodeError{code: 2, err: err}
+		}
+		return err
 	}
 	cfg.connectionFlags(cmd.Flags())
 	cmd.Flags().DurationVar(&deadline, "deadline", time.Minute, "orders older than this must be terminal (and declined ones released)")
@@ -92,6 +97,12 @@ dead letters. Exits non-zero on any violation.`,
 	cmd.Flags().DurationVar(&cfg.SagaDeadline, "saga-deadline", cfg.SagaDeadline, "count paid orders older than this that have not shipped, as serve's --saga-deadline")
 	return cmd
 }
+
+// violations is check's finding: the exit status 1 (any other failure of
+// check is 2).
+type violations int
+
+func (v violations) Error() string { return fmt.Sprintf("%d violations", int(v)) }
 
 func dlqCommand(cfg *Config) *cobra.Command {
 	cmd := &cobra.Command{
@@ -113,9 +124,6 @@ func dlqCommand(cfg *Config) *cobra.Command {
 				return err
 			}
 			defer pool.Close()
-			if _, err := schema.Migrate(cmd.Context(), pool); err != nil {
-				return err
-			}
 			parked, err := saga.ReadParked(cmd.Context(), pool)
 			out := cmd.OutOrStdout()
 			if err != nil {
@@ -248,9 +256,6 @@ func apikeyCommand(cfg *Config) *cobra.Command {
 	var admin, asJSON bool
 	withPool := func(run func(ctx context.Context, out io.Writer, pool *pgxpool.Pool) error) func(*cobra.Command, []string) error {
 		return cfg.withDB(func(ctx context.Context, out io.Writer, _ *slog.Logger, pool *pgxpool.Pool) error {
-			if _, err := schema.Migrate(ctx, pool); err != nil {
-				return err
-			}
 			return run(ctx, out, pool)
 		})
 	}

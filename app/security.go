@@ -106,6 +106,11 @@ func (k KafkaSecurity) conn(brokers []string) (saga.Conn, error) {
 	var m sasl.Mechanism
 	switch strings.ToUpper(k.SASLMechanism) {
 	case "PLAIN":
+		// PLAIN sends the password itself: over a plain connection anyone
+		// on the path reads it.
+		if c.TLS == nil {
+			return saga.Conn{}, fmt.Errorf("--kafka-sasl-mechanism PLAIN without TLS would send the password in clear: add --kafka-tls, or use SCRAM-SHA-512")
+		}
 		m = plain.Auth{User: k.SASLUser, Pass: pass}.AsMechanism()
 	case "SCRAM-SHA-256":
 		m = scram.Auth{User: k.SASLUser, Pass: pass}.AsSha256Mechanism()

@@ -150,8 +150,12 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		return nil, err
 	}
 	s.closers = append(s.closers, pool.Close)
-	if _, err := schema.Migrate(startCtx, pool); err != nil {
-		return nil, err
+	if cfg.Migrate {
+		if _, err := schema.Migrate(startCtx, pool); err != nil {
+			return nil, err
+		}
+	} else if err := requireSchema(startCtx, pool); err != nil {
+		return nil, fmt.Errorf("--migrate=false: %w", err)
 	}
 	// The public demo key only ever works for an api on loopback (the
 	// quick start), or in a declared demo.

@@ -8,6 +8,7 @@ import (
 	"embed"
 	"fmt"
 	"io/fs"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
@@ -68,4 +69,33 @@ func migrate(ctx context.Context, db *sql.DB) ([]*goose.MigrationResult, error) 
 		return res, fmt.Errorf("applying migrations: %w", err)
 	}
 	return res, nil
+}
+
+// Migration is one migration of this build and whether the database has it.
+type Migration struct {
+	Version   int64     `json:"version"`
+	Path      string    `json:"path"`
+	Applied   bool      `json:"applied"`
+	AppliedAt time.Time `json:"applied_at,omitzero"`
+}
+
+// Status lists this build's migrations, oldest first, with what the
+// database has applied: what `prozess migrate --dry-run` would do is the
+// ones not applied.
+func Status(ctx context.Context, pool *pgxpool.Pool) ([]Migration, error) {
+	db := stdlib.OpenDBFromPool(pool)
+	defer db.Close()
+	p, err := provider(db)
+	if err != nil {
+		return nil, err
+	}
+	st, err := p.Status(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("reading schema version: %w", err)
+	}
+	out := make([]Migration, 0, len(st))
+	for _, m := range st {
+		out = append(out, Migration{Version: m.Source.Version, Path: m.Source.Path, Applied: m.State == goose.StateApplied, AppliedAt: m.AppliedAt})
+	}
+	return out, nil
 }

@@ -1,0 +1,123 @@
+package app_test
+
+import (
+	"context"
+	"log/slog"
+	"net/url"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/prozess/prozess/app"
+)
+
+// dbURLNamed is the test database's URL with another database name.
+func dbURLNamed(t *testing.T, base, name string) string {
+	t.Helper()
+	u, err := url.Parse(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.Path = "/" + name
+	return u.String()
+}
+
+func databaseExists(t *testing.T, e *env, name string) bool {
+	t.Helper()
+	var n int
+	if err := e.pool.QueryRow(t.Context(), `SELECT count(*) FROM pg_database WHERE datname = $1`, name).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n > 0
+}
+
+// A command that only reads (or manages keys) never creates a database: a
+// misspelt name fails with the flag named, and nothing is created.
+func TestReadCommandsCreateNoDatabase(t *testing.T) {
+	e := newEnv(t)
+	name := "prozess_typo_" + strings.ReplaceAll(e.prefix, ":", "")
+	missing := dbURLNamed(t, e.dbURL, name)
+	t.Cleanup(func() { // only if the test failed: leave nothing behind
+		_, _ = e.pool.Exec(context.Background(), "DROP DATABASE IF EXISTS "+pgx.Identifier{name}.Sanitize()+" WITH (FORCE)")
+	})
+	brokers := strings.Join(e.broker(), ",")
+	for _, args := range [][]string{
+		{"dlq", "list", "--kafka-brokers", brokers, "--database-url", missing},
+		{"apikey", "list", "--database-url", missing},
+		{"apikey", "create", "--user", "x", "--database-url", missing},
+		{"orders", "get", "01a2154b-12fe-7269-98f9-3dd93c718619", "--database-url", missing},
+		{"check", "--no-cache", "--kafka-brokers", brokers, "--database-url", missing},
+		{"migrate", "status", "--database-url", missing},
+	} {
+		out, err := runCLI(t, args...)
+		if err == nil || !strings.Contains(err.Error(), "--database-url") || !strings.Contains(err.Error(), "no database") {
+			t.Errorf("%v on a missing database: %v\n%s", args[:2], err, out)
+		}
+		if databaseExists(t, e, name) {
+			t.Fatalf("%v created the database %s", args[:2], name)
+		}
+	}
+}
+
+// Migrating is the upgrade step's: a read command refuses an unmigrated
+// database and changes nothing; migrate --dry-run lists and changes
+// nothing; serve --migrate=false refuses to start; migrate applies it all.
+func TestOnlyMigrateMigrates(t *testing.T) {
+	e := newEnv(t)
+	name := "prozess_empty_" + strings.ReplaceAll(e.prefix, ":", "")
+	if _, err := e.pool.Exec(t.Context(), "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_, _ = e.pool.Exec(context.Background(), "DROP DATABASE IF EXISTS "+pgx.Identifier{name}.Sanitize()+" WITH (FORCE)")
+	})
+	empty := dbURLNamed(t, e.dbURL, name)
+	tables := func() int {
+		conn, err := pgx.Connect(t.Context(), empty)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close(t.Context())
+		var n int
+		if err := conn.QueryRow(t.Context(), `SELECT count(*) FROM pg_tables WHERE schemaname = 'public'`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	for _, args := range [][]string{{"apikey", "list"}, {"orders", "get", "01a2154b-12fe-7269-98f9-3dd93c718619"}} {
+		if out, err := runCLI(t, append(args, "--database-url", empty)...); err == nil || !strings.Contains(err.Error(), "run prozess migrate") {
+			t.Errorf("%v on an unmigrated database: %v\n%s", args, err, out)
+		}
+	}
+	out, err := runCLI(t, "migrate", "--dry-run", "--database-url", empty)
+	if err != nil || !strings.Contains(out, "would apply 00001_") || !strings.Contains(out, "dry run: nothing changed") {
+		t.Fatalf("migrate --dry-run: %v\n%s", err, out)
+	}
+	if n := tables(); n > 1 { // goose's version table at most
+		t.Fatalf("after reads and a dry run the database has %d tables", n)
+	}
+	cfg := e.config()
+	cfg.DatabaseURL, cfg.Migrate = empty, false
+	if len(cfg.KafkaBrokers) == 0 {
+		cfg.KafkaBrokers = e.broker()
+	}
+	if sys, err := app.NewSystem(t.Context(), cfg, []string{"payment"}, slog.New(slog.DiscardHandler)); err == nil {
+		ctx, cancel := context.WithCancel(t.Context())
+		cancel()
+		_ = sys.Run(ctx)
+		t.Fatal("serve --migrate=false started on an unmigrated database")
+	} else if !strings.Contains(err.Error(), "--migrate=false") {
+		t.Fatalf("serve --migrate=false: %v", err)
+	}
+	if out, err := runCLI(t, "migrate", "--database-url", empty); err != nil {
+		t.Fatalf("migrate: %v\n%s", err, out)
+	}
+	out, err = runCLI(t, "migrate", "status", "--database-url", empty)
+	if err != nil || strings.Contains(out, "pending") || !strings.Contains(out, "applied") {
+		t.Fatalf("migrate status after migrate: %v\n%s", err, out)
+	}
+	if out, err := runCLI(t, "apikey", "list", "--database-url", empty); err != nil {
+		t.Fatalf("apikey list after migrate: %v\n%s", err, out)
+	}
+}
