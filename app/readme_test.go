@@ -2,6 +2,7 @@ package app_test
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -109,14 +111,36 @@ func (p readmePorts) env(local bool) []string {
 // background as in a terminal of its own, and the script goes on once that
 // process is ready; a new `serve all` stops the previous one first (Ctrl-C,
 // as the README says).
+//
+// curl prints what the reader's does, and records each call in curl-log/
+// (NNN.args, NNN.headers, NNN.body): a call that fails, or answers other
+// than 2xx, stops the run, unless the README shows that error on the next
+// line (# {"error":{"code":"X",...}}: script sets PROZESS_CURL_EXPECT=X
+// for it), and then it must answer 4xx with that code.
 const readmeShell = `set -euo pipefail
 go() { if [ "${1:-}" = run ] && [ "${2:-}" = . ]; then shift 2; "$PROZESS_BIN" "$@"; else command go "$@"; fi; }
+curl() {
+  mkdir -p "$PWD/curl-log"
+  local f status rc=0
+  f="$PWD/curl-log/$(printf %03d "$(find "$PWD/curl-log" -name '*.args' | wc -l)")"
+  printf '%s\n' "$@" > "$f.args"
+  command curl "$@" -D "$f.headers" -o "$f.body" || rc=$?
+  cat "$f.body"
+  if [ "$rc" != 0 ]; then echo "README curl exited $rc: curl $*" >&2; return 1; fi
+  status=$(awk '/^HTTP\//{s=$2} END{print s}' "$f.headers")
+  if [ -n "${PROZESS_CURL_EXPECT:-}" ]; then
+    case "$status" in 4??) grep -q "\"code\":\"$PROZESS_CURL_EXPECT\"" "$f.body" && return 0 ;; esac
+    echo "README curl: HTTP $status, want 4xx with error $PROZESS_CURL_EXPECT: curl $*" >&2; return 1
+  fi
+  case "$status" in 2??) return 0 ;; esac
+  echo "README curl: HTTP $status: curl $*" >&2; return 1
+}
 n=0
 ready() { # ready PID URL-or-logline LOG
   for _ in $(seq 1 600); do
     kill -0 "$1" 2>/dev/null || { echo "process $1 exited at start:"; tail -20 "$3"; exit 1; }
     case "$2" in
-      http*) [ "$(curl -s -o /dev/null -w '%{http_code}' "$2" || true)" = 200 ] && return 0 ;;
+      http*) [ "$(command curl -s -o /dev/null -w '%{http_code}' "$2" || true)" = 200 ] && return 0 ;;
       *) grep -q "$2" "$3" && return 0 ;;
     esac
     sleep 0.1
@@ -147,9 +171,13 @@ func (p readmePorts) script(t *testing.T, blocks ...string) string {
 	var out strings.Builder
 	out.WriteString(readmeShell)
 	for _, b := range blocks {
-		for _, line := range strings.Split(p.move(b), "\n") {
+		lines := strings.Split(p.move(b), "\n")
+		for i, line := range lines {
 			m := longRunning.FindStringSubmatch(line)
 			if m == nil {
+				if code := shownError(lines, i); code != "" {
+					line = "PROZESS_CURL_EXPECT=" + code + " " + line
+				}
 				out.WriteString(line + "\n")
 				continue
 			}
@@ -166,6 +194,94 @@ func (p readmePorts) script(t *testing.T, blocks ...string) string {
 		}
 	}
 	return out.String()
+}
+
+var shownErrorLine = regexp.MustCompile(`^# \{"error":\{"code":"([a-z_]+)"`)
+
+// shownError is the error code the README shows for the curl command that
+// starts at lines[i] (on the line after its last), or "".
+func shownError(lines []string, i int) string {
+	if !strings.HasPrefix(lines[i], "curl ") {
+		return ""
+	}
+	for i < len(lines) && strings.HasSuffix(strings.TrimSpace(lines[i]), "\\") {
+		i++
+	}
+	if i+1 >= len(lines) {
+		return ""
+	}
+	if m := shownErrorLine.FindStringSubmatch(lines[i+1]); m != nil {
+		return m[1]
+	}
+	return ""
+}
+
+// curlCall is one curl the README ran (readmeShell's curl-log/).
+type curlCall struct {
+	args    []string
+	status  int
+	headers http.Header
+	body    string
+}
+
+// has reports whether one of the call's arguments contains s.
+func (c curlCall) has(s string) bool {
+	return slices.ContainsFunc(c.args, func(a string) bool { return strings.Contains(a, s) })
+}
+
+// curlCalls reads the calls a README run made, in order.
+func curlCalls(t *testing.T, dir string) []curlCall {
+	t.Helper()
+	args, _ := filepath.Glob(filepath.Join(dir, "curl-log", "*.args"))
+	slices.Sort(args)
+	var calls []curlCall
+	for _, a := range args {
+		base := strings.TrimSuffix(a, ".args")
+		var c curlCall
+		b, err := os.ReadFile(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.args = strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+		hdr, err := os.ReadFile(base + ".headers")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The last response's head (curl -D writes every one it got).
+		heads := strings.Split(strings.TrimSpace(strings.ReplaceAll(string(hdr), "\r\n", "\n")), "\n\n")
+		resp, err := http.ReadResponse(bufio.NewReader(strings.NewReader(heads[len(heads)-1]+"\n\n")), nil)
+		if err != nil {
+			t.Fatalf("%s: %v", base+".headers", err)
+		}
+		resp.Body.Close()
+		c.status, c.headers = resp.StatusCode, resp.Header
+		body, err := os.ReadFile(base + ".body")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.body = string(body)
+		calls = append(calls, c)
+	}
+	return calls
+}
+
+// stock reads a product's stock from a /products answer.
+func stock(t *testing.T, products, id string) int64 {
+	t.Helper()
+	var ps []struct {
+		ID    string
+		Stock int64
+	}
+	if err := json.Unmarshal([]byte(products), &ps); err != nil {
+		t.Fatalf("a /products answer: %v: %s", err, products)
+	}
+	for _, p := range ps {
+		if p.ID == id {
+			return p.Stock
+		}
+	}
+	t.Fatalf("no %s in %s", id, products)
+	return 0
 }
 
 // runReadme runs script in dir with env, returns its output, and stops (as
@@ -308,8 +424,12 @@ var (
 // The quick start's `go run . serve all` and every block of the walkthrough,
 // run as written in a fresh directory with nothing but the binary: the
 // system starts its own PostgreSQL, Redis and broker, answers every
-// request as the README says, is restarted with every payment declined and
-// keeps its orders, and stops with Ctrl-C leaving no process behind.
+// request as the README says (2xx, but for the two errors it shows), is
+// restarted with every payment declined and keeps its orders, and stops
+// with Ctrl-C leaving no process behind. What the README says happens
+// does: the resubmit is one order, its second answer marked
+// Idempotent-Replayed; the webcam order ends CANCELLED with InventoryFailed;
+// the declined monitor's stock is back by the README's last /products.
 // (`go test ./...`, the quick start's other line, is this very run.)
 func TestReadmeWalkthrough(t *testing.T) {
 	dir := reachableTempDir(t)
@@ -364,6 +484,67 @@ func TestReadmeWalkthrough(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, ".prozess", "postgres", "PG_VERSION")); err != nil {
 		t.Errorf("no PostgreSQL data in .prozess/postgres: %v", err)
+	}
+
+	calls := curlCalls(t, dir)
+	var shown []string
+	var resubmits, webcam, products []curlCall
+	for _, c := range calls {
+		switch {
+		case c.status >= 400:
+			shown = append(shown, c.body)
+		case c.has("Idempotency-Key: checkout-7"):
+			resubmits = append(resubmits, c)
+		case c.has("prod-webcam"):
+			webcam = append(webcam, c)
+		case strings.HasSuffix(c.args[len(c.args)-1], "/products"):
+			products = append(products, c)
+		}
+	}
+	if len(shown) != 2 || !strings.Contains(shown[0], `"invalid_qty"`) || !strings.Contains(shown[1], `"unauthorized"`) {
+		t.Errorf("the calls answered 4xx: %q, want the README's invalid_qty and unauthorized", shown)
+	}
+	// The resubmit: one order, the second answer marked as a replay.
+	if len(resubmits) != 2 {
+		t.Fatalf("%d calls with Idempotency-Key checkout-7, want the README's 2", len(resubmits))
+	}
+	if a, b := orderIDs.FindString(resubmits[0].body), orderIDs.FindString(resubmits[1].body); a == "" || a != b {
+		t.Errorf("the resubmitted order: %q then %q, want one order_id", resubmits[0].body, resubmits[1].body)
+	}
+	if got := resubmits[0].headers.Get("Idempotent-Replayed"); got != "" {
+		t.Errorf("the first submit carries Idempotent-Replayed: %q", got)
+	}
+	if got := resubmits[1].headers.Get("Idempotent-Replayed"); got != "true" {
+		t.Errorf("the resubmit carries Idempotent-Replayed: %q, want true", got)
+	}
+	// The webcam: CANCELLED with InventoryFailed, its stock untouched.
+	if len(webcam) != 1 {
+		t.Fatalf("%d calls ordering prod-webcam, want 1", len(webcam))
+	}
+	id := orderIDs.FindStringSubmatch(webcam[0].body)
+	if id == nil {
+		t.Fatalf("ordering the webcam answered %s", webcam[0].body)
+	}
+	base := fmt.Sprintf("http://127.0.0.1:%d/orders/%s", p.http, id[1])
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(getDemo(t, base), `"status":"CANCELLED"`); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the webcam order is not CANCELLED 30s on: %s", getDemo(t, base))
+		}
+	}
+	if evs := getDemo(t, base+"/events"); !strings.Contains(evs, `"InventoryFailed"`) || strings.Contains(evs, `"InventoryReserved"`) {
+		t.Errorf("the webcam order's trail: %s, want InventoryFailed and no reservation", evs)
+	}
+	// The declined monitor: the products the second block prints before
+	// and after show the same stock, the webcam's too.
+	if len(products) != 3 {
+		t.Fatalf("%d calls of /products, want the README's 3", len(products))
+	}
+	before, after := products[1].body, products[2].body
+	if b, a := stock(t, before, "prod-monitor"), stock(t, after, "prod-monitor"); b < 1 || a != b {
+		t.Errorf("prod-monitor's stock %d before the declined order, %d after: want it back", b, a)
+	}
+	if b, a := stock(t, products[0].body, "prod-webcam"), stock(t, after, "prod-webcam"); a != b {
+		t.Errorf("prod-webcam's stock %d, then %d after an order refused for want of it", b, a)
 	}
 }
 

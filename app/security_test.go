@@ -3,17 +3,22 @@ package app_test
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"io"
 	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/prozess/prozess/app"
 	"github.com/prozess/prozess/app/testpki"
@@ -79,12 +84,15 @@ func (s *syncBuffer) String() string {
 
 // The saga end to end over secured connections: PostgreSQL with
 // sslmode=require, Redis over TLS with an ACL user and a password from a
-// file, and Kafka over SASL_SSL (SCRAM-SHA-512) when the test cluster has
-// that listener (PROZESS_TEST_KAFKA_SASL_BROKERS), else the test's own
-// broker. No secret appears in any log line of the run, at debug level.
-// Then what must fail at start does, with one line naming the server and
-// no secret: a wrong Redis password, a Redis certificate from an untrusted
-// CA, a wrong Kafka password and an untrusted Kafka CA.
+// file, and Kafka over SASL_SSL (SCRAM-SHA-512): the test cluster's
+// listener when there is one (PROZESS_TEST_KAFKA_SASL_BROKERS, Apache Kafka
+// in CI), else a kfake broker of the test's own with TLS and SCRAM. Every
+// PostgreSQL session the system opens is encrypted, and no secret appears
+// in any log line of the run, at debug level. Then what must fail at start
+// does, for the reason it stands for, with one line naming the server and
+// no secret: a wrong Redis password (WRONGPASS), a Redis certificate from
+// an untrusted CA (x509), a wrong Kafka password (SASL authentication
+// failed) and an untrusted Kafka CA (x509).
 func TestSagaOverSecuredConnections(t *testing.T) {
 	if os.Getenv("PROZESS_TEST_DATABASE_URL") == "" {
 		t.Skip("needs the machine's PostgreSQL with ssl on (PROZESS_TEST_DATABASE_URL); the embedded one has no TLS")
@@ -103,22 +111,48 @@ func TestSagaOverSecuredConnections(t *testing.T) {
 	cfg.RedisAddr = redisAddr
 	cfg.RedisSecurity.Username, cfg.RedisSecurity.PasswordFile = redisUser, pwFile
 	cfg.RedisSecurity.TLS.CAFile = p.CA
-	secrets := []string{redisPassword}
+	kafkaUser, kafkaPassword, kafkaCA := "prozess-app", "kafka-pw-9d0e6a41c3b8", p.CA
+	// Apache Kafka answers a wrong password with SASL_AUTHENTICATION_FAILED;
+	// kfake hangs up on the SCRAM proof instead (EOF), so there the test
+	// also counts the SASLAuthenticate requests that reached it: a failure
+	// at the proof is the second of the exchange.
+	kafkaAuthFailed := []string{"SASL_AUTHENTICATION_FAILED"}
+	var saslAuths *atomic.Int64
 	if sasl := os.Getenv("PROZESS_TEST_KAFKA_SASL_BROKERS"); sasl != "" {
-		kafkaPassword := os.Getenv("PROZESS_TEST_KAFKA_SASL_PASSWORD")
-		kpw := filepath.Join(dir, "kafka-password")
-		if err := os.WriteFile(kpw, []byte(kafkaPassword), 0o600); err != nil {
-			t.Fatal(err)
-		}
+		kafkaUser, kafkaPassword = os.Getenv("PROZESS_TEST_KAFKA_SASL_USER"), os.Getenv("PROZESS_TEST_KAFKA_SASL_PASSWORD")
+		kafkaCA = os.Getenv("PROZESS_TEST_KAFKA_CA_FILE")
 		cfg.KafkaBrokers = strings.Split(sasl, ",")
-		cfg.KafkaSecurity.TLS.CAFile = os.Getenv("PROZESS_TEST_KAFKA_CA_FILE")
-		cfg.KafkaSecurity.SASLMechanism = "SCRAM-SHA-512"
-		cfg.KafkaSecurity.SASLUser = os.Getenv("PROZESS_TEST_KAFKA_SASL_USER")
-		cfg.KafkaSecurity.SASLPasswordFile = kpw
-		secrets = append(secrets, kafkaPassword)
 	} else if os.Getenv("PROZESS_TEST_KAFKA_BROKERS") != "" {
 		t.Fatal("PROZESS_TEST_KAFKA_BROKERS is set but PROZESS_TEST_KAFKA_SASL_BROKERS is not: the cluster has no SASL_SSL listener")
+	} else {
+		t.Log("no PROZESS_TEST_KAFKA_SASL_BROKERS: Kafka over SASL_SSL on a kfake broker of the test's own (CI runs this against Apache Kafka's SASL_SSL listener)")
+		cert, err := tls.LoadX509KeyPair(p.Cert, p.Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.TLS(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}),
+			kfake.EnableSASL(), kfake.Superuser("SCRAM-SHA-512", kafkaUser, kafkaPassword))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(c.Close)
+		cfg.KafkaBrokers = c.ListenAddrs()
+		kafkaAuthFailed = []string{"EOF"}
+		saslAuths = new(atomic.Int64)
+		c.ControlKey(int16(kmsg.SASLAuthenticate), func(kmsg.Request) (kmsg.Response, error, bool) {
+			saslAuths.Add(1)
+			return nil, nil, false // only counted
+		})
 	}
+	kpw := filepath.Join(dir, "kafka-password")
+	if err := os.WriteFile(kpw, []byte(kafkaPassword), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg.KafkaSecurity.TLS.CAFile = kafkaCA
+	cfg.KafkaSecurity.SASLMechanism = "SCRAM-SHA-512"
+	cfg.KafkaSecurity.SASLUser = kafkaUser
+	cfg.KafkaSecurity.SASLPasswordFile = kpw
+	secrets := []string{redisPassword, kafkaPassword}
 
 	var logs syncBuffer
 	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -130,19 +164,10 @@ func TestSagaOverSecuredConnections(t *testing.T) {
 			t.Fatalf("order ended %s", o.Status)
 		}
 	}
-	// The api's cache is the secured Redis, and PostgreSQL's sessions are
-	// encrypted.
+	// The api's cache is the secured Redis.
 	var o struct{ Status string }
 	r.getJSON(t, "/orders/"+r.order(t, "u1", "", mouse(1)).OrderID.String(), &o)
-	pool, err := pgxpool.New(t.Context(), cfg.DatabaseURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pool.Close()
-	var ssl bool
-	if err := pool.QueryRow(t.Context(), `SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()`).Scan(&ssl); err != nil || !ssl {
-		t.Fatalf("the PostgreSQL session is not encrypted (ssl %v, %v)", ssl, err)
-	}
+	assertSystemSessionsEncrypted(t, e, cfg.DatabaseURL)
 	r.shutdown(t)
 	if logs.String() == "" {
 		t.Fatal("no log lines to check")
@@ -165,45 +190,106 @@ func TestSagaOverSecuredConnections(t *testing.T) {
 		}
 		return err
 	}
+	const wrongPassword = "not-the-password"
 	wrongPw := filepath.Join(dir, "wrong")
-	if err := os.WriteFile(wrongPw, []byte("not-the-password"), 0o600); err != nil {
+	if err := os.WriteFile(wrongPw, []byte(wrongPassword), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cases := []struct {
-		name   string
-		mangle func(*app.Config)
-		want   string
+	const unknownAuthority = "x509: certificate signed by unknown authority"
+	for _, tc := range []struct {
+		name      string
+		mangle    func(*app.Config)
+		server    string
+		causes    []string // the error names one of these
+		saslAuths string   // on kfake: "proof", the client reached the SCRAM proof; "none", no SASL at all; "": not counted
 	}{
-		{"wrong redis password", func(c *app.Config) { c.RedisSecurity.PasswordFile = wrongPw }, "Redis at " + redisAddr},
-		{"untrusted redis certificate", func(c *app.Config) { c.RedisSecurity.TLS.CAFile = p.OtherCA }, "Redis at " + redisAddr},
-	}
-	if len(secrets) > 1 {
-		cases = append(cases,
-			struct {
-				name   string
-				mangle func(*app.Config)
-				want   string
-			}{"wrong kafka password", func(c *app.Config) { c.KafkaSecurity.SASLPasswordFile = wrongPw }, "Kafka at"},
-			struct {
-				name   string
-				mangle func(*app.Config)
-				want   string
-			}{"untrusted kafka certificate", func(c *app.Config) { c.KafkaSecurity.TLS.CAFile = p.OtherCA }, "Kafka at"})
-	}
-	for _, tc := range cases {
+		{"wrong redis password", func(c *app.Config) { c.RedisSecurity.PasswordFile = wrongPw },
+			"Redis at " + redisAddr, []string{"WRONGPASS"}, ""},
+		{"untrusted redis certificate", func(c *app.Config) { c.RedisSecurity.TLS.CAFile = p.OtherCA },
+			"Redis at " + redisAddr, []string{unknownAuthority}, ""},
+		{"wrong kafka password", func(c *app.Config) { c.KafkaSecurity.SASLPasswordFile = wrongPw },
+			"Kafka at", kafkaAuthFailed, "proof"},
+		{"untrusted kafka certificate", func(c *app.Config) { c.KafkaSecurity.TLS.CAFile = p.OtherCA },
+			"Kafka at", []string{unknownAuthority}, "none"},
+	} {
+		var authsBefore int64
+		if saslAuths != nil {
+			authsBefore = saslAuths.Load()
+		}
 		err := startErr(tc.mangle)
-		switch {
-		case err == nil:
+		if saslAuths != nil && tc.saslAuths != "" {
+			if n := saslAuths.Load() - authsBefore; tc.saslAuths == "proof" && n < 2 || tc.saslAuths == "none" && n != 0 {
+				t.Errorf("%s: %d SASLAuthenticate requests reached kfake, want %s", tc.name, n,
+					map[string]string{"proof": "2 or more (the SCRAM proof)", "none": "none"}[tc.saslAuths])
+			}
+		}
+		if err == nil {
 			t.Errorf("%s: started", tc.name)
-		case !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "\n"):
-			t.Errorf("%s: %q, want one line naming %q", tc.name, err, tc.want)
-		case strings.Contains(err.Error(), redisPassword) || strings.Contains(err.Error(), "not-the-password") ||
-			len(secrets) > 1 && strings.Contains(err.Error(), secrets[1]):
+			continue
+		}
+		msg := err.Error()
+		switch {
+		case !strings.Contains(msg, tc.server) || strings.Contains(msg, "\n"):
+			t.Errorf("%s: %q, want one line naming %q", tc.name, msg, tc.server)
+		case !slices.ContainsFunc(tc.causes, func(c string) bool { return strings.Contains(msg, c) }):
+			t.Errorf("%s: %q, want the cause: one of %q", tc.name, msg, tc.causes)
+		case slices.ContainsFunc(append(slices.Clone(secrets), wrongPassword), func(s string) bool { return strings.Contains(msg, s) }):
 			t.Errorf("%s: a secret in the error", tc.name)
 		default:
-			t.Logf("%s: %s", tc.name, err)
+			t.Logf("%s: %s", tc.name, msg)
 		}
 	}
+}
+
+// assertSystemSessionsEncrypted checks, while the system runs, that every
+// session it holds on its database is encrypted: every session on the
+// test's own database but the env's pool and this check's, read from
+// pg_stat_activity joined with pg_stat_ssl.
+func assertSystemSessionsEncrypted(t *testing.T, e *env, url string) {
+	t.Helper()
+	ctx := t.Context()
+	// The env's pool (API keys) connects without TLS: its sessions are
+	// the test's, held while the check runs so it opens no other.
+	var mine []uint32
+	for _, c := range e.pool.AcquireAllIdle(ctx) {
+		mine = append(mine, c.Conn().PgConn().PID())
+		defer c.Release()
+	}
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	rows, err := conn.Query(ctx, `
+		SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.backend_type, ''), coalesce(s.ssl, false)
+		FROM pg_stat_activity a LEFT JOIN pg_stat_ssl s ON s.pid = a.pid
+		WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.pid <> ALL($1::int[])`, mine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	type session struct {
+		PID          int32
+		App, Backend string
+		SSL          bool
+	}
+	sessions, err := pgx.CollectRows(rows, pgx.RowToStructByPos[session])
+	if err != nil {
+		t.Fatal(err)
+	}
+	// At least the pool's, the relay's lease session and the api's
+	// LISTEN for key revocations.
+	if len(sessions) < 3 {
+		t.Fatalf("the system holds %d sessions on its database (%+v), want at least 3", len(sessions), sessions)
+	}
+	encrypted := 0
+	for _, s := range sessions {
+		if !s.SSL {
+			t.Errorf("a session of the system is not encrypted: pid %d, application_name %q, %s", s.PID, s.App, s.Backend)
+			continue
+		}
+		encrypted++
+	}
+	t.Logf("%d sessions of the system on its database, %d encrypted", len(sessions), encrypted)
 }
 
 // requireSSL is a PostgreSQL URL with sslmode=require instead of what it had.

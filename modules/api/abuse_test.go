@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"net/http"
+	"net/http/httptrace"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -147,22 +148,59 @@ func TestRevokingAKeyEndsItsStreams(t *testing.T) {
 }
 
 // A client's first burst with a valid key is not a flood of failures: 60
-// concurrent requests share one lookup, and none gets 429.
+// concurrent requests share one lookup, and none gets 429. The lookup is
+// held up (api_keys locked) until all 60 requests are on the server, so
+// "concurrent" is certain; without the shared lookup each would take one,
+// and the failure budget (2) would refuse most of them.
 func TestFirstBurstWithAValidKeyIsOneLookup(t *testing.T) {
 	ts := serverWith(t, api.AuthConfig{Rate: 1e6, Burst: 1e6, FailRate: 1, FailBurst: 2})
 	before := ts.api.KeyLookups()
+	tx, err := ts.pool.Begin(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(context.Background())
+	if _, err := tx.Exec(t.Context(), `LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	const n = 60
 	var wg sync.WaitGroup
-	var bad atomic.Int64
-	for range 60 {
+	var bad, sent atomic.Int64
+	trace := &httptrace.ClientTrace{WroteRequest: func(httptrace.WroteRequestInfo) { sent.Add(1) }}
+	for range n {
 		wg.Go(func() {
-			if code, _, _ := ts.do(t, http.MethodGet, "/orders/00000000-0000-0000-0000-000000000000", "u1", ""); code != http.StatusNotFound {
+			req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(t.Context(), trace), http.MethodGet,
+				ts.URL+"/orders/00000000-0000-0000-0000-000000000000", nil)
+			req.Header.Set("Authorization", "Bearer "+ts.keys["u1"])
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Error(err)
+				bad.Add(1)
+				return
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusNotFound {
 				bad.Add(1)
 			}
 		})
 	}
-	wg.Wait()
-	if bad.Load() > 0 {
-		t.Fatalf("%d of 60 requests with a valid key were refused", bad.Load())
+	for deadline := time.Now().Add(30 * time.Second); sent.Load() < n; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d of %d requests sent in 30s", sent.Load(), n)
+		}
 	}
-	t.Logf("60 concurrent requests with one key: %d lookups", ts.api.KeyLookups()-before)
+	time.Sleep(time.Second) // for the server to take the last ones in
+	held := ts.api.KeyLookups() - before
+	if err := tx.Rollback(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	lookups := ts.api.KeyLookups() - before
+	t.Logf("%d concurrent requests with one key: %d lookups (%d while the first was held up)", n, lookups, held)
+	if bad.Load() > 0 {
+		t.Fatalf("%d of %d requests with a valid key were refused", bad.Load(), n)
+	}
+	if lookups != 1 {
+		t.Fatalf("%d lookups for %d concurrent requests with one key, want 1", lookups, n)
+	}
 }

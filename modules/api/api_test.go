@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/labstack/echo/v4"
 	"github.com/labstack/echo/v4/middleware"
+	"github.com/redis/rueidis"
 
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/schema/schematest"
@@ -25,9 +26,11 @@ import (
 // these tests look at.
 type testServer struct {
 	*httptest.Server
-	pool *pgxpool.Pool
-	api  *api.API
-	keys map[string]string // user -> API key; "admin" is an admin key
+	pool   *pgxpool.Pool
+	api    *api.API
+	keys   map[string]string // user -> API key; "admin" is an admin key
+	rdb    rueidis.Client    // the status cache's Redis, under prefix
+	prefix string
 }
 
 func server(t *testing.T) *testServer {
@@ -51,7 +54,7 @@ func serverWith(t *testing.T, auth api.AuthConfig) *testServer {
 	go a.Run(t.Context())
 	srv := httptest.NewServer(e)
 	t.Cleanup(srv.Close)
-	ts := &testServer{Server: srv, pool: pool, api: a, keys: map[string]string{}}
+	ts := &testServer{Server: srv, pool: pool, api: a, keys: map[string]string{}, rdb: rdb, prefix: prefix}
 	for _, u := range []string{"u1", "u2", "admin"} {
 		_, key, err := api.CreateKey(t.Context(), pool, u, u == "admin")
 		if err != nil {
