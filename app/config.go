@@ -36,6 +36,7 @@ type Config struct {
 	EmbeddedRedisAddr    string
 	Seed                 bool
 	Migrate              bool // apply pending migrations at serve start; false: refuse an older schema
+	Embedded             bool // serve all runs the servers not given even when others are given (development)
 	ShutdownTimeout      time.Duration
 	LogLevel             string
 	LogFormat            string
@@ -206,6 +207,8 @@ func (c *Config) dataDirFlag(fs *pflag.FlagSet) {
 // embeddedFlags are the addresses of the PostgreSQL and Redis that serve
 // all and dev run themselves.
 func (c *Config) embeddedFlags(fs *pflag.FlagSet) {
+	fs.BoolVar(&c.Embedded, "embedded", c.Embedded,
+		"serve all: run here whichever of PostgreSQL, Redis and Kafka has no address given, even when others have (development only); without it that happens only when none is given")
 	fs.StringVar(&c.EmbeddedPostgresAddr, "embedded-postgres-addr", c.EmbeddedPostgresAddr,
 		"listen address of the embedded PostgreSQL, without --database-url (default "+embedded.UsualPostgresAddr+", or a free port when that is taken)")
 	fs.StringVar(&c.EmbeddedRedisAddr, "embedded-redis-addr", c.EmbeddedRedisAddr,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/url"
+	"os"
 	"strings"
 	"testing"
 
@@ -119,5 +120,30 @@ func TestOnlyMigrateMigrates(t *testing.T) {
 	}
 	if out, err := runCLI(t, "apikey", "list", "--database-url", empty); err != nil {
 		t.Fatalf("apikey list after migrate: %v\n%s", err, out)
+	}
+}
+
+// An address given means a real deployment: serve never starts an
+// embedded server beside it for one that is missing (a misspelt variable
+// would put orders on a throwaway disk), and says which flag is missing.
+func TestNoEmbeddedServerBesideAGivenAddress(t *testing.T) {
+	e := newEnv(t)
+	brokers := strings.Join(e.broker(), ",")
+	dir := t.TempDir()
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"serve", "api", "--database-url", e.dbURL, "--kafka-brokers", brokers}, "--redis-addr not given"},
+		{[]string{"serve", "all", "--database-url", e.dbURL}, "give --redis-addr, --kafka-brokers too, or pass --embedded"},
+		{[]string{"serve", "all", "--database-url", e.dbURL, "--kafka-brokers", brokers}, "give --redis-addr too"},
+	} {
+		out, err := runCLI(t, append(c.args, "--data-dir", dir, "--http-addr", "127.0.0.1:0", "--admin-addr", "")...)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%v: %v (want %q)\n%s", c.args, err, c.want, out)
+		}
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) > 0 {
+		t.Errorf("a refused serve left %d entries in its data directory (an embedded server started?)", len(entries))
 	}
 }

@@ -341,8 +341,24 @@ func (s *System) startEmbedded(ctx context.Context, cfg Config, names []string) 
 		}
 		return cfg, nil
 	}
-	if cfg.DatabaseURL != "" && cfg.RedisAddr != "" && len(cfg.KafkaBrokers) > 0 {
+	given := map[string]bool{"--database-url": cfg.DatabaseURL != "", "--redis-addr": cfg.RedisAddr != "", "--kafka-brokers": len(cfg.KafkaBrokers) > 0}
+	var missing, named []string
+	for _, f := range []string{"--database-url", "--redis-addr", "--kafka-brokers"} {
+		if given[f] {
+			named = append(named, f)
+		} else {
+			missing = append(missing, f)
+		}
+	}
+	if len(missing) == 0 {
 		return cfg, nil
+	}
+	// An address given says "a real deployment": one missing beside it is
+	// a slip (a misspelt variable), and an embedded server there would keep
+	// orders on a throwaway disk.
+	if len(named) > 0 && !cfg.Embedded {
+		return cfg, fmt.Errorf("serve all got %s but not %s: give %s too, or pass --embedded to run the missing servers in this process (development only)",
+			strings.Join(named, ", "), strings.Join(missing, ", "), strings.Join(missing, ", "))
 	}
 	unlock, err := embedded.LockDataDir(cfg.DataDir)
 	if err != nil {

@@ -82,6 +82,7 @@ func (e *env) config() app.Config {
 	cfg.HTTPAddr = "127.0.0.1:0"
 	cfg.AdminAddr = "127.0.0.1:0"
 	cfg.BrokerAddr = "127.0.0.1:0"
+	cfg.Embedded = true // the broker is the test's own kfake unless the test names one
 	cfg.DataDir = e.dataDir
 	cfg.Partitions = 3
 	cfg.PaymentDeclineRate = 0
