@@ -38,6 +38,7 @@ type Config struct {
 	Migrate              bool // apply pending migrations at serve start; false: refuse an older schema
 	Embedded             bool // serve all runs the servers not given even when others are given (development)
 	ShutdownTimeout      time.Duration
+	DrainDelay           time.Duration // at shutdown, /readyz fails this long before the HTTP server stops taking requests
 	LogLevel             string
 	LogFormat            string
 	PprofAddr            string        // serves net/http/pprof when set
@@ -261,6 +262,8 @@ func (c *Config) serveFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.KeyCacheTTL, "key-cache-ttl", c.KeyCacheTTL,
 		"how long the api may keep a valid API key in memory (revocations reach it at once); 0 looks every request's key up")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", c.ShutdownTimeout, "how long in-flight work may take to finish at shutdown")
+	fs.DurationVar(&c.DrainDelay, "drain-delay", c.DrainDelay,
+		"at SIGTERM, answer /readyz with 503 and keep serving requests this long before the HTTP server stops, so a load balancer stops sending first (behind one: a few probe periods, e.g. 5s)")
 	fs.StringVar(&c.AdminAddr, "admin-addr", c.AdminAddr, "listen address of /metrics, /livez and /readyz; "+
 		"auto: 127.0.0.1:9464 for all and api, :9465 inventory, :9466 payment, :9467 delivery, :9468 status (the first named; loopback only, metrics are private); empty: off")
 	fs.StringVar(&c.KafkaLogLevel, "kafka-log-level", c.KafkaLogLevel, "log the Kafka client's own messages at this level (error, warn, info, debug); off when empty")
@@ -297,6 +300,9 @@ func (c Config) validate() error {
 	}
 	if c.AuthFailRate < 0 || c.AuthFailBurst < 0 {
 		return fmt.Errorf("--auth-fail-rate %v, --auth-fail-burst %d: must not be negative", c.AuthFailRate, c.AuthFailBurst)
+	}
+	if c.DrainDelay < 0 {
+		return fmt.Errorf("--drain-delay %s: must not be negative", c.DrainDelay)
 	}
 	if c.KeyCacheTTL < 0 {
 		return fmt.Errorf("--key-cache-ttl %s: must not be negative", c.KeyCacheTTL)

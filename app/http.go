@@ -58,6 +58,14 @@ func (s *System) addHTTP(a *api.API) error {
 		return nil
 	}, func(error) {
 		defer close(shutdown)
+		// Not ready first, still serving: a load balancer that probes
+		// /readyz takes this instance out before it refuses connections,
+		// so a rolling update answers no request with a 502.
+		s.draining.Store(true)
+		if d := s.cfg.DrainDelay; d > 0 {
+			s.log.Info("draining: /readyz fails, requests still served", "for", d)
+			time.Sleep(d)
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
 		defer cancel()
 		if err := srv.Shutdown(ctx); err != nil {

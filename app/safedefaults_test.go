@@ -3,10 +3,12 @@ package app_test
 import (
 	"context"
 	"log/slog"
+	"net/http"
 	"net/url"
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 
@@ -145,5 +147,48 @@ func TestNoEmbeddedServerBesideAGivenAddress(t *testing.T) {
 	}
 	if entries, _ := os.ReadDir(dir); len(entries) > 0 {
 		t.Errorf("a refused serve left %d entries in its data directory (an embedded server started?)", len(entries))
+	}
+}
+
+// statusOf is the HTTP status of GET url, or 0 when nothing answers.
+func statusOf(url string) int {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// At shutdown /readyz fails first while the api still takes orders, for
+// --drain-delay, so a load balancer stops sending before connections are
+// refused; then the process stops.
+func TestShutdownDrainsBeforeClosing(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.DrainDelay = 3 * time.Second
+	r := e.start(cfg)
+	ready := "http://" + r.sys.AdminAddr() + "/readyz"
+	for end := time.Now().Add(20 * time.Second); statusOf(ready) != 200; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("/readyz not 200 within 20s")
+		}
+	}
+	stopped := time.Now()
+	r.stop()
+	for statusOf(ready) != 503 {
+		if time.Since(stopped) > time.Second {
+			t.Fatalf("/readyz still %d a second after shutdown began", statusOf(ready))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := r.order(t, "u1", "", mouse(1)); got.Status != "CREATED" {
+		t.Fatalf("an order while draining: %+v", got)
+	}
+	if err := r.wait(t, 30*time.Second); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	if took := time.Since(stopped); took < cfg.DrainDelay {
+		t.Fatalf("stopped %s after shutdown began, before the %s drain", took, cfg.DrainDelay)
 	}
 }

@@ -2,6 +2,7 @@ package app
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -9,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -100,6 +102,7 @@ type System struct {
 	metrics   *telemetry.Metrics
 	tracing   *telemetry.Tracing
 	ready     func(ctx context.Context) error
+	draining  atomic.Bool // shutting down: /readyz fails while requests are still served
 }
 
 // AdminAddr is where /metrics, /livez and /readyz are served (empty when off).
@@ -301,7 +304,13 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		watched[c.Name()] = c.Telemetry()
 	}
 	s.metrics.Register(telemetry.NewStateCollector(pool, relay.Admin(), watched))
-	s.ready = readiness(pool, relay, joined)
+	notReady := readiness(pool, relay, joined)
+	s.ready = func(ctx context.Context) error {
+		if s.draining.Load() {
+			return errors.New("shutting down")
+		}
+		return notReady(ctx)
+	}
 	if addr := adminAddr(cfg.AdminAddr, names); addr != "" {
 		if err := s.addAdmin(addr); err != nil {
 			return nil, err
