@@ -2,6 +2,7 @@ package app
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -50,6 +51,7 @@ type Config struct {
 	KeyCacheTTL          time.Duration // how long the api may cache a valid API key (0: never)
 	AuthFailRate         float64       // failed authentications per second per client address before 429
 	AuthFailBurst        int           // failed authentications an address may burst above AuthFailRate
+	TrustedProxies       []*net.IPNet  // peers whose X-Forwarded-For names the client address
 	Demo                 bool          // this is a demo: the public demo key may work beyond loopback
 	StatementTimeout     time.Duration // PostgreSQL statement_timeout for every connection
 	KafkaLogLevel        string        // the Kafka client's own log level; empty for none
@@ -257,6 +259,8 @@ func (c *Config) serveFlags(fs *pflag.FlagSet) {
 	fs.Float64Var(&c.AuthFailRate, "auth-fail-rate", c.AuthFailRate,
 		"failed authentications per second a client address may make before it gets 429 (bounds key lookups per address; 0: no bound)")
 	fs.IntVar(&c.AuthFailBurst, "auth-fail-burst", c.AuthFailBurst, "failed authentications a client address may burst above --auth-fail-rate")
+	fs.Var(cidrs{&c.TrustedProxies}, "trusted-proxies",
+		"CIDRs of the proxies in front of the api (e.g. 10.0.0.0/8): a request from one of them is counted by the client address its X-Forwarded-For names; empty: the TCP peer, whatever the headers say")
 	fs.BoolVar(&c.Demo, "demo", c.Demo,
 		"this is a demo: create and accept the public demo API key even when --http-addr listens beyond loopback (never in production)")
 	fs.DurationVar(&c.KeyCacheTTL, "key-cache-ttl", c.KeyCacheTTL,
@@ -334,3 +338,35 @@ func envFallback(cmd *cobra.Command) error {
 func EnvName(flag string) string {
 	return "PROZESS_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
 }
+
+// cidrs is a comma-separated list of CIDRs as a flag.
+type cidrs struct{ nets *[]*net.IPNet }
+
+func (c cidrs) String() string {
+	if c.nets == nil {
+		return ""
+	}
+	var out []string
+	for _, n := range *c.nets {
+		out = append(out, n.String())
+	}
+	return strings.Join(out, ",")
+}
+
+func (c cidrs) Set(v string) error {
+	var nets []*net.IPNet
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		_, n, err := net.ParseCIDR(s)
+		if err != nil {
+			return fmt.Errorf("%q is not a CIDR such as 10.0.0.0/8", s)
+		}
+		nets = append(nets, n)
+	}
+	*c.nets = nets
+	return nil
+}
+
+func (c cidrs) Type() string { return "cidrs" }

@@ -26,6 +26,7 @@ func (s *System) addHTTP(a *api.API) error {
 	}
 	s.httpAddr = ln.Addr().String()
 	e := NewEcho(s.log)
+	e.IPExtractor = clientIP(s.cfg.TrustedProxies)
 	if s.tracing != nil {
 		e.Use(s.tracing.HTTPMiddleware)
 	}
@@ -90,6 +91,7 @@ func (s *System) addPprof(addr string) error {
 func NewEcho(log *slog.Logger) *echo.Echo {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
+	e.IPExtractor = clientIP(s.cfg.TrustedProxies)
 	e.HTTPErrorHandler = api.ErrorHandler(log)
 	e.Use(middleware.Recover())
 	e.Use(middleware.BodyLimit(fmt.Sprintf("%dB", api.MaxBodyBytes)))
@@ -149,4 +151,22 @@ func (s *System) addLiveFeed(a *api.API) {
 			}
 		})
 	})
+}
+
+// clientIP is how the api tells a request's client address (what the
+// failed-authentication budget is per): the TCP peer, or, when that peer is
+// one of the trusted proxies (--trusted-proxies), the address the proxies
+// appended to X-Forwarded-For, read from the right past every trusted hop.
+// Echo's extractor trusts loopback and private networks by default; here
+// only what the operator named is trusted, since a client can write any
+// X-Forwarded-For it likes.
+func clientIP(trusted []*net.IPNet) echo.IPExtractor {
+	if len(trusted) == 0 {
+		return echo.ExtractIPDirect()
+	}
+	opts := []echo.TrustOption{echo.TrustLoopback(false), echo.TrustLinkLocal(false), echo.TrustPrivateNet(false)}
+	for _, n := range trusted {
+		opts = append(opts, echo.TrustIPRange(n))
+	}
+	return echo.ExtractIPFromXFFHeader(opts...)
 }

@@ -3,6 +3,7 @@ package app_test
 import (
 	"context"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -190,5 +191,55 @@ func TestShutdownDrainsBeforeClosing(t *testing.T) {
 	}
 	if took := time.Since(stopped); took < cfg.DrainDelay {
 		t.Fatalf("stopped %s after shutdown began, before the %s drain", took, cfg.DrainDelay)
+	}
+}
+
+// badKeyFrom sends a wrong key as if from client (X-Forwarded-For) and
+// returns the status.
+func badKeyFrom(t *testing.T, base, client string) int {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, base+"/orders/01a2154b-12fe-7269-98f9-3dd93c718619", nil)
+	req.Header.Set("Authorization", "Bearer pz_knope_0000000000000000000000000000000000000000000000000000000000000000")
+	req.Header.Set("X-Forwarded-For", client)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// Behind a trusted proxy each client has its own failed-authentication
+// budget (the address X-Forwarded-For names); from anywhere else the
+// header is ignored, so a client cannot buy a fresh budget by writing it.
+func TestTrustedProxiesGiveEachClientItsBudget(t *testing.T) {
+	e := newEnv(t)
+	brokers := e.broker()
+	for _, c := range []struct {
+		trusted   string
+		secondGot int
+	}{{"127.0.0.1/32", http.StatusUnauthorized}, {"", http.StatusTooManyRequests}} {
+		cfg := e.config()
+		cfg.AuthFailRate, cfg.AuthFailBurst = 0.001, 3
+		cfg.KafkaBrokers = brokers
+		if c.trusted != "" {
+			_, n, _ := net.ParseCIDR(c.trusted)
+			cfg.TrustedProxies = []*net.IPNet{n}
+		}
+		r := e.start(cfg, "api")
+		got := []int{}
+		for range 4 {
+			got = append(got, badKeyFrom(t, r.url, "203.0.113.5"))
+		}
+		if got[3] != http.StatusTooManyRequests {
+			t.Fatalf("trusted %q: client A's 4th wrong key got %v, want 429 last", c.trusted, got)
+		}
+		if second := badKeyFrom(t, r.url, "203.0.113.6"); second != c.secondGot {
+			t.Errorf("trusted %q: client B's first wrong key got %d, want %d", c.trusted, second, c.secondGot)
+		}
+		r.shutdown(t)
+	}
+	if _, err := runCLI(t, "serve", "all", "--trusted-proxies", "10.0.0.0/33"); err == nil || !strings.Contains(err.Error(), "--trusted-proxies") {
+		t.Errorf("a bad CIDR: %v", err)
 	}
 }

@@ -65,7 +65,7 @@ func (a *API) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 			c.Response().Header().Set("WWW-Authenticate", `Bearer realm="prozess"`)
 			return errUnauthorized
 		}
-		addr := clientAddr(c.Request())
+		addr := clientAddr(c)
 		p, ok, err := a.principalFor(c.Request().Context(), strings.TrimSpace(key), addr)
 		var wait *waitError
 		if errors.As(err, &wait) {
@@ -138,9 +138,14 @@ func (a *API) principalFor(ctx context.Context, key, addr string) (Principal, bo
 }
 
 // clientAddr is the address a request came from: the connection's peer,
-// never a header a client could set (a proxy in front makes every client
-// one address; bound it there).
-func clientAddr(r *http.Request) string {
+// never a header a client could set, unless the server's IPExtractor says
+// otherwise (app's --trusted-proxies: behind an ingress every client would
+// otherwise share the ingress's budget).
+func clientAddr(c echo.Context) string {
+	if c.Echo().IPExtractor != nil {
+		return c.RealIP()
+	}
+	r := c.Request()
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
 		return r.RemoteAddr
