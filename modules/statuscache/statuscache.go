@@ -63,13 +63,23 @@ return 1
 
 // Cache reads and writes order status entries under a key prefix, so several
 // deployments (and parallel tests) can share one Redis.
+// Every call goes through its Guard, so it returns by its context's
+// deadline even with Redis hung.
 type Cache struct {
 	rdb    rueidis.Client
 	prefix string
+	guard  *Guard
 }
 
 // New returns a cache using rdb with keys under prefix (see BoundPrefix).
-func New(rdb rueidis.Client, prefix string) *Cache { return &Cache{rdb: rdb, prefix: prefix} }
+func New(rdb rueidis.Client, prefix string) *Cache {
+	return &Cache{rdb: rdb, prefix: prefix, guard: NewGuard(Cooldown)}
+}
+
+// Guard is the cache's guard, for other calls to the same Redis on the
+// same path (the api's idempotency keys): one that found Redis hung spares
+// the others the wait.
+func (c *Cache) Guard() *Guard { return c.guard }
 
 // Querier is the part of a pgx pool BoundPrefix needs.
 type Querier interface {
@@ -98,7 +108,11 @@ func (c *Cache) key(id uuid.UUID) string { return c.prefix + "order:" + id.Strin
 
 // Get returns the cached entry for an order, and false when there is none.
 func (c *Cache) Get(ctx context.Context, id uuid.UUID) (Entry, bool, error) {
-	m, err := c.rdb.Do(ctx, c.rdb.B().Hmget().Key(c.key(id)).Field("doc", "status", "hold").Build()).ToArray()
+	var m []rueidis.RedisMessage
+	err := c.guard.Do(ctx, func(ctx context.Context) (err error) {
+		m, err = c.rdb.Do(ctx, c.rdb.B().Hmget().Key(c.key(id)).Field("doc", "status", "hold").Build()).ToArray()
+		return err
+	})
 	if err != nil {
 		return Entry{}, false, fmt.Errorf("reading status cache: %w", err)
 	}
@@ -139,10 +153,16 @@ func (c *Cache) Hold(ctx context.Context, ids []uuid.UUID) error {
 	for i, id := range ids {
 		execs[i] = rueidis.LuaExec{Keys: []string{c.key(id)}, Args: []string{strconv.Itoa(int(liveTTL.Seconds()))}}
 	}
-	for _, r := range hold.ExecMulti(ctx, c.rdb, execs...) {
-		if err := r.Error(); err != nil {
-			return fmt.Errorf("holding status cache entries: %w", err)
+	err := c.guard.Do(ctx, func(ctx context.Context) error {
+		for _, r := range hold.ExecMulti(ctx, c.rdb, execs...) {
+			if err := r.Error(); err != nil {
+				return err
+			}
 		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("holding status cache entries: %w", err)
 	}
 	return nil
 }
@@ -162,10 +182,16 @@ func (c *Cache) exec(ctx context.Context, execs []rueidis.LuaExec) error {
 	if len(execs) == 0 {
 		return nil
 	}
-	for _, r := range upsert.ExecMulti(ctx, c.rdb, execs...) {
-		if err := r.Error(); err != nil {
-			return fmt.Errorf("writing status cache: %w", err)
+	err := c.guard.Do(ctx, func(ctx context.Context) error {
+		for _, r := range upsert.ExecMulti(ctx, c.rdb, execs...) {
+			if err := r.Error(); err != nil {
+				return err
+			}
 		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("writing status cache: %w", err)
 	}
 	return nil
 }
