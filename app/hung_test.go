@@ -5,16 +5,25 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/prozess/prozess/app/embedded"
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/schema/schematest"
 )
 
 // ownRedis starts a plain redis-server of the test's own on a free port
@@ -75,15 +84,15 @@ func (r *running) timedDo(t *testing.T, method, path, user, key string, body []b
 	}
 	start := time.Now()
 	resp, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
 	what := method + " " + path
 	if key != "" {
 		what += " (Idempotency-Key)"
 	}
+	if err != nil { // code 0: no answer (the caller may be a goroutine: no Fatal)
+		return timed{what: what, body: []byte(err.Error()), took: time.Since(start)}
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
 	return timed{what: what, code: resp.StatusCode, source: resp.Header.Get("X-Prozess-Source"), body: b, took: time.Since(start)}
 }
 
@@ -226,4 +235,162 @@ func TestHungRedisCostsEachRequestAtMostItsBound(t *testing.T) {
 	if err != nil || strings.Contains(out, "FAIL") {
 		t.Fatalf("prozess check after the hang: %v\n%s", err, out)
 	}
+}
+
+// embeddedPostgres starts a PostgreSQL server of the test's own (never the
+// machine's: the test hangs it) and returns its URL for database name and
+// the postmaster's pid.
+func embeddedPostgres(t *testing.T, name string) (string, int) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	dir := filepath.Join(reachableTempDir(t), "pg")
+	pg, err := embedded.StartPostgres(t.Context(), dir, addr, t.TempDir(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pg.Stop() })
+	b, err := os.ReadFile(filepath.Join(dir, "postmaster.pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, err := strconv.Atoi(strings.SplitN(string(b), "\n", 2)[0])
+	if err != nil {
+		t.Fatalf("postmaster.pid: %v", err)
+	}
+	return pg.URL(name), pid
+}
+
+// signalServer sends sig to a PostgreSQL server: the postmaster first (no
+// new backends), then each of its children, which run in sessions of
+// their own, so a signal to the postmaster's group misses them.
+func signalServer(t *testing.T, postmaster int, sig syscall.Signal) {
+	t.Helper()
+	if err := syscall.Kill(postmaster, sig); err != nil {
+		t.Fatal(err)
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces, so after ")".
+		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+		if len(f) > 1 && f[1] == strconv.Itoa(postmaster) {
+			pid, _ := strconv.Atoi(strings.Split(p, "/")[2])
+			syscall.Kill(pid, sig)
+		}
+	}
+}
+
+// outcome is what one POST with an Idempotency-Key got.
+type outcome struct {
+	key  string
+	code int
+	id   string
+	took time.Duration
+}
+
+// PostgreSQL frozen (every server process SIGSTOPped: connections open,
+// nothing answering) while orders are being written: requests answer
+// within a bound instead of waiting for it, and when it resumes nothing
+// accepted is lost or doubled: every key retried after the hang has one
+// order, every order finishes, prozess check is clean.
+func TestHungPostgresMidTransaction(t *testing.T) {
+	t.Parallel()
+	url, postmaster := embeddedPostgres(t, "prozess")
+	_, prefix := schematest.NewRedis(t)
+	e := &env{t: t, dbURL: url, prefix: prefix, dataDir: t.TempDir(), keys: map[string]string{}}
+	r := e.start(e.config())
+	pool, err := pgxpool.New(t.Context(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	e.pool = pool
+	initial := r.stock(t)
+	known := r.order(t, "u1", "known", mouse(1)).OrderID.String()
+	r.await(t, known, 30*time.Second)
+
+	body, _ := json.Marshal(api.CreateRequest{UserID: "u1", Items: []event.Item{mouse(1)}})
+	var mu sync.Mutex
+	var outcomes []outcome
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				key := fmt.Sprintf("w%d-%d", w, i)
+				got := r.timedDo(t, http.MethodPost, "/orders", "u1", key, body)
+				var res api.CreateResponse
+				json.Unmarshal(got.body, &res)
+				mu.Lock()
+				outcomes = append(outcomes, outcome{key: key, code: got.code, id: res.OrderID.String(), took: got.took})
+				mu.Unlock()
+			}
+		}()
+	}
+	time.Sleep(time.Second)
+	signalServer(t, postmaster, syscall.SIGSTOP)
+	hung := time.Now()
+	stopped := true
+	defer func() {
+		if stopped {
+			signalServer(t, postmaster, syscall.SIGCONT)
+		}
+	}()
+	var reads []timed
+	for time.Since(hung) < 8*time.Second {
+		reads = append(reads, r.timedDo(t, http.MethodGet, "/orders/"+known, "u1", "", nil))
+	}
+	signalServer(t, postmaster, syscall.SIGCONT)
+	stopped = false
+	close(stop)
+	wg.Wait()
+	// Every request answered within the database bound (5 s) and a
+	// margin: accepted, or 503 to be retried.
+	const bound = 8 * time.Second
+	var worst time.Duration
+	for _, g := range reads {
+		worst = max(worst, g.took)
+		if g.took > bound || g.code != http.StatusOK && g.code != http.StatusServiceUnavailable {
+			t.Errorf("GET during the hang: %d %s after %s, want 200 or 503 within %s", g.code, g.body, g.took.Round(time.Millisecond), bound)
+		}
+	}
+	var failed []outcome
+	for _, o := range outcomes {
+		worst = max(worst, o.took)
+		if o.code != http.StatusCreated {
+			failed = append(failed, o)
+		}
+		if o.took > bound || o.code != http.StatusCreated && o.code != http.StatusServiceUnavailable {
+			t.Errorf("POST %s during the hang: %d after %s, want 201 or 503 within %s", o.key, o.code, o.took.Round(time.Millisecond), bound)
+		}
+	}
+	t.Logf("PostgreSQL hung 8s: %d GETs, %d POSTs (%d not accepted), slowest answer %s",
+		len(reads), len(outcomes), len(failed), worst.Round(time.Millisecond))
+	// Nothing lost or doubled: a key that was not answered is retried,
+	// and every key has exactly one order.
+	for _, o := range failed {
+		r.order(t, "u1", o.key, mouse(1))
+	}
+	for _, o := range outcomes {
+		if n := e.count(`SELECT count(*) FROM orders WHERE user_id = 'u1' AND idempotency_key = $1`, o.key); n != 1 {
+			t.Errorf("key %s has %d orders", o.key, n)
+		}
+	}
+	e.awaitQuiet(60 * time.Second)
+	e.assertExactlyOnce(initial, r.stock(t))
 }
