@@ -91,7 +91,7 @@ func (s *System) addPprof(addr string) error {
 func NewEcho(log *slog.Logger) *echo.Echo {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
-	e.IPExtractor = clientIP(s.cfg.TrustedProxies)
+	e.IPExtractor = clientIP(nil)
 	e.HTTPErrorHandler = api.ErrorHandler(log)
 	e.Use(middleware.Recover())
 	e.Use(middleware.BodyLimit(fmt.Sprintf("%dB", api.MaxBodyBytes)))

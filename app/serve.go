@@ -182,8 +182,8 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 			return nil, err
 		}
 		s.closers = append(s.closers, d.rdb.Close)
-		// Every key under this database's deployment id: a Redis shared
-		// with another deployment never answers for it.
+		// Every key under this database's deployment id and copy: a Redis
+		// shared with another deployment, or a clone, never answers for it.
 		if d.prefix, err = statuscache.BoundPrefix(startCtx, pool, cfg.RedisPrefix); err != nil {
 			return nil, err
 		}

@@ -7,6 +7,7 @@ package api
 import (
 	"context"
 	_ "embed" // the OpenAPI document
+	"errors"
 	"log/slog"
 	"net/http"
 	"sync"
@@ -35,6 +36,16 @@ const idempotencyTTL = 24 * time.Hour
 // path only, so when it is slow or down a request goes on without it
 // instead of waiting.
 const redisTimeout = 150 * time.Millisecond
+
+// dbTimeout bounds the PostgreSQL work of one request (dbBound). A request
+// the database cannot serve by then is answered 503 with Retry-After, so a
+// hung PostgreSQL (its process stopped: connections open, nothing
+// answering; or a lock held by a stuck transaction) costs a client 5 s,
+// not a connection held until the server resumes, and the pool is not
+// drained by requests nobody waits for. The group commit's own batches
+// are bounded at 30 s; one whose client was answered 503 may still commit,
+// which is what the Idempotency-Key is for.
+const dbTimeout = 5 * time.Second
 
 // API serves the HTTP endpoints.
 type API struct {
@@ -114,14 +125,14 @@ func (a *API) Run(ctx context.Context) error {
 
 // Register adds the API's routes to e.
 func (a *API) Register(e *echo.Echo) {
-	orders := e.Group("/orders", a.authenticate)
+	orders := e.Group("/orders", a.dbBound, a.authenticate)
 	orders.POST("", a.createOrder)
 	orders.GET("/:id", a.getOrder)
 	orders.GET("/:id/events", a.orderEvents)
-	e.GET("/products", a.products) // the catalogue is public
-	e.GET("/live", a.livePage)     // the page asks for a key itself
+	e.GET("/products", a.products, a.dbBound) // the catalogue is public
+	e.GET("/live", a.livePage)                // the page asks for a key itself
 	e.GET("/live/stream", a.liveStream, a.authenticate)
-	e.POST("/admin/dead-letters/:id/replay", a.redrive, a.authenticate)
+	e.POST("/admin/dead-letters/:id/replay", a.redrive, a.dbBound, a.authenticate)
 	e.GET("/openapi.json", func(c echo.Context) error {
 		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, OpenAPI)
 	})
@@ -140,3 +151,27 @@ func (a *API) Register(e *echo.Echo) {
 //
 //go:embed openapi.json
 var OpenAPI []byte
+
+// errDatabaseTimeout answers a request PostgreSQL did not serve within
+// dbTimeout.
+var errDatabaseTimeout = &Error{Status: http.StatusServiceUnavailable, Code: "unavailable",
+	Message: "the database did not answer in time; retry (a POST with the same Idempotency-Key is safe to retry)"}
+
+// dbBound gives a request dbTimeout for its work (the live stream, which
+// lasts, goes without), and answers 503 with Retry-After when it runs out.
+func (a *API) dbBound(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		ctx, cancel := context.WithTimeout(c.Request().Context(), dbTimeout)
+		defer cancel()
+		c.SetRequest(c.Request().WithContext(ctx))
+		err := next(c)
+		// The key lookup, shared by concurrent requests, has a bound of
+		// its own: its timeout counts too.
+		if err != nil && (errors.Is(ctx.Err(), context.DeadlineExceeded) || errors.Is(err, context.DeadlineExceeded)) {
+			a.log.WarnContext(ctx, "database did not answer in time", "method", c.Request().Method, "path", c.Path(), "err", err)
+			c.Response().Header().Set("Retry-After", "1")
+			return errDatabaseTimeout
+		}
+		return err
+	}
+}

@@ -121,7 +121,9 @@ func (a *API) principalFor(ctx context.Context, key, addr string) (Principal, bo
 		}
 		gen := a.keys.begin()
 		a.lookups.Add(1)
-		p, ok, err := lookupKey(context.WithoutCancel(ctx), a.pool, h[:])
+		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), dbTimeout) // shared: no one caller's cancel
+		defer cancel()
+		p, ok, err := lookupKey(lctx, a.pool, h[:])
 		if ok || err != nil {
 			a.failures.refund(addr)
 		}

@@ -23,7 +23,11 @@ func (a *API) idemKey(user, key string) string { return a.prefix + "idem:" + use
 func (a *API) rememberedKey(ctx context.Context, user, key string, hash []byte) (uuid.UUID, bool) {
 	rctx, cancel := context.WithTimeout(ctx, redisTimeout)
 	defer cancel()
-	v, err := a.rdb.Do(rctx, a.rdb.B().Get().Key(a.idemKey(user, key)).Build()).ToString()
+	var v string
+	err := a.cache.Guard().Do(rctx, func(ctx context.Context) (err error) {
+		v, err = a.rdb.Do(ctx, a.rdb.B().Get().Key(a.idemKey(user, key)).Build()).ToString()
+		return err
+	})
 	if err != nil {
 		return uuid.Nil, false
 	}
@@ -48,7 +52,7 @@ func (a *API) rememberKey(ctx context.Context, user, key string, hash []byte, id
 	defer cancel()
 	v := hex.EncodeToString(hash) + ":" + id.String()
 	cmd := a.rdb.B().Set().Key(a.idemKey(user, key)).Value(v).Ex(idempotencyTTL).Build()
-	if err := a.rdb.Do(ctx, cmd).Error(); err != nil {
+	if err := a.cache.Guard().Do(ctx, func(ctx context.Context) error { return a.rdb.Do(ctx, cmd).Error() }); err != nil {
 		a.log.WarnContext(ctx, "idempotency key not cached", "order_id", id, "err", err)
 	}
 }

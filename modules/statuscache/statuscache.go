@@ -9,12 +9,14 @@ package statuscache
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/redis/rueidis"
 
 	"github.com/prozess/prozess/modules/event"
@@ -63,13 +65,23 @@ return 1
 
 // Cache reads and writes order status entries under a key prefix, so several
 // deployments (and parallel tests) can share one Redis.
+// Every call goes through its Guard, so it returns by its context's
+// deadline even with Redis hung.
 type Cache struct {
 	rdb    rueidis.Client
 	prefix string
+	guard  *Guard
 }
 
 // New returns a cache using rdb with keys under prefix (see BoundPrefix).
-func New(rdb rueidis.Client, prefix string) *Cache { return &Cache{rdb: rdb, prefix: prefix} }
+func New(rdb rueidis.Client, prefix string) *Cache {
+	return &Cache{rdb: rdb, prefix: prefix, guard: NewGuard(Cooldown)}
+}
+
+// Guard is the cache's guard, for other calls to the same Redis on the
+// same path (the api's idempotency keys): one that found Redis hung spares
+// the others the wait.
+func (c *Cache) Guard() *Guard { return c.guard }
 
 // Querier is the part of a pgx pool BoundPrefix needs.
 type Querier interface {
@@ -77,15 +89,64 @@ type Querier interface {
 }
 
 // BoundPrefix is prefix bound to the database db is: prefix, then the
-// database's deployment id. Every Redis key prozess writes is under it, so
-// deployments sharing one Redis and one --redis-prefix never read each
-// other's entries.
+// database's deployment id, then the identity of its copy (Identity).
+// Every Redis key prozess writes is under it, so deployments sharing one
+// Redis and one --redis-prefix never read each other's entries, and
+// neither does a clone or a restore of a database read the original's.
 func BoundPrefix(ctx context.Context, db Querier, prefix string) (string, error) {
 	var id uuid.UUID
 	if err := db.QueryRow(ctx, `SELECT id FROM deployment`).Scan(&id); err != nil {
 		return "", fmt.Errorf("reading the deployment id: %w", err)
 	}
-	return prefix + id.String() + ":", nil
+	copyID, err := Identity(ctx, db)
+	if err != nil {
+		return "", err
+	}
+	return prefix + id.String() + ":" + copyID + ":", nil
+}
+
+// Identity names this copy of the database: the cluster's system
+// identifier (new for every initdb, so for a restore into another
+// cluster), its WAL timeline (a point-in-time restore or a promoted
+// replica starts a new one) and the database's oid (a clone made with
+// CREATE DATABASE ... TEMPLATE, or by pg_dump into a new database, gets a
+// new one), as "system.timeline.oid". The deployment id, a row, travels
+// with every copy, so it cannot tell them apart.
+//
+// The system identifier and the timeline are readable by any role unless
+// an administrator revoked pg_control_system or pg_current_wal_lsn (some
+// managed services do); then the server's start time stands in for both
+// ("start-<unix>"): every restore starts the server, so it still changes,
+// at the cost of a cold cache after every restart. A standby (prozess
+// check on a replica) has no insert position: its latest checkpoint's
+// timeline is used.
+//
+// It is read when a process starts: one that runs on across a restore
+// keeps the old binding, and what keeps it honest then is the api
+// confirming every cache hit and idempotency hit in PostgreSQL.
+func Identity(ctx context.Context, db Querier) (string, error) {
+	var oid uint32
+	if err := db.QueryRow(ctx, `SELECT oid FROM pg_database WHERE datname = current_database()`).Scan(&oid); err != nil {
+		return "", fmt.Errorf("reading the database's oid: %w", err)
+	}
+	var system, timeline string
+	err := db.QueryRow(ctx, `
+		SELECT s.system_identifier::text,
+			CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint())::text
+			ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int::text END
+		FROM pg_control_system() s`).Scan(&system, &timeline)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "42501" { // insufficient_privilege
+		var started int64
+		if err := db.QueryRow(ctx, `SELECT extract(epoch FROM pg_postmaster_start_time())::bigint`).Scan(&started); err != nil {
+			return "", fmt.Errorf("reading the server's start time: %w", err)
+		}
+		return fmt.Sprintf("start-%d.%d", started, oid), nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("reading the database system's identity: %w", err)
+	}
+	return fmt.Sprintf("%s.%s.%d", system, timeline, oid), nil
 }
 
 // Entry is one cached order: its immutable document and its status.
@@ -98,7 +159,11 @@ func (c *Cache) key(id uuid.UUID) string { return c.prefix + "order:" + id.Strin
 
 // Get returns the cached entry for an order, and false when there is none.
 func (c *Cache) Get(ctx context.Context, id uuid.UUID) (Entry, bool, error) {
-	m, err := c.rdb.Do(ctx, c.rdb.B().Hmget().Key(c.key(id)).Field("doc", "status", "hold").Build()).ToArray()
+	var m []rueidis.RedisMessage
+	err := c.guard.Do(ctx, func(ctx context.Context) (err error) {
+		m, err = c.rdb.Do(ctx, c.rdb.B().Hmget().Key(c.key(id)).Field("doc", "status", "hold").Build()).ToArray()
+		return err
+	})
 	if err != nil {
 		return Entry{}, false, fmt.Errorf("reading status cache: %w", err)
 	}
@@ -139,10 +204,16 @@ func (c *Cache) Hold(ctx context.Context, ids []uuid.UUID) error {
 	for i, id := range ids {
 		execs[i] = rueidis.LuaExec{Keys: []string{c.key(id)}, Args: []string{strconv.Itoa(int(liveTTL.Seconds()))}}
 	}
-	for _, r := range hold.ExecMulti(ctx, c.rdb, execs...) {
-		if err := r.Error(); err != nil {
-			return fmt.Errorf("holding status cache entries: %w", err)
+	err := c.guard.Do(ctx, func(ctx context.Context) error {
+		for _, r := range hold.ExecMulti(ctx, c.rdb, execs...) {
+			if err := r.Error(); err != nil {
+				return err
+			}
 		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("holding status cache entries: %w", err)
 	}
 	return nil
 }
@@ -162,10 +233,16 @@ func (c *Cache) exec(ctx context.Context, execs []rueidis.LuaExec) error {
 	if len(execs) == 0 {
 		return nil
 	}
-	for _, r := range upsert.ExecMulti(ctx, c.rdb, execs...) {
-		if err := r.Error(); err != nil {
-			return fmt.Errorf("writing status cache: %w", err)
+	err := c.guard.Do(ctx, func(ctx context.Context) error {
+		for _, r := range upsert.ExecMulti(ctx, c.rdb, execs...) {
+			if err := r.Error(); err != nil {
+				return err
+			}
 		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("writing status cache: %w", err)
 	}
 	return nil
 }
