@@ -77,6 +77,8 @@ func NewExpirer(log *slog.Logger, pool *pgxpool.Pool, topic string, deadline tim
 // overdueSQL selects the orders whose next step the owing participant has
 // held past the deadline ($1 seconds). The participant and event names are
 // literals: status may not import the other participants (TestLayout).
+// parked has no index on key: its uncorrelated IN is hashed once per sweep,
+// not scanned per order.
 const overdueSQL = `
 	SELECT o.id FROM orders o
 	WHERE o.status IN ('CREATED', 'INVENTORY_RESERVED') AND o.expired_at IS NULL
@@ -91,8 +93,7 @@ const overdueSQL = `
 	               WHERE d.order_id = o.id
 	                 AND d.participant = CASE o.status WHEN 'CREATED' THEN 'inventory' ELSE 'payment' END
 	                 AND d.dead_at < now() - make_interval(secs => $1))
-	    OR EXISTS (SELECT 1 FROM parked p
-	               WHERE p.key = convert_to(o.id::text, 'UTF8') AND p.parked_at < now() - make_interval(secs => $1)))
+	    OR convert_to(o.id::text, 'UTF8') IN (SELECT p.key FROM parked p WHERE p.parked_at < now() - make_interval(secs => $1)))
 	ORDER BY o.created_at LIMIT $2
 	FOR UPDATE OF o SKIP LOCKED`
 
