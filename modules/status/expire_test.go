@@ -248,3 +248,42 @@ func TestExpiryIsSentAgainUntilTheOrderEnds(t *testing.T) {
 		t.Fatalf("expiry_sends %d, want 3", n)
 	}
 }
+
+// An expiry stamped by a release before the re-sends (expired_at only, no
+// expiry_event_id) is sent again with the id status recorded for it, so
+// the trail keeps one OrderExpired; with none recorded, with a new id.
+func TestExpiryOfAnOlderReleaseIsSentAgainWithItsID(t *testing.T) {
+	t.Parallel()
+	pool := schematest.NewPool(t)
+	ctx := context.Background()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	x := status.NewExpirer(log, pool, "order-events", time.Minute, nil)
+	recorded := insertOrder(t, pool, "INVENTORY_RESERVED", time.Hour, time.Hour)
+	unrecorded := insertOrder(t, pool, "CREATED", time.Hour, time.Hour)
+	schematest.Exec(t, pool, `UPDATE orders SET expired_at = now() - interval '2 minutes' WHERE id = ANY($1)`, []uuid.UUID{recorded, unrecorded})
+	first := uuid.New()
+	schematest.Exec(t, pool, `INSERT INTO order_events (event_id, order_id, type, source, occurred_at, payload) VALUES ($1, $2, 'OrderExpired', 'status', now(), '{}')`,
+		first, recorded)
+	if n, _, err := x.Sweep(ctx); err != nil || n != 0 {
+		t.Fatalf("expired %d (%v) again, want 0: they are expired already", n, err)
+	}
+	ids := map[uuid.UUID]string{}
+	rows, err := pool.Query(ctx, `SELECT id, expiry_event_id::text FROM orders WHERE expiry_sends = 2`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var id uuid.UUID
+		var ev string
+		if err := rows.Scan(&id, &ev); err != nil {
+			t.Fatal(err)
+		}
+		ids[id] = ev
+	}
+	if len(ids) != 2 || ids[recorded] != first.String() || ids[unrecorded] == "" || ids[unrecorded] == first.String() {
+		t.Fatalf("sent again as %v, want %s for the recorded one and a new id for the other", ids, first)
+	}
+	if n := schematest.Int(t, pool, `SELECT count(*) FROM outbox`); n != 2 {
+		t.Fatalf("%d records in the outbox, want 2", n)
+	}
+}
