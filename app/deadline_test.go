@@ -1,7 +1,10 @@
 package app_test
 
 import (
+	"context"
 	"io"
+	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"slices"
 	"strconv"
@@ -9,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/modules/event"
@@ -310,4 +314,68 @@ func TestPaidOrderIsNeverExpiredOnlyReported(t *testing.T) {
 	if err == nil || !strings.Contains(out, "1 paid orders past the saga deadline") || !strings.Contains(out, "never cancelled") {
 		t.Fatalf("check does not report the paid order past its deadline: %v\n%s", err, out)
 	}
+}
+
+// olderPayment is payment as a release before OrderExpired runs it: it
+// handles InventoryReserved only, so its consumer skips an OrderExpired
+// without claiming it.
+type olderPayment struct{ *payment.Payment }
+
+func (olderPayment) Handles(t event.Type) bool { return t == event.InventoryReserved }
+
+// The rolling-upgrade hazard of the expiry: status upgraded before payment.
+// An order is stuck (the older payment dead-letters its InventoryReserved),
+// expires, and the older payment skips the OrderExpired, and its copies,
+// silently. Once payment is upgraded, the next copy is answered: the order
+// ends CANCELLED with its stock back, one OrderExpired in its trail.
+func TestExpirySkippedByAnOlderPaymentEndsOnceItIsUpgraded(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.SagaDeadline = 3 * time.Second
+	cfg.KafkaBrokers = e.broker()
+	r := e.start(cfg, "api", "inventory", "delivery", "status")
+	initial := r.stock(t)
+	p, err := payment.New(slog.New(slog.DiscardHandler), 0, rand.New(rand.NewPCG(1, 2)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := saga.NewConsumer(payment.Name, slog.New(slog.DiscardHandler), e.pool, olderPayment{p}, saga.ConsumerConfig{
+		Kafka: saga.Conn{Brokers: cfg.KafkaBrokers}, Group: cfg.GroupPrefix + payment.Name, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	t.Cleanup(func() { stop(); <-done; c.Close() }) // Close twice is harmless
+
+	schematest.Exec(t, e.pool, `ALTER TABLE payments ADD CONSTRAINT bad_deploy CHECK (amount_cents < 0)`)
+	id := r.order(t, "u1", "", mouse(2)).OrderID.String()
+	e.awaitCount(t, `SELECT count(*) FROM dead_letters WHERE order_id = $1 AND participant = 'payment'`, id)
+	schematest.Exec(t, e.pool, `ALTER TABLE payments DROP CONSTRAINT bad_deploy`)
+	r.awaitTrailHas(t, id, event.OrderExpired)
+	time.Sleep(2 * cfg.SagaDeadline) // a copy goes out after one deadline; the older payment skips it too
+	if n := e.count(`SELECT count(*) FROM payments WHERE order_id = $1`, id); n != 0 || slices.Contains(r.trail(t, id), event.PaymentFailed) {
+		t.Fatalf("the older payment answered an OrderExpired")
+	}
+
+	stop() // payment is upgraded: the older one leaves its group
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	done <- nil
+	c.Close()
+	e.start(cfg, "payment")
+	if got := r.await(t, id, 90*time.Second); got.Status != event.StatusCancelled {
+		t.Fatalf("order ended %s, want CANCELLED", got.Status)
+	}
+	r.awaitTrailHas(t, id, event.InventoryReleased)
+	e.awaitQuiet(30 * time.Second)
+	if got := r.stock(t); got["prod-mouse"] != initial["prod-mouse"] {
+		t.Fatalf("stock %d, want %d back", got["prod-mouse"], initial["prod-mouse"])
+	}
+	if n := e.count(`SELECT count(*) FROM order_events WHERE order_id = $1 AND type = 'OrderExpired'`, id); n != 1 {
+		t.Fatalf("%d OrderExpired in the trail, want 1", n)
+	}
+	e.checkClean(t, cfg.KafkaBrokers)
 }
