@@ -235,7 +235,7 @@ func (c *Config) kafkaFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&c.PoisonAfter, "poison-after", c.PoisonAfter,
 		"dead-letter a record that, alone, keeps failing this long with an error that is neither transient nor its own fault")
 	fs.DurationVar(&c.SagaDeadline, "saga-deadline", c.SagaDeadline,
-		"cancel an order that has not reached payment this long after it was placed (its stock comes back); a paid order is never cancelled, only reported")
+		"cancel an order short of payment that a participant has held this long (counted from when inventory or payment received its event, never while the backlog holds it; its stock comes back); a paid order is never cancelled, only reported")
 	fs.BoolVar(&c.ResetOutOfRange, "reset-out-of-range", c.ResetOutOfRange,
 		"when a committed offset was deleted by retention, go on from the oldest record instead of stopping (skips what was deleted)")
 }

@@ -59,7 +59,13 @@ func (p *proc) tail() string {
 // end of the test if it is still running.
 func spawn(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
-	cmd := exec.Command(binary, args...)
+	return spawnExe(t, binary, env, args...)
+}
+
+// spawnExe is spawn with another executable (an older release's).
+func spawnExe(t *testing.T, exe string, env []string, args ...string) *proc {
+	t.Helper()
+	cmd := exec.Command(exe, args...)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {

@@ -273,3 +273,33 @@ func TestReservationAfterItsReleaseFails(t *testing.T) {
 		})
 	}
 }
+
+// An order inventory could not serve stays cancelled: its OrderCreated
+// coming again after the inbox forgot it (the inbox row pruned while the
+// record is still on the topic, or a consumer group restarting at the log
+// start) gets InventoryFailed again, even with the stock back by then, so
+// nothing is reserved, charged or shipped for an order shown CANCELLED.
+func TestOutOfStockOrderStaysCancelledWhenReplayed(t *testing.T) {
+	pool, inv := setup(t)
+	order := uuid.New()
+	c := created(t, order, event.Item{ProductID: "c", Qty: 1})
+	schematest.Exec(t, pool, `INSERT INTO inbox (consumer, event_id) VALUES ($1, $2)`, inventory.Name, c.ID)
+	if out := handle(t, pool, inv, c); len(out) != 1 || out[0].Type != event.InventoryFailed {
+		t.Fatalf("emitted %+v, want InventoryFailed (c is out of stock)", out)
+	}
+	// Stock arrives, and the inbox row is pruned: the consumer would hand
+	// the same OrderCreated to Handle again.
+	schematest.Exec(t, pool, `UPDATE products SET stock = 3 WHERE id = 'c'`)
+	schematest.Exec(t, pool, `DELETE FROM inbox WHERE consumer = $1 AND event_id = $2`, inventory.Name, c.ID)
+	out := handle(t, pool, inv, c)
+	var f event.Failed
+	if len(out) != 1 || out[0].Type != event.InventoryFailed || out[0].Decode(&f) != nil || f.Reason != inventory.CancelledReason {
+		t.Fatalf("replayed OrderCreated emitted %+v, want InventoryFailed (%s)", out, inventory.CancelledReason)
+	}
+	if s := stock(t, pool, "c"); s != 3 {
+		t.Fatalf("stock c=%d, want 3: nothing reserved for a cancelled order", s)
+	}
+	if n := schematest.Int(t, pool, `SELECT count(*) FROM reservations WHERE order_id = $1`, order); n != 0 {
+		t.Fatalf("%d reservation lines for a cancelled order", n)
+	}
+}

@@ -26,7 +26,8 @@ type order struct {
 //     batches cannot deadlock), and read its stock;
 //  3. decide each new order in batch order against that stock, all of its
 //     items or none;
-//  4. write the net stock change per product and the new reservations.
+//  4. write the net stock change per product, the new reservations and the
+//     orders it could not serve (cancelled_orders).
 func apply(ctx context.Context, tx pgx.Tx, declined []uuid.UUID, orders []order) (map[uuid.UUID][]event.Item, error) {
 	released := map[uuid.UUID][]event.Item{}
 	if len(declined) > 0 {
@@ -96,6 +97,7 @@ func apply(ctx context.Context, tx pgx.Tx, declined []uuid.UUID, orders []order)
 	var resOrders []uuid.UUID
 	var resProducts []string
 	var resQtys []int32
+	var failed []uuid.UUID
 	for i := range orders {
 		o := &orders[i]
 		if o.short != nil {
@@ -104,6 +106,7 @@ func apply(ctx context.Context, tx pgx.Tx, declined []uuid.UUID, orders []order)
 		want := merge(o.created.Items)
 		o.short = check(want, stock)
 		if o.short != nil {
+			failed = append(failed, o.id)
 			continue
 		}
 		for _, it := range want {
@@ -127,6 +130,16 @@ func apply(ctx context.Context, tx pgx.Tx, declined []uuid.UUID, orders []order)
 			return nil, fmt.Errorf("changing stock: %w", err)
 		}
 	}
+	// An order that could not be served is cancelled (InventoryFailed):
+	// remembered like a released one, in the same transaction, so its
+	// OrderCreated coming again after the inbox forgot it (a pruned inbox
+	// row, a group restarting at the log start) fails again instead of
+	// reserving stock, and payment and delivery never see it.
+	if len(failed) > 0 {
+		if _, err := tx.Exec(ctx, `INSERT INTO cancelled_orders (order_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING`, failed); err != nil {
+			return nil, fmt.Errorf("remembering %d orders inventory could not serve: %w", len(failed), err)
+		}
+	}
 	if len(resOrders) > 0 {
 		if _, err := tx.Exec(ctx, `
 			INSERT INTO reservations (order_id, product_id, qty)
@@ -142,8 +155,9 @@ func apply(ctx context.Context, tx pgx.Tx, declined []uuid.UUID, orders []order)
 // inventory reserved anything for it.
 const CancelledReason = "order cancelled before its stock was reserved"
 
-// refuseCancelled marks the orders whose payment already failed: they get
-// InventoryFailed instead of a reservation.
+// refuseCancelled marks the orders already cancelled (payment failed, or
+// inventory could not serve them before): they get InventoryFailed instead
+// of a reservation.
 func refuseCancelled(ctx context.Context, tx pgx.Tx, orders []order) error {
 	if len(orders) == 0 {
 		return nil
