@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -232,8 +233,8 @@ development only; nothing here is meant for production. Ctrl-C stops all three.`
 				return err
 			}
 			defer embedded.RemoveServers(cfg.DataDir)
-			fmt.Fprintf(cmd.OutOrStdout(), "prozess dev: Kafka %s, PostgreSQL %s, Redis %s (Ctrl-C stops them)\n",
-				b.ListenAddrs()[0], pg.URL("prozess"), rdb.Addr())
+			fmt.Fprintf(cmd.OutOrStdout(), "prozess dev: Kafka %s, PostgreSQL %s, Redis %s (Ctrl-C stops them; commands here find them in %s)\n",
+				b.ListenAddrs()[0], redacted(pg.URL("prozess")), rdb.Addr(), filepath.Join(cfg.DataDir, "servers.json"))
 			<-ctx.Done()
 			log.Info("dev servers shutting down")
 			return nil
@@ -435,4 +436,13 @@ func (c Config) startBroker(log *slog.Logger) (*kfake.Cluster, error) {
 func recordServers(dir string, s embedded.Servers) error {
 	s.PID = os.Getpid()
 	return embedded.WriteServers(dir, s)
+}
+
+// redacted is a URL without its password, for what is printed.
+func redacted(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
 }

@@ -87,22 +87,15 @@ func (p readmePorts) move(s string) string {
 }
 
 // env sets the same ports where the README relies on defaults: for the
-// servers serve all and dev start, and, when local, for the local servers
-// other commands talk to by default.
-func (p readmePorts) env(local bool) []string {
-	env := []string{
+// servers serve all and dev start. The other commands find those through
+// the data directory's record (servers.json), as the reader's do.
+func (p readmePorts) env() []string {
+	return []string{
 		fmt.Sprintf("PROZESS_HTTP_ADDR=127.0.0.1:%d", p.http),
 		fmt.Sprintf("PROZESS_BROKER_ADDR=127.0.0.1:%d", p.kafka),
 		fmt.Sprintf("PROZESS_EMBEDDED_POSTGRES_ADDR=127.0.0.1:%d", p.pg),
 		fmt.Sprintf("PROZESS_EMBEDDED_REDIS_ADDR=127.0.0.1:%d", p.redis),
 	}
-	if local {
-		env = append(env,
-			fmt.Sprintf("PROZESS_KAFKA_BROKERS=127.0.0.1:%d", p.kafka),
-			fmt.Sprintf("PROZESS_DATABASE_URL=postgres://postgres@127.0.0.1:%d/prozess?sslmode=disable", p.pg),
-			fmt.Sprintf("PROZESS_REDIS_ADDR=127.0.0.1:%d", p.redis))
-	}
-	return env
 }
 
 // readmeShell runs README lines in bash, as a reader pastes them into
@@ -448,7 +441,7 @@ func TestReadmeWalkthrough(t *testing.T) {
 	if len(walk) < 2 {
 		t.Fatalf("want the walkthrough and the declined-payment blocks, found %d", len(walk))
 	}
-	out := runReadme(t, dir, p.script(t, serveAll, walk[0], walk[1]), p.env(false))
+	out := runReadme(t, dir, p.script(t, serveAll, walk[0], walk[1]), p.env())
 	mustContain(t, out, "OrderCreated", "InventoryReserved", "invalid_qty", "unauthorized",
 		"PaymentFailed", "InventoryReleased", `"id":"prod-webcam"`)
 	// The first order ends as the README says: SHIPPED, or CANCELLED when
@@ -555,7 +548,7 @@ func TestReadmeSeparateProcesses(t *testing.T) {
 	dir := reachableTempDir(t)
 	p := newReadmePorts(t)
 	block := readmeBlocks(t, "### Participants in separate processes")[0]
-	out := runReadme(t, dir, p.script(t, block), p.env(true))
+	out := runReadme(t, dir, p.script(t, block), p.env())
 	ids := orderIDs.FindAllStringSubmatch(out, -1)
 	if len(ids) != 1 {
 		t.Fatalf("want the one order the block places, output:\n%s", out)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	neturl "net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -152,4 +153,80 @@ func TestChooseAddrMovesOffATakenUsualPort(t *testing.T) {
 	if got, err := embedded.ChooseAddr("", usual); err != nil || got != usual {
 		t.Fatalf("with %s free, chose %q (%v)", usual, got, err)
 	}
+}
+
+// The embedded server is nobody's to walk into: logins need the generated
+// password, which prozess records beside the data (readable by its user
+// only) and finds again at the next start.
+func TestPostgresNeedsItsGeneratedPassword(t *testing.T) {
+	if _, ok := embedded.FindBinaries(); !ok && os.Geteuid() == 0 {
+		t.Skip("no PostgreSQL installation: the fetched binaries do not run as root")
+	}
+	dir := filepath.Join(reachableDir(t), "postgres")
+	addr := func() string {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		return ln.Addr().String()
+	}
+	log := slog.New(slog.DiscardHandler)
+	pg, err := embedded.StartPostgres(t.Context(), dir, addr(), "", log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := pg.URL("postgres")
+	u, err := neturl.Parse(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pass, ok := u.User.Password()
+	if !ok || len(pass) < 32 {
+		t.Fatalf("the URL carries no generated password: %s", u.Redacted())
+	}
+	fi, err := os.Stat(dir + ".password")
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("password file: %v %v", fi, err)
+	}
+	for _, wrong := range []string{"", "postgres"} {
+		w := *u
+		w.User = neturl.UserPassword("postgres", wrong)
+		if conn, err := pgx.Connect(t.Context(), w.String()); err == nil {
+			conn.Close(t.Context())
+			t.Fatalf("logged in with password %q", wrong)
+		}
+	}
+	conn, err := pgx.Connect(t.Context(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Close(t.Context())
+	if err := pg.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	pg, err = embedded.StartPostgres(t.Context(), dir, addr(), "", log)
+	if err != nil {
+		t.Fatalf("restart: %v", err)
+	}
+	defer pg.Stop()
+	u2, _ := neturl.Parse(pg.URL("postgres"))
+	if p2, _ := u2.User.Password(); p2 != pass {
+		t.Fatal("the restarted server has another password")
+	}
+}
+
+// reachableDir is a fresh directory, removed when the test ends, that the
+// postgres user can reach when the tests run as root.
+func reachableDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "prozess-embedded-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }

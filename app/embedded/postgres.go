@@ -8,6 +8,8 @@ package embedded
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -24,6 +26,7 @@ import (
 
 	embeddedpostgres "github.com/fergusstrange/embedded-postgres"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Postgres is a PostgreSQL server this process started and stops.
@@ -77,19 +80,30 @@ func StartPostgres(ctx context.Context, dir, addr, cacheDir string, log *slog.Lo
 	}
 	p := &Postgres{host: host, port: port, user: "postgres", log: log}
 	start := time.Now()
-	if bin, ok := FindBinaries(); ok {
-		var cred *runAs
+	var cred *runAs
+	bin, local := FindBinaries()
+	if local {
 		if cred, err = serverUser(); err != nil {
 			return nil, err
 		}
 		if dir, err = reachableDataDir(dir, cred, log); err != nil {
 			return nil, err
 		}
+	}
+	set, err := p.readPassword(dir)
+	if err != nil {
+		return nil, err
+	}
+	if local {
 		err = p.startLocal(ctx, bin, dir, cred)
 	} else {
 		err = p.startFetched(ctx, dir, cacheDir)
 	}
+	if err == nil && !set {
+		err = p.setPassword(ctx, dir, cred)
+	}
 	if err != nil {
+		_ = p.Stop()
 		return nil, err
 	}
 	log.Info("embedded PostgreSQL started", "addr", net.JoinHostPort(host, portStr), "data_dir", dir, "took", time.Since(start).Round(time.Millisecond))
@@ -216,7 +230,7 @@ func (p *Postgres) startLocal(ctx context.Context, bin, dir string, cred *runAs)
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	p.stop = func() error { return stopProcess(cmd.Process, exited) }
-	if err := p.waitReady(ctx, exited, logPath); err != nil {
+	if err := p.waitReady(ctx, exited, dir); err != nil {
 		_ = p.stop()
 		p.stop = nil
 		return err
@@ -224,8 +238,9 @@ func (p *Postgres) startLocal(ctx context.Context, bin, dir string, cred *runAs)
 	return nil
 }
 
-// initdb creates the cluster: user postgres, trust authentication (the
-// server listens on the address given, loopback by default), UTF-8.
+// initdb creates the cluster: user postgres, UTF-8, trust authentication
+// only until setPassword, right after the first start, makes every login
+// need the generated password.
 func (p *Postgres) initdb(ctx context.Context, bin, dir string, cred *runAs) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("creating embedded PostgreSQL data directory %s: %w", dir, err)
@@ -251,13 +266,19 @@ func (p *Postgres) initdb(ctx context.Context, bin, dir string, cred *runAs) err
 
 // waitReady waits until the server accepts connections, or fails with the
 // last line of its log if it exits first.
-func (p *Postgres) waitReady(ctx context.Context, exited <-chan error, logPath string) error {
+func (p *Postgres) waitReady(ctx context.Context, exited <-chan error, dir string) error {
+	logPath := filepath.Join(dir, "server.log")
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	for {
 		conn, err := pgx.Connect(ctx, p.URL("postgres"))
 		if err == nil {
 			return conn.Close(ctx)
+		}
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && (pgErr.Code == "28P01" || pgErr.Code == "28000") {
+			return fmt.Errorf("embedded PostgreSQL refuses prozess's login (its password, in %s, was removed or changed?): "+
+				"put it back, or remove the data directory to start afresh", passwordFile(dir))
 		}
 		select {
 		case err := <-exited:
@@ -324,7 +345,11 @@ func (p *Postgres) startFetched(ctx context.Context, dir, cacheDir string) error
 		cacheDir = filepath.Join(c, "prozess")
 	}
 	version := embeddedpostgres.V16
-	p.pass = "postgres"
+	if p.pass == "" {
+		// The first start: initdb sets this one; setPassword then records
+		// it and makes every login need it.
+		p.pass = newPassword()
+	}
 	var out bytes.Buffer
 	db := embeddedpostgres.NewDatabase(embeddedpostgres.DefaultConfig().
 		Version(version).
@@ -343,23 +368,83 @@ func (p *Postgres) startFetched(ctx context.Context, dir, cacheDir string) error
 		return fmt.Errorf("starting embedded PostgreSQL with fetched binaries (pass --database-url to use a server of yours): %s", oneLine(err.Error()))
 	}
 	p.stop = db.Stop
-	// embedded-postgres sets up password logins; make it trust loopback
-	// like the local path, so every command's default URL reaches it.
-	hba := "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
-	if err := os.WriteFile(filepath.Join(dir, "pg_hba.conf"), []byte(hba), 0o600); err != nil {
-		return fmt.Errorf("embedded PostgreSQL: writing pg_hba.conf: %w", err)
+	return nil
+}
+
+// passwordFile holds the superuser's password of the server whose data is
+// in dir, readable by this user only. Without a password every local user
+// (and anything that can reach the port) would be the database's
+// superuser; with it, only whoever can read this file, or the record of
+// where the servers listen (servers.json, likewise private), gets in.
+func passwordFile(dir string) string { return dir + ".password" }
+
+// readPassword takes the recorded password, if the server has one yet.
+func (p *Postgres) readPassword(dir string) (bool, error) {
+	b, err := os.ReadFile(passwordFile(dir))
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
 	}
+	if err != nil {
+		return false, fmt.Errorf("embedded PostgreSQL: reading its password: %w", err)
+	}
+	p.pass = strings.TrimSpace(string(b))
+	return p.pass != "", nil
+}
+
+func newPassword() string {
+	b := make([]byte, 24)
+	_, _ = rand.Read(b) // crypto/rand never fails on Linux
+	return hex.EncodeToString(b)
+}
+
+// setPassword gives the superuser a generated password (or keeps the one
+// initdb set), records it, and then allows password logins only. It runs
+// on a server's first start, and once on a data directory an older prozess
+// made with trust logins. The password is recorded before the server asks
+// for it, so a stop between the steps never locks prozess out.
+func (p *Postgres) setPassword(ctx context.Context, dir string, cred *runAs) error {
 	conn, err := pgx.Connect(ctx, p.URL("postgres"))
 	if err != nil {
 		return fmt.Errorf("embedded PostgreSQL: %w", err)
 	}
 	defer conn.Close(ctx)
+	if p.pass == "" {
+		p.pass = newPassword()
+	}
+	tmp := passwordFile(dir) + ".tmp"
+	if err := os.WriteFile(tmp, []byte(p.pass+"\n"), 0o600); err != nil {
+		return fmt.Errorf("embedded PostgreSQL: recording its password: %w", err)
+	}
+	if err := os.Rename(tmp, passwordFile(dir)); err != nil {
+		return fmt.Errorf("embedded PostgreSQL: recording its password: %w", err)
+	}
+	if _, err := conn.Exec(ctx, "SET password_encryption = 'scram-sha-256'"); err != nil {
+		return fmt.Errorf("embedded PostgreSQL: %w", err)
+	}
+	if _, err := conn.Exec(ctx, "ALTER ROLE "+pgx.Identifier{p.user}.Sanitize()+" PASSWORD "+quoteLiteral(p.pass)); err != nil {
+		return fmt.Errorf("embedded PostgreSQL: setting the password: %w", err)
+	}
+	hba := filepath.Join(dir, "pg_hba.conf")
+	rules := "# prozess: password logins only; the password is in " + passwordFile(dir) + "\n" +
+		"host all all all scram-sha-256\n"
+	if err := os.WriteFile(hba, []byte(rules), 0o600); err != nil {
+		return fmt.Errorf("embedded PostgreSQL: writing pg_hba.conf: %w", err)
+	}
+	if cred != nil {
+		if err := os.Chown(hba, int(cred.Uid), int(cred.Gid)); err != nil {
+			return fmt.Errorf("embedded PostgreSQL: giving pg_hba.conf to the postgres user: %w", err)
+		}
+	}
 	if _, err := conn.Exec(ctx, "SELECT pg_reload_conf()"); err != nil {
 		return fmt.Errorf("embedded PostgreSQL: reloading pg_hba.conf: %w", err)
 	}
-	p.pass = ""
+	p.log.Info("embedded PostgreSQL: logins need the generated password now", "password_file", passwordFile(dir))
 	return nil
 }
+
+// quoteLiteral quotes a string for SQL; the passwords are hex, the quoting
+// is for safety's sake.
+func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 // lastLine picks the line of a server's output that says what went wrong:
 // the last FATAL or ERROR line, else the last line.
