@@ -122,7 +122,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &System{log: log, cfg: cfg, stats: map[string]*saga.ConsumerStats{}, metrics: telemetry.NewMetrics()}
+	s := &System{log: log, cfg: cfg, stats: map[string]*saga.ConsumerStats{}, metrics: newMetrics()}
 	defer func() {
 		if err != nil {
 			s.close()

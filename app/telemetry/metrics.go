@@ -121,6 +121,21 @@ func (m *Metrics) CountOutOfRange(participant string) {
 	}
 }
 
+// RegisterBuildInfo adds prozess_build_info, always 1, whose labels name
+// the build: join it to any series by instance to see what version runs.
+func (m *Metrics) RegisterBuildInfo(version, commit, goVersion string) {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{Name: "prozess_build_info",
+		Help:        "The build of this process (always 1): its version, commit and Go version.",
+		ConstLabels: prometheus.Labels{"version": version, "commit": commit, "goversion": goVersion}})
+	g.Set(1)
+	m.reg.MustRegister(g)
+}
+
+// RegisterGaugeFunc adds a gauge read from fn at scrape time.
+func (m *Metrics) RegisterGaugeFunc(name, help string, fn func() float64) {
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, fn))
+}
+
 // RegisterCounterFunc adds a counter read from fn at scrape time.
 func (m *Metrics) RegisterCounterFunc(name, help string, fn func() float64) {
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, fn))
