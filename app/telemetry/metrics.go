@@ -136,6 +136,16 @@ func (m *Metrics) RegisterGaugeFunc(name, help string, fn func() float64) {
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, fn))
 }
 
+// RegisterFlag adds a gauge that is 1 while fn reports true, else 0.
+func (m *Metrics) RegisterFlag(name, help string, fn func() bool) {
+	m.RegisterGaugeFunc(name, help, func() float64 {
+		if fn() {
+			return 1
+		}
+		return 0
+	})
+}
+
 // RegisterCounterFunc adds a counter read from fn at scrape time.
 func (m *Metrics) RegisterCounterFunc(name, help string, fn func() float64) {
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, fn))
@@ -203,7 +213,7 @@ type StateCollector struct {
 	admin     *kadm.Client
 	consumers map[string]Consumer // by participant
 
-	records, orders, outboxRows, outboxAge, parked, poolConns, poolAcquires, lag, reads *prometheus.Desc
+	records, orders, outboxRows, outboxAge, parked, deadLetters, unpaidAge, poolConns, poolAcquires, lag, reads *prometheus.Desc
 
 	mu       sync.Mutex
 	costly   []prometheus.Metric // the last reading of the costly state
@@ -228,6 +238,11 @@ func NewStateCollector(pool *pgxpool.Pool, admin *kadm.Client, consumers map[str
 		outboxRows: prometheus.NewDesc("prozess_outbox_rows", "Outbox rows waiting for the relay.", nil, nil),
 		parked: prometheus.NewDesc("prozess_relay_parked_records",
 			"Outbox records the broker refused for good, parked in PostgreSQL (prozess dlq list shows them).", nil, nil),
+		deadLetters: prometheus.NewDesc("prozess_dead_letters_open",
+			"Dead letters not replayed yet, database-wide (prozess dlq list shows them).", nil, nil),
+		unpaidAge: prometheus.NewDesc("prozess_saga_oldest_unpaid_age_seconds",
+			"Age of the oldest order not yet past payment (CREATED or INVENTORY_RESERVED, not expired), database-wide; "+
+				"0 when there is none. It grows while a step before payment stalls.", nil, nil),
 		outboxAge: prometheus.NewDesc("prozess_outbox_oldest_age_seconds",
 			"Age of the oldest outbox row waiting for the relay (0 when empty).", nil, nil),
 		poolConns:    prometheus.NewDesc("prozess_db_pool_connections", "PostgreSQL pool connections, by state.", []string{"state"}, nil),
@@ -238,7 +253,7 @@ func NewStateCollector(pool *pgxpool.Pool, admin *kadm.Client, consumers map[str
 }
 
 func (c *StateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.records, c.orders, c.outboxRows, c.outboxAge, c.parked, c.poolConns, c.poolAcquires, c.lag, c.reads} {
+	for _, d := range []*prometheus.Desc{c.records, c.orders, c.outboxRows, c.outboxAge, c.parked, c.deadLetters, c.unpaidAge, c.poolConns, c.poolAcquires, c.lag, c.reads} {
 		ch <- d
 	}
 }
@@ -293,6 +308,15 @@ func (c *StateCollector) readCostly() []prometheus.Metric {
 	}
 	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM parked`).Scan(&n); err == nil {
 		ms = append(ms, prometheus.MustNewConstMetric(c.parked, prometheus.GaugeValue, float64(n)))
+	}
+	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL`).Scan(&n); err == nil {
+		ms = append(ms, prometheus.MustNewConstMetric(c.deadLetters, prometheus.GaugeValue, float64(n)))
+	}
+	// The saga deadline's partial index (orders_unfinished_idx) holds
+	// exactly these rows, ordered by created_at: one index probe.
+	if err := c.pool.QueryRow(ctx, `SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM orders
+		WHERE status IN ('CREATED', 'INVENTORY_RESERVED') AND expired_at IS NULL`).Scan(&age); err == nil {
+		ms = append(ms, prometheus.MustNewConstMetric(c.unpaidAge, prometheus.GaugeValue, age))
 	}
 	return append(ms, c.readLag(ctx)...)
 }
