@@ -1,0 +1,338 @@
+// Package chart_test validates the Helm chart in deploy/helm/prozess
+// without a cluster: helm lint, helm template (helm's own Go packages), and
+// every rendered object decoded strictly into its Kubernetes API type, so a
+// misspelt or misplaced field fails here rather than at kubectl apply. It
+// lives in a package of its own so that helm's and Kubernetes' modules are
+// compiled only for `go test ./deploy/...`.
+package chart_test
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"testing"
+
+	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
+	"helm.sh/helm/v3/pkg/chart/loader"
+	"helm.sh/helm/v3/pkg/chartutil"
+	"helm.sh/helm/v3/pkg/engine"
+	"helm.sh/helm/v3/pkg/lint"
+	"helm.sh/helm/v3/pkg/lint/support"
+	"helm.sh/helm/v3/pkg/releaseutil"
+	appsv1 "k8s.io/api/apps/v1"
+	batchv1 "k8s.io/api/batch/v1"
+	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"sigs.k8s.io/yaml"
+)
+
+const chartDir = "prozess"
+
+var participants = []string{"api", "inventory", "payment", "delivery", "status"}
+
+// everything turns on every optional part of the chart: TLS, SASL, Redis
+// AUTH, the database CA and the ServiceMonitor.
+var everything = map[string]any{
+	"database": map[string]any{"caSecret": "prozess-db-ca"},
+	"kafka": map[string]any{
+		"tls":  map[string]any{"enabled": true, "caSecret": "kafka-ca"},
+		"sasl": map[string]any{"mechanism": "SCRAM-SHA-512", "username": "prozess", "passwordSecret": map[string]any{"name": "kafka-sasl", "key": "password"}},
+	},
+	"redis": map[string]any{
+		"username":       "prozess",
+		"passwordSecret": map[string]any{"name": "redis-auth", "key": "password"},
+		"tls":            map[string]any{"enabled": true, "caSecret": "redis-ca"},
+	},
+	"serviceMonitor": map[string]any{"enabled": true, "labels": map[string]any{"release": "kube-prometheus-stack"}},
+	"env":            map[string]any{"PROZESS_SAGA_DEADLINE": "10m"},
+}
+
+// objects is what one rendering produced, decoded into API types.
+type objects struct {
+	deployments     map[string]*appsv1.Deployment // by component
+	services        map[string]*corev1.Service    // by component
+	pdbs            map[string]*policyv1.PodDisruptionBudget
+	jobs            []*batchv1.Job
+	serviceMonitors []*monitoringv1.ServiceMonitor
+}
+
+// render runs helm template for vals and decodes every object strictly.
+func render(t *testing.T, vals map[string]any) objects {
+	t.Helper()
+	chrt, err := loader.Load(chartDir)
+	if err != nil {
+		t.Fatalf("loading the chart: %v", err)
+	}
+	rv, err := chartutil.ToRenderValues(chrt, vals, chartutil.ReleaseOptions{Name: "shop", Namespace: "orders", IsInstall: true}, chartutil.DefaultCapabilities)
+	if err != nil {
+		t.Fatalf("values: %v", err)
+	}
+	files, err := engine.Render(chrt, rv)
+	if err != nil {
+		t.Fatalf("rendering: %v", err)
+	}
+	objs := objects{deployments: map[string]*appsv1.Deployment{}, services: map[string]*corev1.Service{}, pdbs: map[string]*policyv1.PodDisruptionBudget{}}
+	for _, name := range slices.Sorted(maps.Keys(files)) {
+		if strings.HasSuffix(name, "NOTES.txt") {
+			continue
+		}
+		for _, doc := range releaseutil.SplitManifests(files[name]) {
+			if strings.TrimSpace(doc) == "" {
+				continue
+			}
+			if err := objs.add(doc); err != nil {
+				t.Errorf("%s: %v\n%s", name, err, doc)
+			}
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	return objs
+}
+
+// decodeStrict decodes one YAML document into obj, refusing unknown and
+// duplicate fields.
+func decodeStrict(doc string, obj any) error {
+	return yaml.UnmarshalStrict([]byte(doc), obj)
+}
+
+func (o *objects) add(doc string) error {
+	var tm metav1.TypeMeta
+	if err := yaml.Unmarshal([]byte(doc), &tm); err != nil {
+		return err
+	}
+	component := func(m metav1.ObjectMeta) string { return m.Labels["app.kubernetes.io/component"] }
+	switch tm.APIVersion + " " + tm.Kind {
+	case "apps/v1 Deployment":
+		d := &appsv1.Deployment{}
+		if err := decodeStrict(doc, d); err != nil {
+			return err
+		}
+		o.deployments[component(d.ObjectMeta)] = d
+	case "v1 Service":
+		s := &corev1.Service{}
+		if err := decodeStrict(doc, s); err != nil {
+			return err
+		}
+		o.services[component(s.ObjectMeta)] = s
+	case "policy/v1 PodDisruptionBudget":
+		p := &policyv1.PodDisruptionBudget{}
+		if err := decodeStrict(doc, p); err != nil {
+			return err
+		}
+		o.pdbs[component(p.ObjectMeta)] = p
+	case "batch/v1 Job":
+		j := &batchv1.Job{}
+		if err := decodeStrict(doc, j); err != nil {
+			return err
+		}
+		o.jobs = append(o.jobs, j)
+	case "monitoring.coreos.com/v1 ServiceMonitor":
+		s := &monitoringv1.ServiceMonitor{}
+		if err := decodeStrict(doc, s); err != nil {
+			return err
+		}
+		o.serviceMonitors = append(o.serviceMonitors, s)
+	default:
+		return fmt.Errorf("unexpected object %s %s: add its type to this test", tm.APIVersion, tm.Kind)
+	}
+	return nil
+}
+
+// The strict decoder is what catches a misspelt field: a Deployment with
+// one fails to decode.
+func TestStrictDecodingRefusesUnknownFields(t *testing.T) {
+	good := "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec:\n  replicas: 1\n"
+	if err := decodeStrict(good, &appsv1.Deployment{}); err != nil {
+		t.Fatalf("a valid Deployment: %v", err)
+	}
+	for _, bad := range []string{
+		"apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec:\n  replica: 1\n",
+		"apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec:\n  template:\n    spec:\n      containers: [{name: c, livenesProbe: {}}]\n",
+		"apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec:\n  replicas: 1\n  replicas: 2\n",
+	} {
+		if err := decodeStrict(bad, &appsv1.Deployment{}); err == nil {
+			t.Errorf("decoded without error:\n%s", bad)
+		}
+	}
+}
+
+// helm lint finds nothing worse than INFO, with the default values and
+// with every option on.
+func TestChartLints(t *testing.T) {
+	for name, vals := range map[string]map[string]any{"defaults": nil, "everything": everything} {
+		l := lint.All(chartDir, vals, "orders", false)
+		for _, m := range l.Messages {
+			if m.Severity > support.InfoSev {
+				t.Errorf("%s: %s", name, m)
+			}
+		}
+	}
+}
+
+// The default rendering: one Deployment per participant running `serve
+// NAME` with its admin port on every interface and the probes on it, a PDB
+// for each, the api's Service, the admin Service, and the migration hook.
+func TestChartRendersTheDeployment(t *testing.T) {
+	objs := render(t, nil)
+	if got := slices.Sorted(maps.Keys(objs.deployments)); !slices.Equal(got, slices.Sorted(slices.Values(participants))) {
+		t.Fatalf("Deployments for %v, want %v", got, participants)
+	}
+	for _, name := range participants {
+		d := objs.deployments[name]
+		pod := d.Spec.Template
+		if !selects(d.Spec.Selector, pod.Labels) {
+			t.Errorf("%s: its selector %v does not select its pods %v", name, d.Spec.Selector, pod.Labels)
+		}
+		if len(pod.Spec.Containers) != 1 {
+			t.Fatalf("%s: %d containers", name, len(pod.Spec.Containers))
+		}
+		c := pod.Spec.Containers[0]
+		args := strings.Join(c.Args, " ")
+		if !strings.HasPrefix(args, "serve "+name+" ") || !strings.Contains(args, "--admin-addr 0.0.0.0:9464") || !strings.Contains(args, "--seed=false") {
+			t.Errorf("%s: args %q", name, args)
+		}
+		if port := containerPort(c, "admin"); port != 9464 {
+			t.Errorf("%s: admin port %d", name, port)
+		}
+		for probe, p := range map[string]*corev1.Probe{"startup": c.StartupProbe, "liveness": c.LivenessProbe, "readiness": c.ReadinessProbe} {
+			want := "/livez"
+			if probe == "readiness" {
+				want = "/readyz"
+			}
+			if p == nil || p.HTTPGet == nil || p.HTTPGet.Path != want || p.HTTPGet.Port.String() != "admin" {
+				t.Errorf("%s: %s probe %+v, want GET %s on the admin port", name, probe, p, want)
+			}
+		}
+		if c.Resources.Requests.Cpu().IsZero() || c.Resources.Requests.Memory().IsZero() || c.Resources.Limits.Memory().IsZero() {
+			t.Errorf("%s: resources %+v", name, c.Resources)
+		}
+		if env := envOf(c); env["PROZESS_DATABASE_URL"].ValueFrom == nil || env["PROZESS_DATABASE_URL"].ValueFrom.SecretKeyRef == nil ||
+			env["PROZESS_DATABASE_URL"].ValueFrom.SecretKeyRef.Name != "prozess-database" {
+			t.Errorf("%s: PROZESS_DATABASE_URL is not from the database Secret: %+v", name, env["PROZESS_DATABASE_URL"])
+		}
+		if sc := c.SecurityContext; sc == nil || sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem {
+			t.Errorf("%s: root filesystem writable", name)
+		}
+		pdb := objs.pdbs[name]
+		if pdb == nil || !selects(pdb.Spec.Selector, pod.Labels) {
+			t.Errorf("%s: no PodDisruptionBudget selects its pods", name)
+		}
+		for other, od := range objs.deployments {
+			if other != name && pdb != nil && selects(pdb.Spec.Selector, od.Spec.Template.Labels) {
+				t.Errorf("%s's PodDisruptionBudget also selects %s's pods", name, other)
+			}
+		}
+		if !selects(&metav1.LabelSelector{MatchLabels: objs.services["admin"].Spec.Selector}, pod.Labels) {
+			t.Errorf("the admin Service does not select %s's pods", name)
+		}
+	}
+	api := objs.deployments["api"].Spec.Template
+	if containerPort(api.Spec.Containers[0], "http") != 8080 || !strings.Contains(strings.Join(api.Spec.Containers[0].Args, " "), "--http-addr 0.0.0.0:8080") {
+		t.Errorf("api: no HTTP port 8080: %v", api.Spec.Containers[0].Args)
+	}
+	svc := objs.services["api"]
+	if svc == nil || svc.Spec.Ports[0].TargetPort.String() != "http" {
+		t.Fatalf("api Service: %+v", svc)
+	}
+	for name, d := range objs.deployments {
+		if name != "api" && selects(&metav1.LabelSelector{MatchLabels: svc.Spec.Selector}, d.Spec.Template.Labels) {
+			t.Errorf("the api Service selects %s's pods", name)
+		}
+	}
+
+	if len(objs.jobs) != 1 {
+		t.Fatalf("%d Jobs, want the migration", len(objs.jobs))
+	}
+	job := objs.jobs[0]
+	if job.Annotations["helm.sh/hook"] != "pre-install,pre-upgrade" {
+		t.Errorf("migration Job hook %q", job.Annotations["helm.sh/hook"])
+	}
+	c := job.Spec.Template.Spec.Containers[0]
+	if !slices.Equal(c.Args, []string{"migrate"}) || job.Spec.Template.Spec.RestartPolicy != corev1.RestartPolicyNever {
+		t.Errorf("migration Job runs %v (restart %s)", c.Args, job.Spec.Template.Spec.RestartPolicy)
+	}
+	if env := envOf(c); env["PROZESS_DB_STATEMENT_TIMEOUT"].Value != "0" || env["PROZESS_DATABASE_URL"].ValueFrom == nil {
+		t.Errorf("migration Job env %+v", env)
+	}
+	if selects(&metav1.LabelSelector{MatchLabels: objs.services["admin"].Spec.Selector}, job.Spec.Template.Labels) {
+		t.Errorf("the admin Service selects the migration pod")
+	}
+	if len(objs.serviceMonitors) != 0 {
+		t.Errorf("a ServiceMonitor without serviceMonitor.enabled")
+	}
+}
+
+// With every option on, the secrets are referenced and mounted where the
+// *_FILE variables point, and the ServiceMonitor scrapes the admin Service.
+func TestChartRendersEveryOption(t *testing.T) {
+	objs := render(t, everything)
+	for _, name := range participants {
+		pod := objs.deployments[name].Spec.Template.Spec
+		c := pod.Containers[0]
+		env := envOf(c)
+		mounts := map[string]string{} // mount path -> Secret
+		for _, m := range c.VolumeMounts {
+			for _, v := range pod.Volumes {
+				if v.Name == m.Name && v.Secret != nil {
+					for _, item := range v.Secret.Items {
+						mounts[m.MountPath+"/"+item.Path] = v.Secret.SecretName + "/" + item.Key
+					}
+				}
+			}
+		}
+		for variable, secret := range map[string]string{
+			"PROZESS_KAFKA_SASL_PASSWORD_FILE": "kafka-sasl/password",
+			"PROZESS_REDIS_PASSWORD_FILE":      "redis-auth/password",
+			"PROZESS_KAFKA_TLS_CA_FILE":        "kafka-ca/ca.crt",
+			"PROZESS_REDIS_TLS_CA_FILE":        "redis-ca/ca.crt",
+		} {
+			if path := env[variable].Value; path == "" || mounts[path] != secret {
+				t.Errorf("%s: %s=%q, mounted from %q, want the Secret %s", name, variable, path, mounts[path], secret)
+			}
+		}
+		if mounts["/etc/prozess/db-ca/ca.crt"] != "prozess-db-ca/ca.crt" {
+			t.Errorf("%s: the database CA is not mounted: %v", name, mounts)
+		}
+		for variable, want := range map[string]string{"PROZESS_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "PROZESS_KAFKA_SASL_USERNAME": "prozess",
+			"PROZESS_KAFKA_TLS": "true", "PROZESS_REDIS_USERNAME": "prozess", "PROZESS_REDIS_TLS": "true", "PROZESS_SAGA_DEADLINE": "10m"} {
+			if env[variable].Value != want {
+				t.Errorf("%s: %s=%q, want %q", name, variable, env[variable].Value, want)
+			}
+		}
+	}
+	if len(objs.serviceMonitors) != 1 {
+		t.Fatalf("%d ServiceMonitors", len(objs.serviceMonitors))
+	}
+	sm := objs.serviceMonitors[0]
+	admin := objs.services["admin"]
+	if !selects(&sm.Spec.Selector, admin.Labels) || sm.Spec.Endpoints[0].Port != "admin" || sm.Labels["release"] != "kube-prometheus-stack" {
+		t.Errorf("the ServiceMonitor %+v does not scrape the admin Service %v", sm.Spec, admin.Labels)
+	}
+}
+
+func selects(s *metav1.LabelSelector, l map[string]string) bool {
+	sel, err := metav1.LabelSelectorAsSelector(s)
+	return err == nil && !sel.Empty() && sel.Matches(labels.Set(l))
+}
+
+func containerPort(c corev1.Container, name string) int32 {
+	for _, p := range c.Ports {
+		if p.Name == name {
+			return p.ContainerPort
+		}
+	}
+	return 0
+}
+
+func envOf(c corev1.Container) map[string]corev1.EnvVar {
+	env := map[string]corev1.EnvVar{}
+	for _, e := range c.Env {
+		env[e.Name] = e
+	}
+	return env
+}
