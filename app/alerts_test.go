@@ -429,8 +429,19 @@ func TestSagaStalledAlertFiresAndResolves(t *testing.T) {
 			t.Fatalf("Prometheus has not scraped both systems within 30s")
 		}
 	}
-	if s := prom.alertState(t, "ProzessSagaStalled"); s != "" {
-		t.Fatalf("ProzessSagaStalled is %s while orders ship", s)
+	// A slow first order on a loaded machine may make it pending for a
+	// moment; it must never fire, and must be quiet before payment stops.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		s := prom.alertState(t, "ProzessSagaStalled")
+		if s == "firing" {
+			t.Fatalf("ProzessSagaStalled fires while orders ship")
+		}
+		if s == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ProzessSagaStalled still %s 30s after the order shipped", s)
+		}
 	}
 
 	// Payment stops; orders wait for it.
