@@ -9,6 +9,9 @@ package chart_test
 import (
 	"fmt"
 	"maps"
+	"os/exec"
+	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -335,4 +338,65 @@ func envOf(c corev1.Container) map[string]corev1.EnvVar {
 		env[e.Name] = e
 	}
 	return env
+}
+
+// Every flag the chart passes and every PROZESS_ variable it sets names a
+// real flag of the command the container runs (a misspelt variable would be
+// ignored silently): checked against the help of a prozess built from this
+// tree.
+func TestChartNamesOnlyRealFlags(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "prozess")
+	if out, err := exec.Command("go", "build", "-o", bin, "../..").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	flags := map[string][]string{} // command -> its flags, global ones included
+	flagsOf := func(command string) []string {
+		if f, ok := flags[command]; ok {
+			return f
+		}
+		out, err := exec.Command(bin, command, "--help").CombinedOutput()
+		if err != nil {
+			t.Fatalf("prozess %s --help: %v\n%s", command, err, out)
+		}
+		for _, m := range regexp.MustCompile(`(?m)^\s+(?:-\w, )?--([a-z0-9-]+)`).FindAllStringSubmatch(string(out), -1) {
+			flags[command] = append(flags[command], m[1])
+		}
+		return flags[command]
+	}
+	objs := render(t, everything)
+	var pods []corev1.PodSpec
+	for _, d := range objs.deployments {
+		pods = append(pods, d.Spec.Template.Spec)
+	}
+	for _, j := range objs.jobs {
+		pods = append(pods, j.Spec.Template.Spec)
+	}
+	for _, pod := range pods {
+		c := pod.Containers[0]
+		known := flagsOf(c.Args[0])
+		for _, a := range c.Args {
+			if name, ok := strings.CutPrefix(a, "--"); ok {
+				name, _, _ = strings.Cut(name, "=")
+				if !slices.Contains(known, name) {
+					t.Errorf("prozess %s has no flag --%s", c.Args[0], name)
+				}
+			}
+		}
+		for _, e := range c.Env {
+			if _, fromValues := everything["env"].(map[string]any)[e.Name]; fromValues {
+				continue
+			}
+			name, ok := strings.CutPrefix(e.Name, "PROZESS_")
+			if !ok {
+				t.Errorf("%s sets %s", c.Args[0], e.Name)
+				continue
+			}
+			if flag := strings.ToLower(strings.ReplaceAll(name, "_", "-")); !slices.Contains(known, flag) {
+				t.Errorf("%s: %s names no flag of prozess %s (--%s)", pod.Containers[0].Name, e.Name, c.Args[0], flag)
+			}
+		}
+	}
+	if len(flags["serve"]) < 20 || len(flags["migrate"]) < 5 {
+		t.Fatalf("read too few flags from --help: %v", flags)
+	}
 }
