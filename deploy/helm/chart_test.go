@@ -37,7 +37,8 @@ const chartDir = "prozess"
 var participants = []string{"api", "inventory", "payment", "delivery", "status"}
 
 // everything turns on every optional part of the chart: TLS, SASL, Redis
-// AUTH, the database CA and the ServiceMonitor.
+// AUTH, the database CA, the ServiceMonitor, and payment as a StatefulSet
+// with static membership.
 var everything = map[string]any{
 	"database": map[string]any{"caSecret": "prozess-db-ca"},
 	"kafka": map[string]any{
@@ -49,6 +50,7 @@ var everything = map[string]any{
 		"passwordSecret": map[string]any{"name": "redis-auth", "key": "password"},
 		"tls":            map[string]any{"enabled": true, "caSecret": "redis-ca"},
 	},
+	"participants":   map[string]any{"payment": map[string]any{"staticMembership": true}},
 	"serviceMonitor": map[string]any{"enabled": true, "labels": map[string]any{"release": "kube-prometheus-stack"}},
 	"env":            map[string]any{"PROZESS_SAGA_DEADLINE": "10m"},
 }
@@ -56,7 +58,9 @@ var everything = map[string]any{
 // objects is what one rendering produced, decoded into API types.
 type objects struct {
 	deployments     map[string]*appsv1.Deployment // by component
-	services        map[string]*corev1.Service    // by component
+	statefulSets    map[string]*appsv1.StatefulSet
+	pods            map[string]corev1.PodTemplateSpec // of both, by component
+	services        map[string]*corev1.Service        // by component
 	pdbs            map[string]*policyv1.PodDisruptionBudget
 	jobs            []*batchv1.Job
 	serviceMonitors []*monitoringv1.ServiceMonitor
@@ -77,7 +81,7 @@ func render(t *testing.T, vals map[string]any) objects {
 	if err != nil {
 		t.Fatalf("rendering: %v", err)
 	}
-	objs := objects{deployments: map[string]*appsv1.Deployment{}, services: map[string]*corev1.Service{}, pdbs: map[string]*policyv1.PodDisruptionBudget{}}
+	objs := objects{deployments: map[string]*appsv1.Deployment{}, statefulSets: map[string]*appsv1.StatefulSet{}, pods: map[string]corev1.PodTemplateSpec{}, services: map[string]*corev1.Service{}, pdbs: map[string]*policyv1.PodDisruptionBudget{}}
 	for _, name := range slices.Sorted(maps.Keys(files)) {
 		if strings.HasSuffix(name, "NOTES.txt") {
 			continue
@@ -116,6 +120,14 @@ func (o *objects) add(doc string) error {
 			return err
 		}
 		o.deployments[component(d.ObjectMeta)] = d
+		o.pods[component(d.ObjectMeta)] = d.Spec.Template
+	case "apps/v1 StatefulSet":
+		s := &appsv1.StatefulSet{}
+		if err := decodeStrict(doc, s); err != nil {
+			return err
+		}
+		o.statefulSets[component(s.ObjectMeta)] = s
+		o.pods[component(s.ObjectMeta)] = s.Spec.Template
 	case "v1 Service":
 		s := &corev1.Service{}
 		if err := decodeStrict(doc, s); err != nil {
@@ -184,6 +196,9 @@ func TestChartRendersTheDeployment(t *testing.T) {
 	objs := render(t, nil)
 	if got := slices.Sorted(maps.Keys(objs.deployments)); !slices.Equal(got, slices.Sorted(slices.Values(participants))) {
 		t.Fatalf("Deployments for %v, want %v", got, participants)
+	}
+	if len(objs.statefulSets) != 0 {
+		t.Errorf("StatefulSets without staticMembership")
 	}
 	for _, name := range participants {
 		d := objs.deployments[name]
@@ -274,8 +289,11 @@ func TestChartRendersTheDeployment(t *testing.T) {
 // *_FILE variables point, and the ServiceMonitor scrapes the admin Service.
 func TestChartRendersEveryOption(t *testing.T) {
 	objs := render(t, everything)
+	if got := slices.Sorted(maps.Keys(objs.pods)); !slices.Equal(got, slices.Sorted(slices.Values(participants))) {
+		t.Fatalf("workloads for %v, want %v", got, participants)
+	}
 	for _, name := range participants {
-		pod := objs.deployments[name].Spec.Template.Spec
+		pod := objs.pods[name].Spec
 		c := pod.Containers[0]
 		env := envOf(c)
 		mounts := map[string]string{} // mount path -> Secret
@@ -306,6 +324,23 @@ func TestChartRendersEveryOption(t *testing.T) {
 			if env[variable].Value != want {
 				t.Errorf("%s: %s=%q, want %q", name, variable, env[variable].Value, want)
 			}
+		}
+	}
+	pay := objs.statefulSets["payment"]
+	if pay == nil || objs.deployments["payment"] != nil || len(objs.statefulSets) != 1 {
+		t.Fatalf("payment is not the one StatefulSet: %v", slices.Collect(maps.Keys(objs.statefulSets)))
+	}
+	if id := envOf(pay.Spec.Template.Spec.Containers[0])["PROZESS_INSTANCE_ID"]; id.ValueFrom == nil || id.ValueFrom.FieldRef == nil ||
+		id.ValueFrom.FieldRef.FieldPath != "metadata.name" {
+		t.Errorf("payment's --instance-id is not its pod name: %+v", id)
+	}
+	if pay.Spec.ServiceName != objs.services["admin"].Name || !selects(pay.Spec.Selector, pay.Spec.Template.Labels) ||
+		!selects(objs.pdbs["payment"].Spec.Selector, pay.Spec.Template.Labels) {
+		t.Errorf("payment's StatefulSet: service %q, selector %v, labels %v", pay.Spec.ServiceName, pay.Spec.Selector, pay.Spec.Template.Labels)
+	}
+	for name, d := range objs.deployments {
+		if _, ok := envOf(d.Spec.Template.Spec.Containers[0])["PROZESS_INSTANCE_ID"]; ok {
+			t.Errorf("%s, a Deployment, has an instance id", name)
 		}
 	}
 	if len(objs.serviceMonitors) != 1 {
@@ -365,8 +400,8 @@ func TestChartNamesOnlyRealFlags(t *testing.T) {
 	}
 	objs := render(t, everything)
 	var pods []corev1.PodSpec
-	for _, d := range objs.deployments {
-		pods = append(pods, d.Spec.Template.Spec)
+	for _, p := range objs.pods {
+		pods = append(pods, p.Spec)
 	}
 	for _, j := range objs.jobs {
 		pods = append(pods, j.Spec.Template.Spec)
