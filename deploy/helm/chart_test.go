@@ -435,3 +435,26 @@ func TestChartNamesOnlyRealFlags(t *testing.T) {
 		t.Fatalf("read too few flags from --help: %v", flags)
 	}
 }
+
+// values.schema.json refuses what the templates would ignore: a misspelt
+// key, a variable that is no PROZESS_ flag, an unknown SASL mechanism.
+func TestChartRefusesUnknownValues(t *testing.T) {
+	chrt, err := loader.Load(chartDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := chartutil.ReleaseOptions{Name: "shop", Namespace: "orders", IsInstall: true}
+	if _, err := chartutil.ToRenderValues(chrt, everything, opts, chartutil.DefaultCapabilities); err != nil {
+		t.Fatalf("every option: %v", err)
+	}
+	for _, bad := range []map[string]any{
+		{"participants": map[string]any{"payment": map[string]any{"replica": 3}}},
+		{"env": map[string]any{"SAGA_DEADLINE": "10m"}},
+		{"kafka": map[string]any{"sasl": map[string]any{"mechanism": "SCRAM-SHA-1"}}},
+		{"serviceMonitor": map[string]any{"enable": true}},
+	} {
+		if _, err := chartutil.ToRenderValues(chrt, bad, opts, chartutil.DefaultCapabilities); err == nil {
+			t.Errorf("values %v accepted", bad)
+		}
+	}
+}
