@@ -80,6 +80,7 @@ variable as fallback, e.g. --database-url and PROZESS_DATABASE_URL.`,
 	cfg.logFlags(root.PersistentFlags())
 	cfg.dataDirFlag(root.PersistentFlags())
 	root.AddCommand(serveCommand(&cfg), devCommand(&cfg), brokerCommand(&cfg), migrateCommand(&cfg), seedCommand(&cfg), loadgenCommand(&cfg), checkCommand(&cfg), dlqCommand(&cfg), apikeyCommand(&cfg), ordersCommand(&cfg))
+	root.AddCommand(versionCommand(root))
 	return root
 }
 

@@ -125,7 +125,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &System{log: log, cfg: cfg, stats: map[string]*saga.ConsumerStats{}, metrics: telemetry.NewMetrics()}
+	s := &System{log: log, cfg: cfg, stats: map[string]*saga.ConsumerStats{}, metrics: newMetrics()}
 	defer func() {
 		if err != nil {
 			s.close()
@@ -214,6 +214,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	}
 	s.closers = append(s.closers, relay.Close)
 	s.addActor(relay.Run)
+	s.metrics.RegisterFlag("prozess_relay_leader", "1 while this process's relay holds the outbox lock (one leader per database), else 0.", relay.Leading)
 	signal := saga.NewOutboxSignal(relay, pool, log.With("participant", "relay"))
 	s.addActor(signal.Run)
 

@@ -66,16 +66,6 @@ func prozessIn(t *testing.T, dir string, args ...string) (string, error) {
 	return string(out), err
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 // With PostgreSQL, Redis and Kafka ports of the machine's own taken, `serve
 // all` with no server flags moves its embedded servers to free ports, and
 // every command run beside it with no flags (orders get, orders tail, check,

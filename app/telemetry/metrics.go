@@ -121,6 +121,31 @@ func (m *Metrics) CountOutOfRange(participant string) {
 	}
 }
 
+// RegisterBuildInfo adds prozess_build_info, always 1, whose labels name
+// the build: join it to any series by instance to see what version runs.
+func (m *Metrics) RegisterBuildInfo(version, commit, goVersion string) {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{Name: "prozess_build_info",
+		Help:        "The build of this process (always 1): its version, commit and Go version.",
+		ConstLabels: prometheus.Labels{"version": version, "commit": commit, "goversion": goVersion}})
+	g.Set(1)
+	m.reg.MustRegister(g)
+}
+
+// RegisterGaugeFunc adds a gauge read from fn at scrape time.
+func (m *Metrics) RegisterGaugeFunc(name, help string, fn func() float64) {
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, fn))
+}
+
+// RegisterFlag adds a gauge that is 1 while fn reports true, else 0.
+func (m *Metrics) RegisterFlag(name, help string, fn func() bool) {
+	m.RegisterGaugeFunc(name, help, func() float64 {
+		if fn() {
+			return 1
+		}
+		return 0
+	})
+}
+
 // RegisterCounterFunc adds a counter read from fn at scrape time.
 func (m *Metrics) RegisterCounterFunc(name, help string, fn func() float64) {
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, fn))
@@ -188,7 +213,7 @@ type StateCollector struct {
 	admin     *kadm.Client
 	consumers map[string]Consumer // by participant
 
-	records, orders, outboxRows, outboxAge, parked, poolConns, poolAcquires, lag, reads *prometheus.Desc
+	records, orders, outboxRows, outboxAge, parked, deadLetters, unpaidAge, poolConns, poolAcquires, lag, reads *prometheus.Desc
 
 	mu       sync.Mutex
 	costly   []prometheus.Metric // the last reading of the costly state
@@ -209,12 +234,17 @@ func NewStateCollector(pool *pgxpool.Pool, admin *kadm.Client, consumers map[str
 		records: prometheus.NewDesc("prozess_consumer_records_total",
 			"Records a participant handled, by outcome: applied, duplicate (skipped by the inbox) or dead_lettered.",
 			[]string{"participant", "outcome"}, nil),
-		orders:     prometheus.NewDesc("prozess_orders", "Orders by status, from PostgreSQL.", []string{"status"}, nil),
-		outboxRows: prometheus.NewDesc("prozess_outbox_rows", "Outbox rows waiting for the relay.", nil, nil),
+		orders:     prometheus.NewDesc("prozess_orders", "Orders by status, from PostgreSQL (database-wide: every process exports the same value; aggregate with max).", []string{"status"}, nil),
+		outboxRows: prometheus.NewDesc("prozess_outbox_rows", "Outbox rows waiting for the relay (database-wide: aggregate with max).", nil, nil),
 		parked: prometheus.NewDesc("prozess_relay_parked_records",
-			"Outbox records the broker refused for good, parked in PostgreSQL (prozess dlq list shows them).", nil, nil),
+			"Outbox records the broker refused for good, parked in PostgreSQL (prozess dlq list shows them; database-wide: aggregate with max).", nil, nil),
+		deadLetters: prometheus.NewDesc("prozess_dead_letters_open",
+			"Dead letters not replayed yet (prozess dlq list shows them; database-wide: aggregate with max).", nil, nil),
+		unpaidAge: prometheus.NewDesc("prozess_saga_oldest_unpaid_age_seconds",
+			"Age of the oldest order not yet past payment (CREATED or INVENTORY_RESERVED, not expired), 0 when there is none: "+
+				"it grows while a step before payment stalls (database-wide: aggregate with max).", nil, nil),
 		outboxAge: prometheus.NewDesc("prozess_outbox_oldest_age_seconds",
-			"Age of the oldest outbox row waiting for the relay (0 when empty).", nil, nil),
+			"Age of the oldest outbox row waiting for the relay (0 when empty; database-wide: aggregate with max).", nil, nil),
 		poolConns:    prometheus.NewDesc("prozess_db_pool_connections", "PostgreSQL pool connections, by state.", []string{"state"}, nil),
 		poolAcquires: prometheus.NewDesc("prozess_db_pool_acquires_total", "Connections acquired from the PostgreSQL pool.", nil, nil),
 		reads: prometheus.NewDesc("prozess_metrics_state_reads_total",
@@ -223,7 +253,7 @@ func NewStateCollector(pool *pgxpool.Pool, admin *kadm.Client, consumers map[str
 }
 
 func (c *StateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.records, c.orders, c.outboxRows, c.outboxAge, c.parked, c.poolConns, c.poolAcquires, c.lag, c.reads} {
+	for _, d := range []*prometheus.Desc{c.records, c.orders, c.outboxRows, c.outboxAge, c.parked, c.deadLetters, c.unpaidAge, c.poolConns, c.poolAcquires, c.lag, c.reads} {
 		ch <- d
 	}
 }
@@ -278,6 +308,15 @@ func (c *StateCollector) readCostly() []prometheus.Metric {
 	}
 	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM parked`).Scan(&n); err == nil {
 		ms = append(ms, prometheus.MustNewConstMetric(c.parked, prometheus.GaugeValue, float64(n)))
+	}
+	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL`).Scan(&n); err == nil {
+		ms = append(ms, prometheus.MustNewConstMetric(c.deadLetters, prometheus.GaugeValue, float64(n)))
+	}
+	// The saga deadline's partial index (orders_unfinished_idx) holds
+	// exactly these rows, ordered by created_at: one index probe.
+	if err := c.pool.QueryRow(ctx, `SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM orders
+		WHERE status IN ('CREATED', 'INVENTORY_RESERVED') AND expired_at IS NULL`).Scan(&age); err == nil {
+		ms = append(ms, prometheus.MustNewConstMetric(c.unpaidAge, prometheus.GaugeValue, age))
 	}
 	return append(ms, c.readLag(ctx)...)
 }
