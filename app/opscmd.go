@@ -90,7 +90,7 @@ dead letters. Exits non-zero on any violation.`,
 func dlqCommand(cfg *Config) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "dlq",
-		Short: "List and replay dead-lettered records",
+		Short: "List and replay dead-lettered records and parked outbox records",
 	}
 	var asJSON bool
 	list := &cobra.Command{
@@ -174,7 +174,7 @@ what failed since. The topic is read and replayed in batches.`,
 	}
 	cfg.inboxFlag(replay.Flags())
 	replay.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL, to mark the replayed dead letters in their orders (empty: "+LocalDatabaseURL+")")
-	cmd.AddCommand(list, replay)
+	cmd.AddCommand(list, replay, unparkCommand(cfg))
 	return cmd
 }
 

@@ -122,6 +122,7 @@ func (a *API) Register(e *echo.Echo) {
 	e.GET("/live", a.livePage)     // the page asks for a key itself
 	e.GET("/live/stream", a.liveStream, a.authenticate)
 	e.POST("/admin/dead-letters/:id/replay", a.redrive, a.authenticate)
+	e.POST("/admin/parked/:id/replay", a.unpark, a.authenticate)
 	e.GET("/openapi.json", func(c echo.Context) error {
 		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, OpenAPI)
 	})
@@ -130,7 +131,7 @@ func (a *API) Register(e *echo.Echo) {
 			"service": "prozess",
 			"endpoints": []string{"POST /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products",
 				"GET /live", "GET /live/stream", "GET /openapi.json",
-				"POST /admin/dead-letters/{id}/replay"},
+				"POST /admin/dead-letters/{id}/replay", "POST /admin/parked/{id}/replay"},
 		})
 	})
 }
