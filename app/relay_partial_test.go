@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"regexp"
 	"strconv"
 	"testing"
@@ -179,4 +180,120 @@ func TestClusterRefusalIsRetriedNotParked(t *testing.T) {
 			}
 		})
 	}
+}
+
+// On Apache Kafka (PROZESS_TEST_KAFKA_CLUSTER): the saga topic's partition
+// 0 on brokers 1 and 2 only, with min.insync.replicas 2, the other five
+// partitions on brokers 2 and 3. Partition 0's leader is killed, so it
+// cannot take acks=all writes until it is back; at least two thirds of
+// the orders placed meanwhile finish within 25 s each (the bar;
+// those keyed to the healthy partitions are five sixths), and partition
+// 0's finish once the broker is back, each exactly once.
+func TestPartitionWithoutQuorumHoldsBackOnlyItsOrders(t *testing.T) {
+	e := newEnv(t)
+	if e.kafka == nil || os.Getenv("PROZESS_TEST_KAFKA_CLUSTER") == "" {
+		t.Skip("needs the three-node Apache Kafka cluster: PROZESS_TEST_KAFKA_BROKERS and PROZESS_TEST_KAFKA_CLUSTER (.ci/kafka/cluster, CI's Kafka step)")
+	}
+	cfg := e.config()
+	cfg.Partitions = 6
+	cl, err := kgo.NewClient(kgo.SeedBrokers(e.kafka.Brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	req := kmsg.NewPtrCreateTopicsRequest()
+	req.TimeoutMillis = 30000
+	topic := kmsg.NewCreateTopicsRequestTopic()
+	topic.Topic, topic.NumPartitions, topic.ReplicationFactor = cfg.Topic, -1, -1
+	for p, replicas := range [][]int32{{1, 2}, {2, 3}, {3, 2}, {2, 3}, {3, 2}, {2, 3}} {
+		a := kmsg.NewCreateTopicsRequestTopicReplicaAssignment()
+		a.Partition, a.Replicas = int32(p), replicas
+		topic.ReplicaAssignment = append(topic.ReplicaAssignment, a)
+	}
+	minISR := kmsg.NewCreateTopicsRequestTopicConfig()
+	minISR.Name, minISR.Value = "min.insync.replicas", kmsg.StringPtr("2")
+	topic.Configs = append(topic.Configs, minISR)
+	req.Topics = append(req.Topics, topic)
+	resp, err := req.RequestWith(t.Context(), cl)
+	if err == nil {
+		err = kerr.ErrorForCode(resp.Topics[0].ErrorCode)
+	}
+	if err != nil {
+		t.Fatalf("creating %s with partition 0 on brokers 1 and 2: %v", cfg.Topic, err)
+	}
+	r := e.start(cfg)
+	initial := r.stock(t)
+	if o := r.await(t, r.order(t, "u1", "", mouse(1)).OrderID.String(), 60*time.Second); o.Status != event.StatusShipped {
+		t.Fatalf("first order ended %s", o.Status)
+	}
+	md, err := kadm.NewClient(cl).Metadata(t.Context(), cfg.Topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leader := strconv.Itoa(int(md.Topics[cfg.Topic].Partitions[0].Leader))
+	if leader != "1" && leader != "2" {
+		t.Fatalf("partition 0's leader is broker %s, not one of its replicas 1 and 2", leader)
+	}
+	cluster(t, "node-signal", leader, "KILL")
+	killed := time.Now()
+	back := false
+	restart := func() {
+		if !back {
+			back = true
+			cluster(t, "node-start", leader)
+		}
+	}
+	defer restart()
+
+	// Orders placed while partition 0 has one live replica of two.
+	type placed struct {
+		id       string
+		at, done time.Time
+	}
+	var orders []*placed
+	for i := range 30 {
+		orders = append(orders, &placed{id: r.order(t, "u"+strconv.Itoa(i), "", mouse(1)).OrderID.String(), at: time.Now()})
+		time.Sleep(100 * time.Millisecond)
+	}
+	const bound = 25 * time.Second
+	for last := orders[len(orders)-1].at; time.Since(last) < bound; time.Sleep(200 * time.Millisecond) {
+		for _, o := range orders {
+			if o.done.IsZero() {
+				var got struct{ Status event.Status }
+				r.getJSON(t, "/orders/"+o.id, &got)
+				if got.Status.Terminal() {
+					o.done = time.Now()
+				}
+			}
+		}
+	}
+	var inTime, onZero, zeroInTime int
+	for _, o := range orders {
+		ok := !o.done.IsZero() && o.done.Sub(o.at) <= bound
+		if ok {
+			inTime++
+		}
+		if partitionOf(o.id, int(cfg.Partitions)) == 0 {
+			onZero++
+			if ok {
+				zeroInTime++
+			}
+		}
+	}
+	t.Logf("broker %s (partition 0's leader) killed: %d of %d orders placed meanwhile finished within %s (%d of them on partition 0, %d of those in time)",
+		leader, inTime, len(orders), bound, onZero, zeroInTime)
+	if inTime*3 < len(orders)*2 {
+		t.Errorf("only %d of %d orders finished within %s while partition 0 could not take writes; want at least two thirds", inTime, len(orders), bound)
+	}
+	restart()
+	t.Logf("broker %s back %s after it was killed", leader, time.Since(killed).Round(time.Second))
+	healed := time.Now()
+	for _, o := range orders {
+		if got := r.await(t, o.id, 90*time.Second); got.Status != event.StatusShipped {
+			t.Fatalf("order %s ended %s", o.id, got.Status)
+		}
+	}
+	t.Logf("every order shipped %s after the broker came back", time.Since(healed).Round(time.Millisecond))
+	e.awaitQuiet(60 * time.Second)
+	e.assertExactlyOnce(initial, r.stock(t))
 }
