@@ -72,9 +72,19 @@ type Relay struct {
 	outcomes []outcome // the producer's answers, not yet settled
 
 	// Used by the leading loop alone (one lead at a time):
-	inflight map[int64][]byte   // outbox id -> key, handed to the producer
+	inflight map[int64]flight   // outbox id -> its record, handed to the producer
 	held     map[int64]*backoff // outbox id -> when to try it again
 	alone    map[int64]bool     // ids to send alone: refused for good in company
+	perPart  int                // records in flight per partition at most
+	parts    map[string]int32   // partitions per topic, to tell a key's partition
+	partsAt  time.Time          // when parts was read
+}
+
+// flight is a record handed to the producer, not settled yet.
+type flight struct {
+	key       []byte
+	topic     string
+	partition int32 // -1: unknown (no key, or the topic's partitions unknown)
 }
 
 // outcome is the producer's answer for one outbox row.
@@ -100,6 +110,10 @@ func NewRelay(log *slog.Logger, pool *pgxpool.Pool, conn Conn, fault FaultFunc, 
 		kgo.ClientID("prozess-relay"),
 		// The relay hands over whole batches; lingering only adds latency.
 		kgo.ProducerLinger(0),
+		// Named, not left to the default: the relay computes a key's
+		// partition the same way (partitionOf) to cap what is in flight
+		// per partition. For keyed records it is the default's hash.
+		kgo.RecordPartitioner(kgo.StickyKeyPartitioner(nil)),
 		kgo.RequiredAcks(kgo.AllISRAcks()),
 	)
 	opts = append(opts, t.PublishHooks("prozess-relay")...)
@@ -109,7 +123,7 @@ func NewRelay(log *slog.Logger, pool *pgxpool.Pool, conn Conn, fault FaultFunc, 
 	}
 	return &Relay{log: log, pool: pool, producer: producer, batch: 1000, poll: time.Second,
 		wake: make(chan struct{}, 1), acked: make(chan struct{}, 1), fault: fault, metrics: m, tracing: t,
-		inflight: map[int64][]byte{}, held: map[int64]*backoff{}, alone: map[int64]bool{}}, nil
+		inflight: map[int64]flight{}, held: map[int64]*backoff{}, alone: map[int64]bool{}, perPart: maxInflightPerPartition}, nil
 }
 
 // Ping checks that the broker answers, for readiness.
@@ -234,6 +248,16 @@ func (r *Relay) lead(ctx context.Context) error {
 	}
 }
 
+// maxInflightPerPartition caps the records in flight to one partition, and
+// maxPages how many pages of batch rows a round reads past the rows of
+// partitions at the cap: a partition that takes no writes for long holds
+// at most this many of its records in the producer, and the rows behind
+// them are still found.
+const (
+	maxInflightPerPartition = 1000
+	maxPages                = 10
+)
+
 // aloneWait bounds how long a round waits for a record sent alone (to learn
 // whether a refusal was its own fault): well below LeaseTimeout, since the
 // lock's session is idle meanwhile.
@@ -253,10 +277,17 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 	now := time.Now()
 	skipIDs := []int64{} // not nil: NULL would match no row
 	skipKeys := [][]byte{}
-	for id, key := range r.inflight {
+	busy := map[string]map[int32]int{} // records in flight per topic and partition
+	for id, f := range r.inflight {
 		skipIDs = append(skipIDs, id)
-		if key != nil {
-			skipKeys = append(skipKeys, key)
+		if f.key != nil {
+			skipKeys = append(skipKeys, f.key)
+		}
+		if f.partition >= 0 {
+			if busy[f.topic] == nil {
+				busy[f.topic] = map[int32]int{}
+			}
+			busy[f.topic][f.partition]++
 		}
 	}
 	for id, b := range r.held {
@@ -267,35 +298,63 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 			}
 		}
 	}
-	rows, err := conn.Query(ctx, `SELECT id, topic, key, value, headers, header_bytes FROM outbox
-		WHERE id <> ALL($2::bigint[]) AND (key IS NULL OR key <> ALL($3::bytea[]))
-		ORDER BY id LIMIT $1`, r.batch, skipIDs, skipKeys)
-	if err != nil {
-		return 0, fmt.Errorf("reading outbox: %w", err)
-	}
+	r.refreshPartitions(ctx)
+	// A partition with perPart records in flight (one that takes no writes,
+	// most likely) gets no more: its rows are passed over, and the pages
+	// after them read, so the other partitions' rows keep flowing and the
+	// producer's buffer never fills with one partition's records.
 	var ids []int64
 	var recs []*kgo.Record
-	var id int64
-	var topic string
-	var key, value, headers, headerBytes []byte
+	var parts []int32
 	seen := map[string]bool{}
-	_, err = pgx.ForEachRow(rows, []any{&id, &topic, &key, &value, &headers, &headerBytes}, func() error {
-		if key != nil {
-			if seen[string(key)] {
-				return nil // its key's earlier row goes first
-			}
-			seen[string(key)] = true
-		}
-		hs, err := event.OutboxHeaders(headerBytes, headers)
+	for page, after := 0, int64(0); page < maxPages && len(recs) < r.batch; page++ {
+		rows, err := conn.Query(ctx, `SELECT id, topic, key, value, headers, header_bytes FROM outbox
+			WHERE id > $4 AND id <> ALL($2::bigint[]) AND (key IS NULL OR key <> ALL($3::bytea[]))
+			ORDER BY id LIMIT $1`, r.batch, skipIDs, skipKeys, after)
 		if err != nil {
-			return fmt.Errorf("outbox row %d: %w", id, err)
+			return 0, fmt.Errorf("reading outbox: %w", err)
 		}
-		ids = append(ids, id)
-		recs = append(recs, &kgo.Record{Topic: topic, Key: bytes.Clone(key), Value: bytes.Clone(value), Headers: hs})
-		return nil
-	})
-	if err != nil {
-		return 0, fmt.Errorf("reading outbox: %w", err)
+		var id int64
+		var topic string
+		var key, value, headers, headerBytes []byte
+		n, full := 0, false
+		_, err = pgx.ForEachRow(rows, []any{&id, &topic, &key, &value, &headers, &headerBytes}, func() error {
+			n, after = n+1, id
+			if len(recs) == r.batch {
+				return nil
+			}
+			if key != nil {
+				if seen[string(key)] {
+					return nil // its key's earlier row goes first
+				}
+				seen[string(key)] = true
+			}
+			part := r.partitionOf(topic, key)
+			if part >= 0 {
+				if busy[topic] == nil {
+					busy[topic] = map[int32]int{}
+				}
+				if busy[topic][part] >= r.perPart {
+					full = true
+					return nil // and its key's later rows, seen now
+				}
+				busy[topic][part]++
+			}
+			hs, err := event.OutboxHeaders(headerBytes, headers)
+			if err != nil {
+				return fmt.Errorf("outbox row %d: %w", id, err)
+			}
+			ids = append(ids, id)
+			parts = append(parts, part)
+			recs = append(recs, &kgo.Record{Topic: topic, Key: bytes.Clone(key), Value: bytes.Clone(value), Headers: hs})
+			return nil
+		})
+		if err != nil {
+			return 0, fmt.Errorf("reading outbox: %w", err)
+		}
+		if n < r.batch || !full {
+			break // the end of the outbox, or nothing passed over
+		}
 	}
 	if len(recs) == 0 {
 		return 0, nil
@@ -312,7 +371,7 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 	for i, rec := range recs {
 		if r.alone[ids[i]] {
 			done := make(chan struct{})
-			r.produce(ctx, ids[i], rec, true, done)
+			r.produce(ctx, ids[i], parts[i], rec, true, done)
 			select {
 			case <-done:
 			case <-time.After(aloneWait):
@@ -323,7 +382,7 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 	}
 	for i, rec := range recs {
 		if !r.alone[ids[i]] {
-			r.produce(ctx, ids[i], rec, false, nil)
+			r.produce(ctx, ids[i], parts[i], rec, false, nil)
 		}
 	}
 	return len(recs), nil
@@ -333,8 +392,8 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 // outcome is settled by a later round. TryProduce fails at once rather than
 // block when the producer's buffer is full (records of a partition that
 // takes no writes can fill it); the row is then tried again later.
-func (r *Relay) produce(ctx context.Context, id int64, rec *kgo.Record, alone bool, done chan struct{}) {
-	r.inflight[id] = rec.Key
+func (r *Relay) produce(ctx context.Context, id int64, partition int32, rec *kgo.Record, alone bool, done chan struct{}) {
+	r.inflight[id] = flight{key: rec.Key, topic: rec.Topic, partition: partition}
 	r.producer.TryProduce(ctx, rec, func(rec *kgo.Record, err error) {
 		r.mu.Lock()
 		r.outcomes = append(r.outcomes, outcome{id: id, alone: alone, rec: rec, err: err})
@@ -480,4 +539,40 @@ func (r *Relay) faultAt(point string) error {
 		return &crashError{point: point}
 	}
 	return nil
+}
+
+// partitionOf is the partition the producer will give a keyed record (the
+// partitioner's hash of the key), or -1 when that is unknown: no key, or
+// the topic's partitions not read.
+func (r *Relay) partitionOf(topic string, key []byte) int32 {
+	n := r.parts[topic]
+	if key == nil || n <= 0 {
+		return -1
+	}
+	return int32(kgo.StickyKeyPartitioner(nil).ForTopic(topic).Partition(&kgo.Record{Key: key}, int(n)))
+}
+
+// refreshPartitions reads how many partitions the topics the relay
+// publishes to have, every 30 s at most, within a bound well below the
+// lease. A failure keeps what it knew (caps per partition are an
+// optimisation; order per key holds without them).
+func (r *Relay) refreshPartitions(ctx context.Context) {
+	if time.Since(r.partsAt) < 30*time.Second {
+		return
+	}
+	r.partsAt = time.Now()
+	mctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	tds, err := kadm.NewClient(r.producer).ListTopics(mctx)
+	if err != nil {
+		r.log.Debug("reading topics' partition counts", "err", err)
+		return
+	}
+	parts := map[string]int32{}
+	for name, td := range tds {
+		if td.Err == nil && len(td.Partitions) > 0 {
+			parts[name] = int32(len(td.Partitions))
+		}
+	}
+	r.parts = parts
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -79,6 +80,99 @@ func TestRelayKeepsEachKeysOrderAcrossFailures(t *testing.T) {
 	for k, vs := range got {
 		if !slices.Equal(vs, want) {
 			t.Errorf("key %s published as %v, want %v", k, vs, want)
+		}
+	}
+}
+
+// A partition that takes no writes holds at most the cap of its records in
+// the producer, and the rows behind them in the outbox (past a whole batch
+// of that partition's rows) are still found and published: the producer's
+// buffer never fills with one partition's records, and the others flow.
+func TestRelayCapsWhatAStuckPartitionHoldsInFlight(t *testing.T) {
+	t.Parallel()
+	pool := schematest.NewPool(t)
+	b, err := saga.StartBroker("127.0.0.1:0", t.TempDir(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	const topic, partitions = "capped", 3
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.ListenAddrs()...), kgo.ConsumeTopics(topic), kgo.FetchMaxWait(200*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if _, err := kadm.NewClient(cl).CreateTopic(t.Context(), partitions, 1, nil, topic); err != nil {
+		t.Fatal(err)
+	}
+	// Partition 0 refuses; the fault also notes the highest record
+	// sequence the producer ever sent it: how many of its records it held.
+	var sent atomic.Int32
+	h := b.Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Topic: topic, Partitions: []int32{0}, Err: kerr.NotEnoughReplicas, Count: -1,
+		When: func(req kmsg.Request) bool {
+			for _, tp := range req.(*kmsg.ProduceRequest).Topics {
+				for _, p := range tp.Partitions {
+					var rb kmsg.RecordBatch
+					if p.Partition == 0 && rb.ReadFrom(p.Records) == nil && rb.FirstSequence+rb.NumRecords > sent.Load() {
+						sent.Store(rb.FirstSequence + rb.NumRecords)
+					}
+				}
+			}
+			return true
+		}})
+	partitionOf := func(key string) int {
+		return kgo.StickyKeyPartitioner(nil).ForTopic(topic).Partition(&kgo.Record{Key: []byte(key)}, partitions)
+	}
+	var stuck, healthy []string
+	for i := 0; len(stuck) < 40 || len(healthy) < 20; i++ {
+		k := fmt.Sprint("order-", i)
+		if partitionOf(k) == 0 && len(stuck) < 40 {
+			stuck = append(stuck, k)
+		} else if partitionOf(k) != 0 && len(healthy) < 20 {
+			healthy = append(healthy, k)
+		}
+	}
+	for _, k := range append(slices.Clone(stuck), healthy...) { // partition 0's rows first
+		schematest.Exec(t, pool, `INSERT INTO outbox (topic, key, value, header_bytes) VALUES ($1, convert_to($2, 'UTF8'), 'v', '')`, topic, k)
+	}
+	r, err := saga.NewRelay(slog.New(slog.DiscardHandler), pool, saga.Conn{Brokers: b.ListenAddrs()}, nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	saga.SetRelayLimits(r, 10, 5)
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	consume := func(n int, within time.Duration) map[string]int {
+		t.Helper()
+		got := map[string]int{}
+		for total, deadline := 0, time.Now().Add(within); total < n; {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d of %d records published within %s", total, n, within)
+			}
+			pctx, pcancel := context.WithTimeout(ctx, time.Second)
+			fs := cl.PollFetches(pctx)
+			pcancel()
+			fs.EachRecord(func(rec *kgo.Record) { got[string(rec.Key)]++; total++ })
+		}
+		return got
+	}
+	got := consume(len(healthy), 20*time.Second)
+	for _, k := range healthy {
+		if got[k] != 1 {
+			t.Fatalf("record %s published %d times while partition 0 refused writes", k, got[k])
+		}
+	}
+	if n := sent.Load(); n == 0 || n > 5 {
+		t.Fatalf("the producer sent partition 0 %d records, want 1 to 5 (the cap)", n)
+	}
+	h.Remove()
+	got = consume(len(stuck), 30*time.Second)
+	for _, k := range stuck {
+		if got[k] != 1 {
+			t.Fatalf("record %s of partition 0 published %d times after it healed", k, got[k])
 		}
 	}
 }
