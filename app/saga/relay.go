@@ -78,6 +78,7 @@ type Relay struct {
 	perPart  int                // records in flight per partition at most
 	parts    map[string]int32   // partitions per topic, to tell a key's partition
 	partsAt  time.Time          // when parts was read
+	warnedAt time.Time          // when records long in flight were last logged
 }
 
 // flight is a record handed to the producer, not settled yet.
@@ -85,6 +86,7 @@ type flight struct {
 	key       []byte
 	topic     string
 	partition int32 // -1: unknown (no key, or the topic's partitions unknown)
+	since     time.Time
 }
 
 // outcome is the producer's answer for one outbox row.
@@ -258,6 +260,10 @@ const (
 	maxPages                = 10
 )
 
+// slowAck is how long a record may wait for its acknowledgement before the
+// relay logs it.
+const slowAck = 10 * time.Second
+
 // aloneWait bounds how long a round waits for a record sent alone (to learn
 // whether a refusal was its own fault): well below LeaseTimeout, since the
 // lock's session is idle meanwhile.
@@ -278,7 +284,15 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 	skipIDs := []int64{} // not nil: NULL would match no row
 	skipKeys := [][]byte{}
 	busy := map[string]map[int32]int{} // records in flight per topic and partition
+	var late int                       // records in flight for longer than slowAck
+	var oldest flight
 	for id, f := range r.inflight {
+		if now.Sub(f.since) > slowAck {
+			late++
+			if oldest.since.IsZero() || f.since.Before(oldest.since) {
+				oldest = f
+			}
+		}
 		skipIDs = append(skipIDs, id)
 		if f.key != nil {
 			skipKeys = append(skipKeys, f.key)
@@ -297,6 +311,13 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 				skipKeys = append(skipKeys, b.key)
 			}
 		}
+	}
+	// The producer retries what a partition refuses for the moment without
+	// telling; the log does, every slowAck.
+	if late > 0 && now.Sub(r.warnedAt) > slowAck {
+		r.warnedAt = now
+		r.log.Warn("outbox records waiting for the broker's acknowledgement (a partition without a leader or enough in-sync replicas?); the other partitions go on",
+			"records", late, "oldest_topic", oldest.topic, "oldest_partition", oldest.partition, "oldest_for", now.Sub(oldest.since).Round(time.Second))
 	}
 	r.refreshPartitions(ctx)
 	// A partition with perPart records in flight (one that takes no writes,
@@ -393,7 +414,7 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 // block when the producer's buffer is full (records of a partition that
 // takes no writes can fill it); the row is then tried again later.
 func (r *Relay) produce(ctx context.Context, id int64, partition int32, rec *kgo.Record, alone bool, done chan struct{}) {
-	r.inflight[id] = flight{key: rec.Key, topic: rec.Topic, partition: partition}
+	r.inflight[id] = flight{key: rec.Key, topic: rec.Topic, partition: partition, since: time.Now()}
 	r.producer.TryProduce(ctx, rec, func(rec *kgo.Record, err error) {
 		r.mu.Lock()
 		r.outcomes = append(r.outcomes, outcome{id: id, alone: alone, rec: rec, err: err})
