@@ -330,7 +330,8 @@ func (r *Relay) publish(ctx context.Context, conn *pgx.Conn) (int, error) {
 	seen := map[string]bool{}
 	for page, after := 0, int64(0); page < maxPages && len(recs) < r.batch; page++ {
 		rows, err := conn.Query(ctx, `SELECT id, topic, key, value, headers, header_bytes FROM outbox
-			WHERE id > $4 AND id <> ALL($2::bigint[]) AND (key IS NULL OR key <> ALL($3::bytea[]))
+			WHERE id > $4 AND id NOT IN (SELECT unnest($2::bigint[]))
+				AND (key IS NULL OR key NOT IN (SELECT unnest($3::bytea[])))
 			ORDER BY id LIMIT $1`, r.batch, skipIDs, skipKeys, after)
 		if err != nil {
 			return 0, fmt.Errorf("reading outbox: %w", err)
