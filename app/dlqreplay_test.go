@@ -1,10 +1,12 @@
 package app_test
 
 import (
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/schema/schematest"
 )
@@ -61,6 +63,16 @@ func TestDeadLetterReplayAllSkipsWhatWasReplayed(t *testing.T) {
 		t.Fatalf("replayed order ended %s", got.Status)
 	}
 	replay("skipped 3 dead letters already replayed", "nothing to replay")
+	// Named one by one, a dead letter replayed already is refused.
+	dls, err := saga.ReadDeadLetters(t.Context(), saga.Conn{Brokers: brokers}, cfg.DLQTopic())
+	if err != nil || len(dls) != 3 {
+		t.Fatalf("%d dead letters (%v)", len(dls), err)
+	}
+	first := strconv.Itoa(int(dls[0].Partition)) + "@" + strconv.FormatInt(dls[0].Offset, 10)
+	if _, err := runCLI(t, "dlq", "replay", "--kafka-brokers", strings.Join(brokers, ","), "--topic", cfg.Topic, "--record", first,
+		"--database-url", e.dbURL); err == nil || !strings.Contains(err.Error(), "was replayed at") {
+		t.Fatalf("replaying %s again by name: %v", first, err)
+	}
 	e.awaitQuiet(20 * time.Second)
 	if n := e.count(`SELECT count(*) FROM shipments WHERE order_id = $1`, id); n != 1 {
 		t.Fatalf("%d shipments", n)
