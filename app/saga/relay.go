@@ -50,8 +50,9 @@ const LeaseTimeout = 15 * time.Second
 // the producer the next rows (in id order) whose key has nothing in flight,
 // and deletes what the broker acknowledged since the last round. A
 // partition that cannot take writes (no leader, too few in-sync replicas)
-// so keeps only its own records in flight, retried by the producer, while
-// the other partitions' rows keep flowing, and no wait of the relay
+// so keeps only its own records in flight (maxInflightPerPartition at
+// most), retried by the producer, while the other partitions' rows keep
+// flowing, and no wait of the relay
 // outlasts its lock's lease (LeaseTimeout). An order's events keep their
 // order: at most one record per key is in flight, and the next one is read
 // only once that one is settled.
