@@ -205,6 +205,9 @@ func TestOpenAPIContract(t *testing.T) {
 		{name: "re-drive as a user", method: "POST", path: "/admin/dead-letters/1/replay", key: u1, status: 404},
 		{name: "re-drive, bad id", method: "POST", path: "/admin/dead-letters/x/replay", key: e.keyFor("admin"), status: 400, invalid: true},
 		{name: "re-drive, no such dead letter", method: "POST", path: "/admin/dead-letters/999/replay", key: e.keyFor("admin"), status: 404},
+		{name: "unpark as a user", method: "POST", path: "/admin/parked/1/replay", key: u1, status: 404},
+		{name: "unpark, bad id", method: "POST", path: "/admin/parked/x/replay", key: e.keyFor("admin"), status: 400, invalid: true},
+		{name: "unpark, no such parked record", method: "POST", path: "/admin/parked/999/replay", key: e.keyFor("admin"), status: 404},
 	} {
 		c.check(t, r.url, cl)
 	}

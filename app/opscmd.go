@@ -12,14 +12,12 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/prozess/prozess/app/check"
 	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/api"
-	"github.com/prozess/prozess/modules/deadletter"
 )
 
 func checkCommand(cfg *Config) *cobra.Command {
@@ -107,7 +105,7 @@ func (v violations) Error() string { return fmt.Sprintf("%d violations", int(v))
 func dlqCommand(cfg *Config) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "dlq",
-		Short: "List and replay dead-lettered records",
+		Short: "List and replay dead-lettered records and parked outbox records",
 	}
 	var asJSON bool
 	list := &cobra.Command{
@@ -154,7 +152,9 @@ func dlqCommand(cfg *Config) *cobra.Command {
 		Long: `Republish dead-lettered records, without their dead-letter headers, to the
 topic they came from. Participants that had processed them skip them (their
 inbox knows the event id); the others process them now. A record that still
-cannot be processed is dead-lettered again.`,
+cannot be processed is dead-lettered again, as a new dead letter: --all
+skips dead letters already replayed (or re-driven), so each run replays only
+what failed since. The topic is read and replayed in batches.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if all == (len(which) > 0) {
@@ -171,71 +171,17 @@ cannot be processed is dead-lettered again.`,
 				}
 				chosen[w] = true
 			}
-			kafka, dls, err := cfg.deadLetters(cmd.Context())
-			if err != nil {
-				return err
-			}
-			retention, err := saga.InboxRetention(cmd.Context(), kafka, cfg.Topic, cfg.InboxMargin)
-			if err != nil {
-				return err
-			}
-			var recs []*kgo.Record
-			var rows []int64
-			for _, d := range dls {
-				id := fmt.Sprintf("%d@%d", d.Partition, d.Offset)
-				if all || chosen[id] {
-					if d.Headers[saga.HeaderDLQTopic] == "" {
-						return fmt.Errorf("dead letter %s has no %s header; not replaying it", id, saga.HeaderDLQTopic)
-					}
-					if err := deadletter.TooOld(d.Age(), retention, cfg.Topic); err != nil {
-						return fmt.Errorf("dead letter %s is %w; not replaying it", id, err)
-					}
-					recs = append(recs, d.Original())
-					if d.ID > 0 {
-						rows = append(rows, d.ID)
-					}
-					delete(chosen, id)
-				}
-			}
-			for id := range chosen {
-				return fmt.Errorf("--record %s: no such dead letter in %s", id, cfg.DLQTopic())
-			}
-			if len(recs) == 0 {
-				fmt.Fprintln(cmd.OutOrStdout(), "nothing to replay")
-				return nil
-			}
-			cl, err := kafka.Client()
-			if err != nil {
-				return err
-			}
-			defer cl.Close()
-			if err := cl.ProduceSync(cmd.Context(), recs...).FirstErr(); err != nil {
-				return fmt.Errorf("replaying %d records: %w", len(recs), err)
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "replayed %d records\n", len(recs))
-			// The orders' readers see them replayed (and their trails say
-			// so), as after a re-drive from the live page.
-			if len(rows) > 0 {
-				_, pool, err := cfg.openDB(cmd.Context())
-				if err == nil {
-					err = deadletter.MarkReplayed(cmd.Context(), pool, rows, "prozess dlq replay")
-					pool.Close()
-				}
-				if err != nil {
-					return fmt.Errorf("replayed, but not marked replayed in PostgreSQL (orders still show them open): %w", err)
-				}
-			}
-			return nil
+			return cfg.replayDeadLetters(cmd.Context(), cmd.OutOrStdout(), all, chosen)
 		},
 	}
-	replay.Flags().BoolVar(&all, "all", false, "replay every dead letter")
+	replay.Flags().BoolVar(&all, "all", false, "replay every dead letter not replayed yet")
 	replay.Flags().StringSliceVar(&which, "record", nil, "a dead letter to replay, PARTITION@OFFSET as dlq list prints it (repeatable)")
 	for _, c := range []*cobra.Command{list, replay} {
 		cfg.runningKafkaFlags(c.Flags())
 	}
 	cfg.inboxFlag(replay.Flags())
 	replay.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL, to mark the replayed dead letters in their orders (empty: the one recorded in --data-dir)")
-	cmd.AddCommand(list, replay)
+	cmd.AddCommand(list, replay, unparkCommand(cfg))
 	return cmd
 }
 

@@ -11,7 +11,6 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/modules/event"
-	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
@@ -56,59 +55,16 @@ type DeadLetter struct {
 	record      *kgo.Record
 }
 
-// ReadDeadLetters reads the whole dead-letter topic, start to end.
+// ReadDeadLetters reads the whole dead-letter topic, start to end, into
+// memory (for dlq list; replay streams it with ScanDeadLetters): each wait
+// is bounded, not the whole read.
 func ReadDeadLetters(ctx context.Context, conn Conn, topic string) ([]DeadLetter, error) {
-	cl, err := conn.Client()
-	if err != nil {
-		return nil, err
-	}
-	defer cl.Close()
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	adm := kadm.NewClient(cl)
-	ends, err := adm.ListEndOffsets(ctx, topic)
-	if err != nil {
-		return nil, fmt.Errorf("cannot reach Kafka at %v: %w", conn.Brokers, err)
-	}
-	starts, err := adm.ListStartOffsets(ctx, topic)
-	if err != nil {
-		return nil, fmt.Errorf("cannot reach Kafka at %v: %w", conn.Brokers, err)
-	}
-	want := map[int32]int64{}
-	parts := map[string]map[int32]kgo.Offset{topic: {}}
-	ends.Each(func(o kadm.ListedOffset) {
-		s, _ := starts.Lookup(o.Topic, o.Partition)
-		if o.Offset > s.Offset {
-			want[o.Partition] = o.Offset
-			parts[topic][o.Partition] = kgo.NewOffset().At(s.Offset)
-		}
-	})
-	if len(want) == 0 {
-		return nil, nil
-	}
-	reader, err := conn.Client(kgo.ConsumePartitions(parts))
-	if err != nil {
-		return nil, err
-	}
-	defer reader.Close()
 	var out []DeadLetter
-	for len(want) > 0 {
-		fs := reader.PollFetches(ctx)
-		if err := ctx.Err(); err != nil {
-			return nil, fmt.Errorf("reading %s: %w", topic, err)
-		}
-		fs.EachRecord(func(r *kgo.Record) {
-			if end, ok := want[r.Partition]; ok {
-				if r.Offset+1 >= end {
-					delete(want, r.Partition)
-				}
-				if r.Offset < end {
-					out = append(out, ParseDeadLetter(r))
-				}
-			}
-		})
-	}
-	return out, nil
+	err := ScanDeadLetters(ctx, conn, topic, 1000, func(dls []DeadLetter) error {
+		out = append(out, dls...)
+		return nil
+	})
+	return out, err
 }
 
 // ParseDeadLetter reads a record of the dead-letter topic.

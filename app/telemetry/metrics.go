@@ -33,6 +33,7 @@ type Metrics struct {
 	batchSize     *prometheus.HistogramVec
 	retries       *prometheus.CounterVec
 	published     prometheus.Counter
+	publishErrors *prometheus.CounterVec
 	outOfRange    *prometheus.CounterVec
 	stepDuration  *prometheus.HistogramVec
 	expired       prometheus.Counter
@@ -63,6 +64,8 @@ func NewMetrics() *Metrics {
 			Help: "Times a participant found its committed offset deleted by retention (it stops rather than skip records)."}, []string{"participant"}),
 		published: prometheus.NewCounter(prometheus.CounterOpts{Name: "prozess_relay_published_records_total",
 			Help: "Outbox records the relay published to Kafka."}),
+		publishErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "prozess_relay_publish_errors_total",
+			Help: "Outbox records the relay could not publish this time (kept and tried again), by Kafka's error code."}, []string{"code"}),
 		stepDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "prozess_saga_step_duration_seconds",
 			Help: "Time from one saga event to the event a participant emitted in answer (outbox, relay, " +
 				"Kafka and handling), by the two event types: OrderCreated to InventoryReserved is the reserve step.",
@@ -74,7 +77,7 @@ func NewMetrics() *Metrics {
 				"as of this process's last sweep; -1 before the first."}),
 	}
 	m.paidOverdue.Set(-1)
-	reg.MustRegister(m.httpRequests, m.httpDuration, m.batchDuration, m.batchSize, m.retries, m.published, m.stepDuration, m.outOfRange,
+	reg.MustRegister(m.httpRequests, m.httpDuration, m.batchDuration, m.batchSize, m.retries, m.published, m.publishErrors, m.stepDuration, m.outOfRange,
 		m.expired, m.paidOverdue)
 	return m
 }
@@ -345,4 +348,13 @@ func (c *StateCollector) readLag(ctx context.Context) []prometheus.Metric {
 		ms = append(ms, prometheus.MustNewConstMetric(c.lag, prometheus.GaugeValue, float64(l.Lag.Total()), name))
 	}
 	return ms
+}
+
+// CountPublishError counts an outbox record the relay could not publish
+// this time (it stays in the outbox and is tried again), by Kafka's error
+// code: a cluster-level refusal shows here, never as parked records.
+func (m *Metrics) CountPublishError(code string) {
+	if m != nil {
+		m.publishErrors.WithLabelValues(code).Inc()
+	}
 }

@@ -133,6 +133,7 @@ func (a *API) Register(e *echo.Echo) {
 	e.GET("/live", a.livePage)                // the page asks for a key itself
 	e.GET("/live/stream", a.liveStream, a.authenticate)
 	e.POST("/admin/dead-letters/:id/replay", a.redrive, a.dbBound, a.authenticate)
+	e.POST("/admin/parked/:id/replay", a.unpark, a.dbBound, a.authenticate)
 	e.GET("/openapi.json", func(c echo.Context) error {
 		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, OpenAPI)
 	})
@@ -141,7 +142,7 @@ func (a *API) Register(e *echo.Echo) {
 			"service": "prozess",
 			"endpoints": []string{"POST /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products",
 				"GET /live", "GET /live/stream", "GET /openapi.json",
-				"POST /admin/dead-letters/{id}/replay"},
+				"POST /admin/dead-letters/{id}/replay", "POST /admin/parked/{id}/replay"},
 		})
 	})
 }

@@ -56,3 +56,40 @@ func (a *API) redrive(c echo.Context) error {
 	a.log.InfoContext(ctx, "dead letter re-driven", "dead_letter_id", e.ID, "order_id", e.OrderID, "participant", e.Participant, "by", by)
 	return c.JSON(http.StatusOK, RedriveResponse{DeadLetter: e})
 }
+
+// UnparkResponse is the answer to POST /admin/parked/{id}/replay.
+type UnparkResponse struct {
+	Parked deadletter.Unparked `json:"parked"`
+}
+
+// unpark sends a parked outbox record again, as `prozess dlq unpark` does,
+// once the cause that parked it is fixed: the row moves back into the
+// outbox (see deadletter.Unpark) and the order's trail records who did it.
+// Admins only; for any other key the endpoint does not exist (404).
+func (a *API) unpark(c echo.Context) error {
+	p := principal(c)
+	if !p.Admin {
+		return errNotFound
+	}
+	id, err := strconv.ParseInt(c.Param("id"), 10, 64)
+	if err != nil || id <= 0 {
+		return badRequest("invalid_parked_id", "the parked record's id must be a positive integer, as GET /orders/{id} shows it (parked[].outbox_id)")
+	}
+	ctx := c.Request().Context()
+	by := "admin"
+	if p.KeyID != "" {
+		by = "admin key " + p.KeyID
+	}
+	u, err := deadletter.Unpark(ctx, a.pool, id, by)
+	switch {
+	case errors.Is(err, deadletter.ErrParkedNotFound):
+		return &Error{Status: http.StatusNotFound, Code: "not_found", Message: "no such parked record (sent again already, or never parked)"}
+	case err != nil:
+		return err
+	}
+	if a.committed != nil {
+		a.committed()
+	}
+	a.log.InfoContext(ctx, "parked record sent again", "parked_id", u.ParkedID, "outbox_id", u.OutboxID, "order_id", u.OrderID, "by", by)
+	return c.JSON(http.StatusOK, UnparkResponse{Parked: u})
+}
