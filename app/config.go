@@ -58,6 +58,7 @@ type Config struct {
 	ResetOutOfRange      bool          // skip to the log start when a committed offset was deleted
 	InboxMargin          time.Duration // inbox rows outlive the topic's retention by this much
 	PoisonAfter          time.Duration // a record failing alone with an unclassified error is dead-lettered after this
+	GiveUpAfter          time.Duration // a consumer whose PostgreSQL does not answer this long leaves its group
 	SagaDeadline         time.Duration // an order not past payment by then is expired (cancelled, stock given back)
 
 	// Fault, when set, is called at the consumers' fault points (tests).
@@ -90,6 +91,7 @@ func DefaultConfig() Config {
 		GroupPrefix:          "prozess-",
 		InboxMargin:          time.Hour,
 		PoisonAfter:          time.Minute,
+		GiveUpAfter:          15 * time.Second,
 		SagaDeadline:         15 * time.Minute,
 		Topic:                "order-events",
 		Partitions:           6,
@@ -195,6 +197,8 @@ func (c *Config) kafkaFlags(fs *pflag.FlagSet) {
 	c.inboxFlag(fs)
 	fs.DurationVar(&c.PoisonAfter, "poison-after", c.PoisonAfter,
 		"dead-letter a record that, alone, keeps failing this long with an error that is neither transient nor its own fault")
+	fs.DurationVar(&c.GiveUpAfter, "give-up-after", c.GiveUpAfter,
+		"leave the consumer group (so another instance takes the partitions over) when PostgreSQL has not answered this long; rejoin when it does")
 	fs.DurationVar(&c.SagaDeadline, "saga-deadline", c.SagaDeadline,
 		"cancel an order that has not reached payment this long after it was placed (its stock comes back); a paid order is never cancelled, only reported")
 	fs.BoolVar(&c.ResetOutOfRange, "reset-out-of-range", c.ResetOutOfRange,
@@ -250,6 +254,9 @@ func (c Config) validate() error {
 	}
 	if c.PoisonAfter <= 0 {
 		return fmt.Errorf("--poison-after %s: must be positive", c.PoisonAfter)
+	}
+	if c.GiveUpAfter <= 0 {
+		return fmt.Errorf("--give-up-after %s: must be positive", c.GiveUpAfter)
 	}
 	if c.SagaDeadline <= 0 {
 		return fmt.Errorf("--saga-deadline %s: must be positive", c.SagaDeadline)

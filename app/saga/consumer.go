@@ -909,6 +909,13 @@ type crashError struct{ point string }
 
 func (e *crashError) Error() string { return "fault injected at " + e.point }
 
+// beginBatch starts a batch's transaction. A batch never waits between its
+// statements, so PostgreSQL may end one left idle for seconds: its client
+// was cut off mid-transaction (or froze), and its locks (inbox rows, stock
+// rows) would otherwise hold up the instance that took its partitions over
+// for as long as the cut lasts. Sent with BEGIN, it costs no round trip.
+const beginBatch = `BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'`
+
 // apply is one attempt at a batch: one transaction for every record in it.
 func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	var ids, replays []uuid.UUID
@@ -923,7 +930,7 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	if len(ids) == 0 {
 		return nil
 	}
-	tx, err := c.pool.Begin(ctx)
+	tx, err := c.pool.BeginTx(ctx, pgx.TxOptions{BeginQuery: beginBatch})
 	if err != nil {
 		return fmt.Errorf("beginning transaction: %w", err)
 	}
