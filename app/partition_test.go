@@ -3,17 +3,23 @@ package app_test
 import (
 	"context"
 	"io"
+	"log/slog"
 	"net"
-	"net/url"
+	neturl "net/url"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/check"
+	"github.com/prozess/prozess/app/saga"
+	"github.com/prozess/prozess/app/saga/sagatest"
+	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/schema/schematest"
 )
 
@@ -151,7 +157,7 @@ func TestInventoryCutOffFromPostgresGivesItsPartitionsUp(t *testing.T) {
 	cfg.Partitions = 6
 	main := e.start(cfg, "api", "payment", "delivery", "status")
 	e.start(cfg, "inventory")
-	dbURL, err := url.Parse(e.dbURL)
+	dbURL, err := neturl.Parse(e.dbURL)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,5 +270,105 @@ func TestInventoryCutOffFromPostgresGivesItsPartitionsUp(t *testing.T) {
 	}
 	if len(rep.Violations) > 0 {
 		t.Errorf("prozess check after the cut:\n%s", rep.Text())
+	}
+}
+
+// blocker is a participant that, once, stops inside its batch transaction
+// (after its inbox claim and its effect) until released.
+type blocker struct {
+	once    sync.Once
+	inTx    chan struct{}
+	release chan struct{}
+}
+
+func (*blocker) Handles(event.Type) bool { return true }
+
+func (b *blocker) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]event.Event, error) {
+	b.once.Do(func() {
+		close(b.inTx)
+		<-b.release
+	})
+	return nil, nil
+}
+
+// A participant cut off from PostgreSQL in the middle of a batch does not
+// keep that transaction's locks for as long as the cut lasts: PostgreSQL
+// ends the transaction once it has been idle 5s, so another instance
+// claiming the same event (here a plain insert of its inbox row) waits
+// seconds, not until the network heals. Before, the claim waited for the
+// whole cut.
+func TestCutOffMidBatchReleasesItsLocks(t *testing.T) {
+	t.Parallel()
+	url := schematest.NewDatabase(t)
+	pool, err := pgxpool.New(t.Context(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	k := sagatest.New(t)
+	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 1}
+	if err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: k.Brokers}, spec, slog.New(slog.DiscardHandler)); err != nil {
+		t.Fatal(err)
+	}
+	dbURL, err := neturl.Parse(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := newBlackhole(t, dbURL.Host)
+	dbURL.Host = proxy.addr()
+	cutPool, err := pgxpool.New(t.Context(), dbURL.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &blocker{inTx: make(chan struct{}), release: make(chan struct{})}
+	c, err := saga.NewConsumer("cutoff", slog.New(slog.DiscardHandler), cutPool, h, saga.ConsumerConfig{
+		Kafka: saga.Conn{Brokers: k.Brokers}, Topic: k.Topic, DLQTopic: spec.DLQ, Group: k.GroupPrefix + "cutoff", GiveUpAfter: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	t.Cleanup(func() {
+		proxy.heal()
+		cancel()
+		<-done
+		c.Close()
+		cutPool.Close()
+	})
+
+	ev, err := event.New(event.OrderCreated, uuid.New(), "test", event.Created{UserID: "u1", Items: []event.Item{mouse(1)}, AmountCents: 2999})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := kgo.NewClient(kgo.SeedBrokers(k.Brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if err := cl.ProduceSync(t.Context(), ev.Record(k.Topic)).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-h.inTx:
+	case <-time.After(60 * time.Second):
+		t.Fatal("the batch never started")
+	}
+	proxy.cut()
+	close(h.release) // the consumer goes on: its next statement meets the blackhole
+	start := time.Now()
+	claimCtx, claimCancel := context.WithTimeout(t.Context(), 25*time.Second)
+	defer claimCancel()
+	tag, err := pool.Exec(claimCtx, `INSERT INTO inbox (consumer, event_id) VALUES ('cutoff', $1) ON CONFLICT DO NOTHING`, ev.ID)
+	took := time.Since(start)
+	t.Logf("the claim waited %s for the cut-off transaction", took.Round(10*time.Millisecond))
+	if err != nil {
+		t.Fatalf("claiming the event the cut-off instance held: %v after %s", err, took)
+	}
+	if tag.RowsAffected() != 1 {
+		t.Fatalf("the cut-off instance's claim was committed")
+	}
+	if took > 12*time.Second {
+		t.Fatalf("the claim waited %s for the cut-off transaction; want PostgreSQL to end it after 5s idle", took)
 	}
 }
