@@ -704,6 +704,9 @@ func (c *Consumer) hold(b *batch, idx []int, from int, holds map[int32]*held, si
 	attempt := 0
 	if h != nil && h.recs[0].Offset == first.Offset {
 		attempt = h.attempt + 1
+		if since.IsZero() {
+			since = h.since // a transient failure in between does not restart poisonAfter
+		}
 	}
 	rest := make([]*kgo.Record, 0, len(idx)-from)
 	for _, i := range idx[from:] {
