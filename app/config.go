@@ -64,6 +64,8 @@ type Config struct {
 	ResetOutOfRange      bool          // skip to the log start when a committed offset was deleted
 	InboxMargin          time.Duration // inbox rows outlive the topic's retention by this much
 	PoisonAfter          time.Duration // a record failing alone with an unclassified error is dead-lettered after this
+	GiveUpAfter          time.Duration // a consumer whose PostgreSQL does not answer this long leaves its group
+	SessionTimeout       time.Duration // the consumer group session: a member silent this long loses its partitions
 	SagaDeadline         time.Duration // an order not past payment by then is expired (cancelled, stock given back)
 
 	// Fault, when set, is called at the consumers' fault points (tests).
@@ -87,6 +89,8 @@ func DefaultConfig() Config {
 		GroupPrefix:        "prozess-",
 		InboxMargin:        time.Hour,
 		PoisonAfter:        time.Minute,
+		GiveUpAfter:        10 * time.Second,
+		SessionTimeout:     10 * time.Second,
 		SagaDeadline:       15 * time.Minute,
 		Topic:              "order-events",
 		Partitions:         6,
@@ -234,6 +238,10 @@ func (c *Config) kafkaFlags(fs *pflag.FlagSet) {
 	c.inboxFlag(fs)
 	fs.DurationVar(&c.PoisonAfter, "poison-after", c.PoisonAfter,
 		"dead-letter a record that, alone, keeps failing this long with an error that is neither transient nor its own fault")
+	fs.DurationVar(&c.SessionTimeout, "session-timeout", c.SessionTimeout,
+		"consumer group session timeout: a member silent this long loses its partitions to the others; with --instance-id, longer than a restart takes (e.g. 60s), so a restart keeps them")
+	fs.DurationVar(&c.GiveUpAfter, "give-up-after", c.GiveUpAfter,
+		"leave the consumer group (so another instance takes the partitions over) when PostgreSQL has not answered this long; rejoin when it does")
 	fs.DurationVar(&c.SagaDeadline, "saga-deadline", c.SagaDeadline,
 		"cancel an order short of payment that a participant has held this long (counted from when inventory or payment received its event, never while the backlog holds it; its stock comes back); a paid order is never cancelled, only reported")
 	fs.BoolVar(&c.ResetOutOfRange, "reset-out-of-range", c.ResetOutOfRange,
@@ -295,6 +303,12 @@ func (c Config) validate() error {
 	}
 	if c.PoisonAfter <= 0 {
 		return fmt.Errorf("--poison-after %s: must be positive", c.PoisonAfter)
+	}
+	if c.SessionTimeout < 6*time.Second || c.SessionTimeout > 30*time.Minute {
+		return fmt.Errorf("--session-timeout %s: must be from 6s to 30m (the brokers' default group.min/max.session.timeout.ms)", c.SessionTimeout)
+	}
+	if c.GiveUpAfter <= 0 {
+		return fmt.Errorf("--give-up-after %s: must be positive", c.GiveUpAfter)
 	}
 	if c.SagaDeadline <= 0 {
 		return fmt.Errorf("--saga-deadline %s: must be positive", c.SagaDeadline)

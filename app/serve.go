@@ -284,6 +284,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 			OnDeadLetter: onDead, OutboxCommitted: signal.Committed,
 			Kafka: s.kafka, Topic: cfg.Topic, DLQTopic: cfg.DLQTopic(), Fault: cfg.Fault, KafkaLog: saga.KafkaLogger(cfg.KafkaLogLevel, plog),
 			Group: cfg.GroupPrefix + p.name, InstanceID: cfg.InstanceID, ResetOutOfRange: cfg.ResetOutOfRange, PoisonAfter: cfg.PoisonAfter,
+			GiveUpAfter: cfg.GiveUpAfter, SessionTimeout: cfg.SessionTimeout,
 			Metrics: s.metrics, Tracing: s.tracing,
 		})
 		if err != nil {

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -74,7 +75,9 @@ type Consumer struct {
 	group        string
 	kafka        Conn
 	log          *slog.Logger
-	client       *kgo.Client
+	client       atomic.Pointer[kgo.Client] // replaced when the consumer rejoins after giving up
+	opts         []kgo.Opt                  // to make that new client
+	closed       atomic.Bool
 	pool         *pgxpool.Pool
 	handler      Handler
 	topic        string
@@ -82,12 +85,14 @@ type Consumer struct {
 	maxBatch     int
 	fault        FaultFunc
 	poisonAfter  time.Duration
+	giveUpAfter  time.Duration
 	stats        ConsumerStats
 	metrics      *telemetry.Metrics
 	tracer       *telemetry.ParticipantTracer
 	onDeadLetter func(ctx context.Context, orders []uuid.UUID)
 	committed    func()
-	applied      map[string]map[int32]kgo.EpochOffset // the last applied batch's offsets (Run's goroutine only)
+	own          ownership
+	progress     atomic.Int64 // unix nanoseconds of the last sign that PostgreSQL answers
 }
 
 // ConsumerStats counts what a consumer did with the records it polled.
@@ -96,6 +101,10 @@ type ConsumerStats struct {
 	Duplicates   atomic.Int64 // events skipped by the inbox
 	DeadLettered atomic.Int64 // records sent to the dead-letter topic
 	Batches      atomic.Int64 // transactions committed
+	// DeadLetterFailures counts attempts at dead-lettering a record that
+	// failed themselves (the outbox or inbox refused the dead letter).
+	DeadLetterFailures atomic.Int64
+	GaveUp             atomic.Int64 // times the consumer left its group, its database unreachable
 }
 
 // ConsumerConfig holds what NewConsumer needs beyond the handler.
@@ -117,10 +126,22 @@ type ConsumerConfig struct {
 	// with an error that is neither transient nor its own fault before it
 	// is dead-lettered with that error (0: one minute).
 	PoisonAfter time.Duration
-	Topic       string
-	DLQTopic    string
-	MaxBatch    int
-	Fault       FaultFunc
+	// GiveUpAfter bounds how long the consumer keeps its partitions while
+	// PostgreSQL does not answer (0: 15 seconds). Past it the consumer
+	// leaves its group, so another instance of the participant takes the
+	// partitions over, and rejoins once PostgreSQL answers a ping again.
+	// (A static member, InstanceID set, cannot leave: its partitions move
+	// when its session times out.)
+	GiveUpAfter time.Duration
+	// SessionTimeout is the group session: a member silent this long
+	// loses its partitions (0: 10 seconds). A static member (InstanceID)
+	// keeps them across a restart shorter than this, so give it longer
+	// than a restart takes.
+	SessionTimeout time.Duration
+	Topic          string
+	DLQTopic       string
+	MaxBatch       int
+	Fault          FaultFunc
 	// KafkaLog, when set, receives the Kafka client's own log (group
 	// membership, fetches) for debugging.
 	KafkaLog kgo.Logger
@@ -150,6 +171,16 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	if cfg.PoisonAfter <= 0 {
 		cfg.PoisonAfter = time.Minute
 	}
+	if cfg.GiveUpAfter <= 0 {
+		cfg.GiveUpAfter = 15 * time.Second
+	}
+	if cfg.SessionTimeout <= 0 {
+		cfg.SessionTimeout = 10 * time.Second
+	}
+	c := &Consumer{name: name, group: cfg.Group, kafka: cfg.Kafka, log: log, pool: pool, handler: h,
+		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, poisonAfter: cfg.PoisonAfter,
+		giveUpAfter: cfg.GiveUpAfter, metrics: cfg.Metrics, tracer: cfg.Tracing.ForParticipant(name, cfg.Group),
+		onDeadLetter: cfg.OnDeadLetter, committed: cfg.OutboxCommitted}
 	// A new group starts at the beginning either way; NoResetOffset only
 	// turns an out-of-range committed offset into an error instead of a
 	// silent jump (see Run).
@@ -167,12 +198,19 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 		kgo.FetchMaxWait(time.Second),
 		// A crashed member holds its partitions until its session times
 		// out; Kafka's 45s default would stall the saga that long.
-		kgo.SessionTimeout(10*time.Second),
+		kgo.SessionTimeout(cfg.SessionTimeout),
 		kgo.HeartbeatInterval(time.Second),
 		// No commit on revoke: with BlockRebalanceOnPoll a rebalance only
 		// runs between batches, when every applied batch is committed; what
 		// is still uncommitted then is a batch that failed, and committing it
 		// would skip records never applied.
+		//
+		// Partitions taken away are forgotten at once: their offsets are
+		// never committed again by this member (that could rewind what
+		// the new owner committed since), and records held back for them
+		// are dropped, so the new owner applies them.
+		kgo.OnPartitionsRevoked(func(_ context.Context, _ *kgo.Client, lost map[string][]int32) { c.own.lose(lost) }),
+		kgo.OnPartitionsLost(func(_ context.Context, _ *kgo.Client, lost map[string][]int32) { c.own.lose(lost) }),
 	)
 	if cfg.InstanceID != "" {
 		opts = append(opts, kgo.InstanceID(cfg.InstanceID))
@@ -185,8 +223,9 @@ func NewConsumer(name string, log *slog.Logger, pool *pgxpool.Pool, h Handler, c
 	if err != nil {
 		return nil, fmt.Errorf("creating %s kafka client: %w", name, err)
 	}
-	return &Consumer{name: name, group: cfg.Group, kafka: cfg.Kafka, log: log, client: client, pool: pool, handler: h,
-		topic: cfg.Topic, dlqTopic: cfg.DLQTopic, maxBatch: cfg.MaxBatch, fault: cfg.Fault, poisonAfter: cfg.PoisonAfter, metrics: cfg.Metrics, tracer: cfg.Tracing.ForParticipant(name, cfg.Group), onDeadLetter: cfg.OnDeadLetter, committed: cfg.OutboxCommitted}, nil
+	c.opts = opts
+	c.client.Store(client)
+	return c, nil
 }
 
 // GroupName is participant name's consumer group by default.
@@ -210,64 +249,334 @@ func (c *Consumer) Telemetry() telemetry.Consumer {
 
 // Joined reports whether the consumer is a member of its group.
 func (c *Consumer) Joined() bool {
-	member, gen := c.client.GroupMetadata()
+	member, gen := c.client.Load().GroupMetadata()
 	return member != "" && gen > 0
 }
 
 // Generation is the group generation the consumer is a member of (0 when
 // it is not).
 func (c *Consumer) Generation() int32 {
-	_, gen := c.client.GroupMetadata()
+	_, gen := c.client.Load().GroupMetadata()
 	return gen
 }
 
 // Close leaves the group and closes the client.
-func (c *Consumer) Close() { c.client.Close() }
+func (c *Consumer) Close() {
+	c.closed.Store(true)
+	c.client.Load().Close()
+}
 
-// Run consumes until ctx is cancelled. A batch in flight when that happens
-// is finished and its offsets committed; a batch that cannot be applied is
+// Run consumes until ctx is cancelled. A round in flight when that happens
+// is finished and its offsets committed; a record that cannot be applied is
 // retried with capped backoff and never skipped.
+//
+// Work is independent per partition: a record that keeps failing holds back
+// its own partition (paused, its records kept in memory) while the others
+// go on, and a round (one poll, one attempt) never keeps a rebalance waiting
+// for longer than one attempt, or isolateBudget when a batch is taken apart.
+// When PostgreSQL has not answered for giveUpAfter the consumer gives its
+// partitions up (see giveUp).
 func (c *Consumer) Run(ctx context.Context) error {
 	for {
-		fetches := c.client.PollRecords(ctx, c.maxBatch)
+		err := c.member(ctx)
+		if !errors.Is(err, errGaveUp) {
+			return err
+		}
+		if err := c.rejoin(ctx); err != nil {
+			if ctx.Err() != nil || c.closed.Load() {
+				return nil // stopped while waiting for PostgreSQL
+			}
+			return err
+		}
+	}
+}
+
+// errGaveUp ends a membership: PostgreSQL did not answer for giveUpAfter.
+var errGaveUp = errors.New("database unreachable")
+
+// isolateBudget bounds how long one round may take a failed batch apart
+// record by record before it lets a pending rebalance run: far below the
+// group's rebalance timeout (60s), so a member is never evicted for it.
+const isolateBudget = 15 * time.Second
+
+// held is one partition's records not yet applied, from the one that
+// failed on, kept in memory (the partition paused) until retried.
+type held struct {
+	recs    []*kgo.Record
+	attempt int       // failed rounds at recs[0]
+	due     time.Time // when to try again
+	since   time.Time // recs[0]'s first unclassified failure (zero: none)
+}
+
+// member consumes as one member of the group, with the current client,
+// until ctx ends (nil) or PostgreSQL stays unreachable (errGaveUp).
+func (c *Consumer) member(ctx context.Context) error {
+	cl := c.client.Load()
+	// work is what a round runs under: not cancelled by shutdown (a round
+	// once started finishes), only by giving up.
+	work, giveUp := context.WithCancel(context.WithoutCancel(ctx))
+	defer giveUp()
+	c.progress.Store(time.Now().UnixNano())
+	go c.watch(work, giveUp)
+	holds := map[int32]*held{}
+	stop := func() {
+		c.commitApplied(cl)
+		cl.AllowRebalance()
+	}
+	for {
+		c.forgetLost(cl, holds)
+		if work.Err() != nil {
+			c.giveUp(cl)
+			return errGaveUp
+		}
+		pollCtx, cancel := context.WithCancel(ctx)
+		if len(holds) > 0 {
+			pollCtx, cancel = context.WithDeadline(ctx, nextDue(holds))
+		}
+		unwatch := context.AfterFunc(work, cancel)
+		fetches := cl.PollRecords(pollCtx, c.maxBatch)
+		unwatch()
+		cancel()
 		if fetches.IsClientClosed() || ctx.Err() != nil {
 			// Not UncommittedOffsets: this poll's records were never applied.
-			c.commitApplied()
-			c.client.AllowRebalance()
+			stop()
 			return nil
 		}
 		lost := int32(-1)
 		fetches.EachError(func(t string, p int32, err error) {
-			if errors.Is(err, kerr.OffsetOutOfRange) {
+			switch {
+			case errors.Is(err, kerr.OffsetOutOfRange):
 				lost = p
-				return
+			case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+				// The poll's own deadline: time to retry what is held.
+			default:
+				c.log.Warn("fetch failed", "topic", t, "partition", p, "err", err)
 			}
-			c.log.Warn("fetch failed", "topic", t, "partition", p, "err", err)
 		})
 		if lost >= 0 {
-			c.client.AllowRebalance()
+			cl.AllowRebalance()
 			return c.outOfRange(c.topic, lost)
 		}
-		recs := fetches.Records()
-		if len(recs) == 0 {
-			c.client.AllowRebalance()
+		var ready []*kgo.Record
+		for _, r := range fetches.Records() {
+			if h := holds[r.Partition]; h != nil {
+				h.recs = append(h.recs, r) // fetched before the pause took
+			} else {
+				ready = append(ready, r)
+			}
+		}
+		now := time.Now()
+		for _, h := range holds {
+			if !now.Before(h.due) {
+				ready = append(ready, h.recs...)
+			}
+		}
+		if len(ready) == 0 {
+			cl.AllowRebalance()
 			continue
 		}
 		start := time.Now()
-		err := c.process(ctx, recs)
-		c.metrics.ObserveBatch(c.name, len(recs), time.Since(start))
-		if err != nil {
-			if errors.Is(err, context.Canceled) {
-				c.commitApplied() // the batches before this one
-				c.client.AllowRebalance()
-				return nil
-			}
-			c.client.AllowRebalance()
+		err := c.process(ctx, work, ready, holds)
+		c.metrics.ObserveBatch(c.name, len(ready), time.Since(start))
+		if err != nil && !errors.Is(err, errGaveUp) {
+			cl.AllowRebalance()
 			return err
 		}
-		c.commitOffsets()
-		c.client.AllowRebalance()
+		c.commitOffsets(cl)
+		c.pause(cl, holds)
+		if ctx.Err() != nil {
+			stop()
+			return nil
+		}
+		cl.AllowRebalance()
 	}
+}
+
+// nextDue is when the first held partition is due for a retry.
+func nextDue(holds map[int32]*held) time.Time {
+	var next time.Time
+	for _, h := range holds {
+		if next.IsZero() || h.due.Before(next) {
+			next = h.due
+		}
+	}
+	return next
+}
+
+// pause stops fetching the held partitions and resumes the others.
+func (c *Consumer) pause(cl *kgo.Client, holds map[int32]*held) {
+	var stuck, free []int32
+	for _, p := range cl.PauseFetchPartitions(nil)[c.topic] {
+		if holds[p] == nil {
+			free = append(free, p)
+		}
+	}
+	for p := range holds {
+		stuck = append(stuck, p)
+	}
+	if len(free) > 0 {
+		cl.ResumeFetchPartitions(map[string][]int32{c.topic: free})
+	}
+	if len(stuck) > 0 {
+		cl.PauseFetchPartitions(map[string][]int32{c.topic: stuck})
+	}
+}
+
+// forgetLost drops what is held for partitions revoked or lost since the
+// last round: uncommitted, they come to their new owner (or back to this
+// member, from the committed offset).
+func (c *Consumer) forgetLost(cl *kgo.Client, holds map[int32]*held) {
+	lost := c.own.takeLost()
+	var resume []int32
+	for _, p := range lost {
+		if holds[p] != nil {
+			c.log.Info("partition taken away while held; its records go to the next owner", "partition", p, "offset", holds[p].recs[0].Offset)
+			delete(holds, p)
+		}
+		resume = append(resume, p)
+	}
+	if len(resume) > 0 {
+		cl.ResumeFetchPartitions(map[string][]int32{c.topic: resume})
+	}
+}
+
+// watch gives up (cancels work) once PostgreSQL has shown no sign of life
+// for giveUpAfter: no committed round and no answered ping. It pings only
+// when rounds have not shown that for a while.
+func (c *Consumer) watch(work context.Context, giveUp context.CancelFunc) {
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-work.Done():
+			return
+		case <-tick.C:
+		}
+		quiet := time.Since(time.Unix(0, c.progress.Load()))
+		if quiet < 2*time.Second {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(work, 2*time.Second)
+		err := c.pool.Ping(ctx)
+		cancel()
+		if err == nil {
+			c.alive()
+			continue
+		}
+		if quiet := time.Since(time.Unix(0, c.progress.Load())); quiet >= c.giveUpAfter && work.Err() == nil {
+			c.log.Error("PostgreSQL unreachable; giving this member's partitions up to another instance", "for", quiet.Round(time.Second), "err", err)
+			giveUp()
+			return
+		}
+	}
+}
+
+// alive notes that PostgreSQL answered.
+func (c *Consumer) alive() { c.progress.Store(time.Now().UnixNano()) }
+
+// giveUp commits what was applied and leaves the group (closing the
+// client), so the group hands this member's partitions to another
+// instance of the participant instead of waiting for PostgreSQL here.
+func (c *Consumer) giveUp(cl *kgo.Client) {
+	c.stats.GaveUp.Add(1)
+	c.commitApplied(cl)
+	cl.AllowRebalance()
+	cl.Close()
+	c.own.reset()
+}
+
+// rejoin waits until PostgreSQL answers a ping, then makes a new client,
+// which joins the group again.
+func (c *Consumer) rejoin(ctx context.Context) error {
+	for attempt := 0; ; attempt++ {
+		if c.closed.Load() {
+			return errors.New("closed")
+		}
+		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		err := c.pool.Ping(pctx)
+		cancel()
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err := retry.Wait(ctx, attempt); err != nil {
+			return err
+		}
+	}
+	cl, err := kgo.NewClient(c.opts...)
+	if err != nil {
+		return fmt.Errorf("creating %s kafka client: %w", c.name, err)
+	}
+	c.client.Store(cl)
+	if c.closed.Load() { // Close ran meanwhile and closed the old client
+		cl.Close()
+		return errors.New("closed")
+	}
+	c.log.Info("PostgreSQL answers again; rejoining the consumer group")
+	return nil
+}
+
+// ownership is what the rebalance callbacks share with Run: the next
+// offset to commit for each partition still owned, and the partitions lost
+// since Run last looked.
+type ownership struct {
+	mu      sync.Mutex
+	applied map[int32]kgo.EpochOffset
+	lost    []int32
+}
+
+// lose forgets partitions revoked or lost.
+func (o *ownership) lose(m map[string][]int32) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, ps := range m {
+		for _, p := range ps {
+			delete(o.applied, p)
+			o.lost = append(o.lost, p)
+		}
+	}
+}
+
+func (o *ownership) takeLost() []int32 {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	lost := o.lost
+	o.lost = nil
+	return lost
+}
+
+// done notes r applied (or skipped, or dead-lettered).
+func (o *ownership) done(r *kgo.Record) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.applied == nil {
+		o.applied = map[int32]kgo.EpochOffset{}
+	}
+	if cur, ok := o.applied[r.Partition]; !ok || cur.Offset <= r.Offset {
+		o.applied[r.Partition] = kgo.EpochOffset{Epoch: r.LeaderEpoch, Offset: r.Offset + 1}
+	}
+}
+
+// offsets is what to commit: every owned partition's next offset.
+func (o *ownership) offsets(topic string) map[string]map[int32]kgo.EpochOffset {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if len(o.applied) == 0 {
+		return nil
+	}
+	ps := make(map[int32]kgo.EpochOffset, len(o.applied))
+	for p, eo := range o.applied {
+		ps[p] = eo
+	}
+	return map[string]map[int32]kgo.EpochOffset{topic: ps}
+}
+
+func (o *ownership) reset() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.applied, o.lost = nil, nil
 }
 
 // outOfRange is the error that stops a consumer whose committed offset on
@@ -300,17 +609,20 @@ func (c *Consumer) outOfRange(topic string, partition int32) error {
 		c.name, c.group, topic, partition, committed, start, max(0, start-committed))
 }
 
-// commitOffsets commits what was just applied, without waiting for the
-// broker: the next batch is polled and applied while the commit travels
-// (franz-go keeps commits in order). The offsets still only ever follow
-// the database commit; a commit that fails or is lost (a crash, a
-// rebalance in between) only makes the records come again, and the inbox
-// skips them. On Apache Kafka an offset commit waits for the offsets
-// topic's replication, a round trip every hop used to wait for.
-func (c *Consumer) commitOffsets() {
-	offs := c.client.UncommittedOffsets() // exactly the batch just applied
-	c.applied = offs
-	c.client.CommitOffsets(context.Background(), offs, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, resp *kmsg.OffsetCommitResponse, err error) {
+// commitOffsets commits what was applied, without waiting for the broker:
+// the next batch is polled and applied while the commit travels (franz-go
+// keeps commits in order). The offsets still only ever follow the database
+// commit, and name only partitions this member still owns; a commit that
+// fails or is lost (a crash, a rebalance in between) only makes the records
+// come again, and the inbox skips them. On Apache Kafka an offset commit
+// waits for the offsets topic's replication, a round trip every hop used to
+// wait for.
+func (c *Consumer) commitOffsets(cl *kgo.Client) {
+	offs := c.own.offsets(c.topic)
+	if offs == nil {
+		return
+	}
+	cl.CommitOffsets(context.Background(), offs, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, resp *kmsg.OffsetCommitResponse, err error) {
 		if err == nil && resp != nil {
 			for _, t := range resp.Topics {
 				for _, p := range t.Partitions {
@@ -326,39 +638,51 @@ func (c *Consumer) commitOffsets() {
 	})
 }
 
-// commitApplied commits the last applied batch's offsets and waits, when
-// the consumer stops, so a clean restart redelivers nothing.
-func (c *Consumer) commitApplied() {
-	if c.applied == nil {
+// commitApplied commits the applied offsets of the partitions still owned
+// and waits, when the consumer stops, so a clean restart redelivers
+// nothing. A partition revoked since is left alone: its new owner may have
+// committed further.
+func (c *Consumer) commitApplied(cl *kgo.Client) {
+	offs := c.own.offsets(c.topic)
+	if offs == nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c.client.CommitOffsetsSync(ctx, c.applied, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, _ *kmsg.OffsetCommitResponse, err error) {
+	cl.CommitOffsetsSync(ctx, offs, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, _ *kmsg.OffsetCommitResponse, err error) {
 		if err != nil {
 			c.log.Warn("committing the last offsets at stop failed; those records will be redelivered and skipped", "err", err)
 		}
 	})
 }
 
-// process applies a batch, retrying transient failures. A record found
-// poisonous is dead-lettered and the batch applied again without it.
-func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) (err error) {
+// process is one round's attempt at recs (one transaction for them all): a
+// record found poisonous is dead-lettered and the rest applied again
+// without it. What cannot be applied now is held back in holds, per
+// partition, to be retried after a backoff; the partitions applied leave
+// holds. It returns an error only for a crash (a fault point) or errGaveUp.
+func (c *Consumer) process(ctx, work context.Context, recs []*kgo.Record, holds map[int32]*held) (err error) {
 	b := c.decode(recs)
 	var end func(error)
 	b.traces, end = c.tracer.HandleSpans(b.handled())
 	defer func() { end(err) }()
-	// Once started, a batch finishes even if shutdown begins: only waiting
-	// between retries watches ctx.
-	work := telemetry.WithOrderTraces(context.WithoutCancel(ctx), b.traces)
-	for attempt := 0; ; attempt++ {
-		err := c.apply(work, b)
+	traced := telemetry.WithOrderTraces(work, b.traces)
+	for {
+		err := c.apply(traced, b)
 		if err == nil {
+			c.alive()
+			for i, r := range b.recs {
+				c.own.done(r)
+				delete(holds, b.recs[i].Partition)
+			}
 			return nil
 		}
+		if work.Err() != nil {
+			return errGaveUp
+		}
 		var p *poisonError
-		if errors.As(err, &p) {
-			c.markPoison(work, b, p.index, p.err)
+		if errors.As(err, &p) && b.poison[p.index] == "" {
+			c.markPoison(traced, b, p.index, p.err)
 			continue
 		}
 		var crash *crashError
@@ -368,62 +692,144 @@ func (c *Consumer) process(ctx context.Context, recs []*kgo.Record) (err error) 
 		if classify(err) != transient {
 			// Some record's fault, or an error of neither kind: find the
 			// record by applying the batch one record at a time.
-			return c.isolate(ctx, work, b)
+			return c.isolate(ctx, traced, b, holds)
 		}
 		c.metrics.CountRetry(c.name)
-		c.log.Warn("batch failed, retrying", "records", len(recs), "attempt", attempt+1, "err", err)
-		if err := retry.Wait(ctx, attempt); err != nil {
-			return err
+		c.log.Warn("batch failed, retrying", "records", len(recs), "err", err)
+		for _, idx := range b.partitions() {
+			c.hold(b, idx, 0, holds, time.Time{})
 		}
+		return nil
 	}
 }
 
-// isolate applies b one record at a time, in order, each in a transaction
-// of its own, so a record at fault is dead-lettered alone and the others
-// are applied: a permanent error at once, an error of neither kind once it
-// has kept failing on that record alone for poisonAfter (while the
-// database answers, so an outage never dead-letters anything). Transient
-// errors are retried as ever.
-func (c *Consumer) isolate(ctx, work context.Context, b *batch) error {
-	for i := range b.recs {
-		if b.skip[i] {
-			continue
+// hold keeps partition idx[from:] back for a retry after backoff. since is
+// when recs[from] first failed with an unclassified error (zero: it did
+// not).
+func (c *Consumer) hold(b *batch, idx []int, from int, holds map[int32]*held, since time.Time) *held {
+	first := b.recs[idx[from]]
+	h := holds[first.Partition]
+	attempt := 0
+	if h != nil && h.recs[0].Offset == first.Offset {
+		attempt = h.attempt + 1
+		if since.IsZero() {
+			since = h.since // a transient failure in between does not restart poisonAfter
 		}
-		one := b.only(i)
-		var since time.Time
-		for attempt := 0; ; attempt++ {
-			err := c.apply(work, one)
-			if err == nil {
+	}
+	rest := make([]*kgo.Record, 0, len(idx)-from)
+	for _, i := range idx[from:] {
+		rest = append(rest, b.recs[i])
+	}
+	h = &held{recs: rest, attempt: attempt, due: time.Now().Add(retry.Backoff(attempt)), since: since}
+	holds[first.Partition] = h
+	return h
+}
+
+// isolate applies b one record at a time, partition by partition, in
+// order, each in a transaction of its own, so a record at fault is
+// dead-lettered alone and the others are applied: a permanent error at
+// once, an error of neither kind once it has kept failing on that record
+// alone for poisonAfter (while the database answers, so an outage never
+// dead-letters anything). A record still failing holds back its own
+// partition (hold) and no other; so does one whose dead letter itself is
+// refused (the outbox or inbox answering 22xxx/23xxx), retried with capped
+// backoff rather than at once. Past isolateBudget, partitions not yet
+// reached are held too, due at once, so a rebalance can run in between.
+func (c *Consumer) isolate(ctx, work context.Context, b *batch, holds map[int32]*held) error {
+	start := time.Now()
+	for _, idx := range b.partitions() {
+		p := b.recs[idx[0]].Partition
+		prev := holds[p]
+	records:
+		for k, i := range idx {
+			if work.Err() != nil {
+				return errGaveUp
+			}
+			if ctx.Err() != nil || time.Since(start) > isolateBudget {
+				h := c.hold(b, idx, k, holds, time.Time{})
+				h.attempt, h.due = 0, time.Now()
 				break
 			}
-			var p *poisonError
-			var crash *crashError
-			switch {
-			case errors.As(err, &p):
-				c.markPoison(work, b, p.index, p.err)
-				continue
-			case errors.As(err, &crash):
-				return err
-			}
-			switch kind := classify(err); {
-			case kind == permanent:
-				c.markPoison(work, b, i, err)
-				continue
-			case kind == unknown && since.IsZero():
-				since = time.Now()
-			case kind == unknown && time.Since(since) >= c.poisonAfter && c.pool.Ping(work) == nil:
-				c.markPoison(work, b, i, fmt.Errorf("failed for %s with an error that is neither transient nor the record's: %w",
-					c.poisonAfter, err))
+			if b.skip[i] {
+				c.own.done(b.recs[i])
 				continue
 			}
-			c.metrics.CountRetry(c.name)
-			c.log.Warn("record failed, retrying", "partition", b.recs[i].Partition, "offset", b.recs[i].Offset, "attempt", attempt+1, "err", err)
-			if err := retry.Wait(ctx, attempt); err != nil {
-				return err
+			one := b.only(i)
+			for {
+				err := c.apply(work, one)
+				if err == nil {
+					c.alive()
+					c.own.done(b.recs[i])
+					continue records
+				}
+				if work.Err() != nil {
+					return errGaveUp
+				}
+				var pe *poisonError
+				var crash *crashError
+				kind := classify(err)
+				switch {
+				case errors.As(err, &crash):
+					return err
+				case b.poison[i] != "":
+					// Dead-lettering it failed: not the record's fault
+					// any more, and trying again at once would spin.
+					c.stats.DeadLetterFailures.Add(1)
+					c.metrics.CountRetry(c.name)
+					h := c.hold(b, idx, k, holds, time.Time{})
+					c.log.Error("dead-lettering a record failed; its partition waits", "partition", p,
+						"offset", b.recs[i].Offset, "attempt", h.attempt+1, "retry_in", time.Until(h.due).Round(time.Millisecond), "err", err)
+					break records
+				case errors.As(err, &pe):
+					c.markPoison(work, b, pe.index, pe.err)
+					continue
+				case kind == permanent:
+					c.markPoison(work, b, i, err)
+					continue
+				case kind == unknown:
+					since := time.Now()
+					if prev != nil && prev.recs[0].Offset == b.recs[i].Offset && !prev.since.IsZero() {
+						since = prev.since
+					}
+					if time.Since(since) >= c.poisonAfter && c.pool.Ping(work) == nil {
+						c.markPoison(work, b, i, fmt.Errorf("failed for %s with an error that is neither transient nor the record's: %w",
+							c.poisonAfter, err))
+						continue
+					}
+					c.metrics.CountRetry(c.name)
+					h := c.hold(b, idx, k, holds, since)
+					c.log.Warn("record failed; its partition waits", "partition", p, "offset", b.recs[i].Offset,
+						"attempt", h.attempt+1, "failing_for", time.Since(since).Round(time.Millisecond), "err", err)
+					break records
+				default: // transient
+					c.metrics.CountRetry(c.name)
+					h := c.hold(b, idx, k, holds, time.Time{})
+					c.log.Warn("record failed, retrying", "partition", p, "offset", b.recs[i].Offset, "attempt", h.attempt+1, "err", err)
+					break records
+				}
 			}
+		}
+		if holds[p] == prev { // every record of p applied this round
+			delete(holds, p)
 		}
 	}
 	return nil
+}
+
+// partitions lists b's record indexes per partition, each in order.
+func (b *batch) partitions() [][]int {
+	at := map[int32]int{}
+	var out [][]int
+	for i, r := range b.recs {
+		k, ok := at[r.Partition]
+		if !ok {
+			k = len(out)
+			at[r.Partition] = k
+			out = append(out, nil)
+		}
+		out[k] = append(out[k], i)
+	}
+	return out
 }
 
 // markPoison dead-letters record i at the next attempt.
@@ -514,6 +920,13 @@ type crashError struct{ point string }
 
 func (e *crashError) Error() string { return "fault injected at " + e.point }
 
+// beginBatch starts a batch's transaction. A batch never waits between its
+// statements, so PostgreSQL may end one left idle for seconds: its client
+// was cut off mid-transaction (or froze), and its locks (inbox rows, stock
+// rows) would otherwise hold up the instance that took its partitions over
+// for as long as the cut lasts. Sent with BEGIN, it costs no round trip.
+const beginBatch = `BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'`
+
 // apply is one attempt at a batch: one transaction for every record in it.
 func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	var ids, replays []uuid.UUID
@@ -528,7 +941,7 @@ func (c *Consumer) apply(ctx context.Context, b *batch) error {
 	if len(ids) == 0 {
 		return nil
 	}
-	tx, err := c.pool.Begin(ctx)
+	tx, err := c.pool.BeginTx(ctx, pgx.TxOptions{BeginQuery: beginBatch})
 	if err != nil {
 		return fmt.Errorf("beginning transaction: %w", err)
 	}

@@ -1,0 +1,388 @@
+package saga_test
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/prozess/prozess/app/saga"
+	"github.com/prozess/prozess/app/saga/sagatest"
+	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/schema/schematest"
+)
+
+// effects is a participant for these tests: it writes one effects row per
+// event, fails with an unclassified error for the orders in fail, and
+// rejects (the record's own fault) the orders in reject.
+type effects struct {
+	fail, reject map[uuid.UUID]bool
+}
+
+func (effects) Handles(event.Type) bool { return true }
+
+func (h effects) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]event.Event, error) {
+	for _, ev := range evs {
+		if h.fail[ev.OrderID] {
+			return nil, errors.New("something no one classified")
+		}
+		if h.reject[ev.OrderID] {
+			return nil, event.Reject(ev, errors.New("not for us"))
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO effects (order_id) VALUES ($1)`, ev.OrderID); err != nil {
+			return nil, err
+		}
+	}
+	return nil, nil
+}
+
+func effectsPool(t *testing.T) *pgxpool.Pool {
+	t.Helper()
+	pool := schematest.NewPool(t)
+	if _, err := pool.Exec(t.Context(), `CREATE TABLE effects (order_id uuid NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())`); err != nil {
+		t.Fatal(err)
+	}
+	return pool
+}
+
+// produceOrders writes one OrderCreated per order to partition p and
+// returns the orders.
+func produceOrders(t *testing.T, brokers []string, topic string, p int32, orders ...uuid.UUID) []uuid.UUID {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.RecordPartitioner(kgo.ManualPartitioner()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	for _, o := range orders {
+		ev, err := event.New(event.OrderCreated, o, "test", event.Created{UserID: "u1", Items: []event.Item{{ProductID: "p", Qty: 1}}, AmountCents: 100})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := ev.Record(topic)
+		r.Partition = p
+		if err := cl.ProduceSync(t.Context(), r).FirstErr(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return orders
+}
+
+func newOrders(n int) []uuid.UUID {
+	out := make([]uuid.UUID, n)
+	for i := range out {
+		out[i] = uuid.New()
+	}
+	return out
+}
+
+// applied counts effects rows per order.
+func applied(t *testing.T, pool *pgxpool.Pool) map[uuid.UUID]int {
+	t.Helper()
+	rows, err := pool.Query(t.Context(), `SELECT order_id, count(*) FROM effects GROUP BY order_id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[uuid.UUID]int{}
+	var id uuid.UUID
+	var n int
+	if _, err := pgx.ForEachRow(rows, []any{&id, &n}, func() error { out[id] = n; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// await polls cond every 50ms for up to d and reports whether it held.
+func await(d time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return true
+}
+
+func testLog() *slog.Logger {
+	if os.Getenv("PROZESS_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// runConsumer runs c until the test ends or the returned stop is called
+// (which waits for Run to return).
+func runConsumer(t *testing.T, c *saga.Consumer) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	stopped := false
+	stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("consumer stopped with %v", err)
+		}
+		c.Close()
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+func allOf(got map[uuid.UUID]int, orders []uuid.UUID) bool {
+	for _, o := range orders {
+		if got[o] == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// One record failing with an unclassified error holds back its own
+// partition only: the other partitions' orders are applied within seconds,
+// a second member can join meanwhile (the rebalance is not held for the
+// record's --poison-after), and the record is dead-lettered once it has
+// failed for PoisonAfter, after which its partition goes on. Nothing is
+// applied twice. Before, every record of the batch, on every partition,
+// waited the whole PoisonAfter, and so did the rebalance.
+func TestStuckRecordHoldsOnlyItsPartition(t *testing.T) {
+	t.Parallel()
+	k := sagatest.New(t)
+	pool := effectsPool(t)
+	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 3}
+	if err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: k.Brokers}, spec, slog.New(slog.DiscardHandler)); err != nil {
+		t.Fatal(err)
+	}
+	poison := uuid.New()
+	const poisonAfter = 12 * time.Second
+	h := effects{fail: map[uuid.UUID]bool{poison: true}}
+	newConsumer := func() *saga.Consumer {
+		c, err := saga.NewConsumer("stuck", testLog(), pool, h, saga.ConsumerConfig{Kafka: saga.Conn{Brokers: k.Brokers},
+			Topic: k.Topic, DLQTopic: spec.DLQ, Group: k.GroupPrefix + "stuck", PoisonAfter: poisonAfter})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	produceOrders(t, k.Brokers, k.Topic, 0, poison)
+	behind := produceOrders(t, k.Brokers, k.Topic, 0, newOrders(5)...)
+	var others []uuid.UUID
+	for p := int32(1); p < 3; p++ {
+		others = append(others, produceOrders(t, k.Brokers, k.Topic, p, newOrders(5)...)...)
+	}
+	a := newConsumer()
+	runConsumer(t, a)
+	generation(t, a)
+	start := time.Now()
+	if !await(8*time.Second, func() bool { return allOf(applied(t, pool), others) }) {
+		t.Fatalf("orders on the healthy partitions not applied within 8s of joining (%d of %d)", len(applied(t, pool)), len(others))
+	}
+	t.Logf("healthy partitions applied %s after joining", time.Since(start).Round(10*time.Millisecond))
+	if got := applied(t, pool); len(got) != len(others) {
+		t.Fatalf("%d orders applied, want only the %d on healthy partitions while the poison record is failing", len(got), len(others))
+	}
+	b := newConsumer()
+	runConsumer(t, b)
+	joinStart := time.Now()
+	if !await(poisonAfter/2, func() bool { return b.Joined() }) {
+		t.Fatalf("a second member could not join within %s while a record was failing", poisonAfter/2)
+	}
+	t.Logf("second member joined in %s", time.Since(joinStart).Round(10*time.Millisecond))
+	all := append(append([]uuid.UUID{}, others...), behind...)
+	if !await(3*poisonAfter, func() bool { return allOf(applied(t, pool), all) }) {
+		t.Fatalf("orders behind the poison record not applied within %s", 3*poisonAfter)
+	}
+	took := time.Since(start)
+	if took < poisonAfter {
+		t.Fatalf("orders behind the failing record applied after %s, before it was dead-lettered (PoisonAfter %s)", took, poisonAfter)
+	}
+	t.Logf("poison record's partition went on %s after joining", took.Round(10*time.Millisecond))
+	for o, n := range applied(t, pool) {
+		if n != 1 || o == poison {
+			t.Errorf("order %s applied %d times", o, n)
+		}
+	}
+	if !await(10*time.Second, func() bool { return a.Stats().DeadLettered.Load()+b.Stats().DeadLettered.Load() == 1 }) {
+		t.Fatalf("dead-lettered %d + %d records, want 1", a.Stats().DeadLettered.Load(), b.Stats().DeadLettered.Load())
+	}
+}
+
+// When the dead-letter path itself is refused for good (here the outbox
+// answers 23514 for dead letters), the record's partition is retried with
+// capped backoff, not in a busy loop: over 4 s, a few tries a second at
+// most. Once the cause is gone the record is dead-lettered and its
+// partition goes on. Before, the consumer retried at once, thousands of
+// times a second.
+func TestDeadLetterFailureBacksOff(t *testing.T) {
+	t.Parallel()
+	k := sagatest.New(t)
+	pool := effectsPool(t)
+	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 1}
+	if err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: k.Brokers}, spec, slog.New(slog.DiscardHandler)); err != nil {
+		t.Fatal(err)
+	}
+	// A sequence counts attempts: nextval is not rolled back.
+	if _, err := pool.Exec(t.Context(), `
+		CREATE SEQUENCE dead_letter_tries;
+		CREATE FUNCTION refuse_dead_letters() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF NEW.topic LIKE '%.dlq' THEN
+				PERFORM nextval('dead_letter_tries');
+				RAISE EXCEPTION 'dead letters refused' USING ERRCODE = 'check_violation';
+			END IF;
+			RETURN NEW;
+		END $$;
+		CREATE TRIGGER refuse_dead_letters BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION refuse_dead_letters();`); err != nil {
+		t.Fatal(err)
+	}
+	tries := func() int64 {
+		var n int64
+		var called bool
+		if err := pool.QueryRow(t.Context(), `SELECT last_value, is_called FROM dead_letter_tries`).Scan(&n, &called); err != nil {
+			t.Fatal(err)
+		}
+		if !called {
+			return 0
+		}
+		return n
+	}
+	bad := uuid.New()
+	produceOrders(t, k.Brokers, k.Topic, 0, bad)
+	behind := produceOrders(t, k.Brokers, k.Topic, 0, newOrders(3)...)
+	c, err := saga.NewConsumer("dl", testLog(), pool, effects{reject: map[uuid.UUID]bool{bad: true}}, saga.ConsumerConfig{
+		Kafka: saga.Conn{Brokers: k.Brokers}, Topic: k.Topic, DLQTopic: spec.DLQ, Group: k.GroupPrefix + "dl"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runConsumer(t, c)
+	if !await(30*time.Second, func() bool { return tries() > 0 }) {
+		t.Fatal("the dead letter was never tried")
+	}
+	first := tries()
+	const window = 4 * time.Second
+	time.Sleep(window)
+	n := tries() - first
+	t.Logf("%d dead-letter tries in %s", n, window)
+	if n > 40 {
+		t.Fatalf("%d dead-letter tries in %s: a busy loop (want at most 40)", n, window)
+	}
+	if c.Stats().DeadLetterFailures.Load() == 0 {
+		t.Fatal("failed dead-letter tries not counted")
+	}
+	if got := applied(t, pool); len(got) != 0 {
+		t.Fatalf("%d orders behind the record applied while it could not be dead-lettered", len(got))
+	}
+	if _, err := pool.Exec(t.Context(), `DROP TRIGGER refuse_dead_letters ON outbox`); err != nil {
+		t.Fatal(err)
+	}
+	if !await(30*time.Second, func() bool { return allOf(applied(t, pool), behind) && c.Stats().DeadLettered.Load() == 1 }) {
+		t.Fatalf("after the fix: %d of %d orders applied, %d dead-lettered", len(applied(t, pool)), len(behind), c.Stats().DeadLettered.Load())
+	}
+}
+
+// groupAssignment reads which partitions of topic each member (by client
+// id) of group is assigned, once the group is stable with members members.
+func groupAssignment(t *testing.T, adm *kadm.Client, group, topic string, members int) map[string][]int32 {
+	t.Helper()
+	var out map[string][]int32
+	if !await(30*time.Second, func() bool {
+		gs, err := adm.DescribeGroups(t.Context(), group)
+		if err != nil {
+			return false
+		}
+		g := gs[group]
+		if g.State != "Stable" || len(g.Members) != members {
+			return false
+		}
+		out = map[string][]int32{}
+		for _, m := range g.Members {
+			if ca, ok := m.Assigned.AsConsumer(); ok {
+				for _, tp := range ca.Topics {
+					if tp.Topic == topic {
+						out[m.ClientID] = append(out[m.ClientID], tp.Partitions...)
+					}
+				}
+			}
+		}
+		return len(out) == members
+	}) {
+		t.Fatalf("group %s not stable with %d members, each assigned, within 30s", group, members)
+	}
+	return out
+}
+
+func committedAt(t *testing.T, adm *kadm.Client, group, topic string, p int32) int64 {
+	t.Helper()
+	offs, err := adm.FetchOffsets(t.Context(), group)
+	if err != nil {
+		return -1 // not yet created
+	}
+	o, ok := offs.Lookup(topic, p)
+	if !ok {
+		return -1
+	}
+	return o.At
+}
+
+// A member that stops commits only the partitions it still owns: member A
+// applies both partitions, loses one to member B, B goes further on it,
+// then A shuts down; B's committed offset does not go back. Before, A's
+// final commit wrote its last applied offsets for the partition it had
+// lost, rewinding B's.
+func TestShutdownDoesNotRewindRevokedPartitions(t *testing.T) {
+	t.Parallel()
+	k := sagatest.New(t)
+	pool := schematest.NewPool(t)
+	adm := admin(t, k.Brokers)
+	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 2}
+	if err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: k.Brokers}, spec, slog.New(slog.DiscardHandler)); err != nil {
+		t.Fatal(err)
+	}
+	group := k.GroupPrefix + "handover"
+	newConsumer := func(name string) *saga.Consumer {
+		c, err := saga.NewConsumer(name, testLog(), pool, skipAll{}, saga.ConsumerConfig{Kafka: saga.Conn{Brokers: k.Brokers},
+			Topic: k.Topic, DLQTopic: spec.DLQ, Group: group})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	for p := range int32(2) {
+		produceOrders(t, k.Brokers, k.Topic, p, newOrders(5)...)
+	}
+	a := newConsumer("a")
+	stopA := runConsumer(t, a)
+	if !await(30*time.Second, func() bool {
+		return committedAt(t, adm, group, k.Topic, 0) == 5 && committedAt(t, adm, group, k.Topic, 1) == 5
+	}) {
+		t.Fatal("member A did not commit both partitions within 30s")
+	}
+	b := newConsumer("b")
+	runConsumer(t, b)
+	assigned := groupAssignment(t, adm, group, k.Topic, 2)
+	if len(assigned["prozess-b"]) != 1 {
+		t.Fatalf("assignment %v: want one partition each", assigned)
+	}
+	moved := assigned["prozess-b"][0]
+	produceOrders(t, k.Brokers, k.Topic, moved, newOrders(5)...)
+	if !await(30*time.Second, func() bool { return committedAt(t, adm, group, k.Topic, moved) == 10 }) {
+		t.Fatal("member B did not commit its partition within 30s")
+	}
+	stopA()
+	if got := committedAt(t, adm, group, k.Topic, moved); got != 10 {
+		t.Fatalf("partition %d's committed offset went from 10 back to %d when member A, which lost it, stopped", moved, got)
+	}
+}
