@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prozess/prozess/app"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/schema/schematest"
 )
@@ -222,6 +223,8 @@ func TestParticipantsInSeparateProcesses(t *testing.T) {
 	if n := e.count(`SELECT count(*) FROM shipments`); n != 7 {
 		t.Fatalf("%d shipments for 7 orders", n)
 	}
+	e.assertInboxOnce()
+	e.assertNoDeadLetters([]string{addr}, app.DefaultConfig().DLQTopic())
 	for _, p := range []*proc{apiProc, invpay, rest, broker} {
 		p.stop(t)
 	}
