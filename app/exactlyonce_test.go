@@ -212,8 +212,12 @@ func (e *env) assertNoDeadLetters(brokers []string, dlqTopic string) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	for _, d := range dls {
-		e.t.Errorf("dead letter on %s from %s: %s", dlqTopic, d.Participant, d.Reason)
+	if len(dls) > 0 {
+		by := map[string]int{}
+		for _, d := range dls {
+			by[d.Participant]++
+		}
+		e.t.Errorf("%d dead letters on %s, want none: %v; the first from %s: %s", len(dls), dlqTopic, by, dls[0].Participant, dls[0].Reason)
 	}
 }
 
