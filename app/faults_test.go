@@ -224,22 +224,22 @@ func (d *deployment) stopParticipants() {
 	}
 }
 
-// awaitSessions waits until at least n sessions of the test's database are
-// waiting on a lock in a statement containing query.
-func (d *deployment) awaitSessions(n int64, query, what string) {
+// awaitLockWaiters waits until the number of sessions of the test's
+// database waiting on a lock in a statement containing query satisfies ok.
+func (d *deployment) awaitLockWaiters(query string, ok func(n int64) bool, what string) {
 	d.t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		got := d.e.count(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+		n := d.e.count(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
 			AND pid <> pg_backend_pid() AND wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'`, query)
-		if got >= n {
+		if ok(n) {
 			return
 		}
 		if time.Now().After(deadline) {
 			d.dump()
-			d.t.Fatalf("%s: %d of %d sessions waiting in %q after 30s", what, got, n, query)
+			d.t.Fatalf("%s: still %d sessions waiting in %q after 30s", what, n, query)
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -263,7 +263,7 @@ func (d *deployment) zombiePayment() {
 	if _, err := tx.Exec(ctx, `LOCK TABLE payments IN EXCLUSIVE MODE`); err != nil {
 		t.Fatal(err)
 	}
-	d.awaitSessions(2, "INSERT INTO payments", "both payment instances blocked mid-batch")
+	d.awaitLockWaiters("INSERT INTO payments", func(n int64) bool { return n >= 2 }, "both payment instances blocked mid-batch")
 	d.signal("payment", syscall.SIGSTOP)
 	frozen := time.Now()
 	if err := tx.Commit(ctx); err != nil {
@@ -274,13 +274,15 @@ func (d *deployment) zombiePayment() {
 	// takes its partitions, polls the same records and waits in its inbox
 	// claim on the zombie's uncommitted rows: the zombie is now mid-batch
 	// with revoked partitions.
-	d.awaitSessions(1, "INSERT INTO inbox", "the live payment instance reaching the frozen one's batch")
+	d.awaitLockWaiters("INSERT INTO inbox", func(n int64) bool { return n >= 1 }, "the live payment instance reaching the frozen one's batch")
 	t.Logf("payment's partitions reached the other instance %.1fs after it froze", time.Since(frozen).Seconds())
 	d.signal("payment", syscall.SIGCONT)
-	// Woken, it commits that batch and tries its offsets; the live one
-	// skips the batch's events. Then the zombie is redeployed, and stops
-	// committing what it applied.
-	time.Sleep(3 * time.Second)
+	// Woken, it commits that batch (the live one, unblocked, skips its
+	// events) and tries its offsets. It is stopped right then, as an
+	// orchestrator that gave up on it would: what it still holds as applied
+	// belongs to partitions it no longer owns, and must not be committed
+	// over the live one's progress.
+	d.awaitLockWaiters("INSERT INTO inbox", func(n int64) bool { return n == 0 }, "the woken payment instance ending its batch")
 	zombie := d.procs["payment"]
 	zombie.stop(t)
 	for _, line := range strings.Split(zombie.tail(), "\n") {
@@ -304,6 +306,15 @@ type offsetWatch struct {
 	done      chan struct{}
 	seen      map[string]int64 // "group topic/partition" -> the committed offset read last
 	backwards []string
+	mu        sync.Mutex
+	phase     string // what the suite is doing, for the report of a rewind
+}
+
+// during names what the suite does from now on, for the report of a rewind.
+func (w *offsetWatch) during(phase string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.phase = phase
 }
 
 func (d *deployment) watchOffsets() *offsetWatch {
@@ -319,7 +330,7 @@ func (d *deployment) watchOffsets() *offsetWatch {
 	}
 	go func() {
 		defer close(w.done)
-		tick := time.NewTicker(200 * time.Millisecond)
+		tick := time.NewTicker(50 * time.Millisecond)
 		defer tick.Stop()
 		for {
 			select {
@@ -349,7 +360,11 @@ func (w *offsetWatch) read() {
 			k := fmt.Sprintf("%s %s/%d", r.Group, o.Topic, o.Partition)
 			// A rewind is reported once, and the watch goes on from it.
 			if prev, ok := w.seen[k]; ok && o.At < prev {
-				w.backwards = append(w.backwards, fmt.Sprintf("%s: %d after %d", k, o.At, prev))
+				w.mu.Lock()
+				phase := w.phase
+				w.mu.Unlock()
+				w.backwards = append(w.backwards, fmt.Sprintf("%s: %d after %d (seen at %s, during: %s)", k, o.At, prev,
+					time.Now().UTC().Format("15:04:05.000"), phase))
 			}
 			w.seen[k] = o.At
 		})
@@ -622,8 +637,10 @@ func TestFaultSuite(t *testing.T) {
 				}
 				continue
 			}
+			offsets.during("steady load before " + f.name)
 			time.Sleep(2 * time.Second) // steady load before the fault
 			before, _ := l.snapshot()
+			offsets.during(f.name)
 			f.inject()
 			time.Sleep(time.Second) // load on the healed system
 			accepted, _ := l.snapshot()
@@ -645,6 +662,7 @@ func TestFaultSuite(t *testing.T) {
 			d.assertAllRunning()
 		}
 	}
+	offsets.during("the load's end and the last settle")
 	l.halt()
 	l.stop = make(chan struct{}) // halted; the deferred halt must not close it twice
 	accepted, _ := l.snapshot()
@@ -656,6 +674,7 @@ func TestFaultSuite(t *testing.T) {
 	// Every participant stops cleanly on SIGTERM, committing what it
 	// applied; the committed offsets, read once more after, never went
 	// backwards.
+	offsets.during("the participants' stop at the end (SIGTERM, in name order)")
 	d.stopParticipants()
 	for _, v := range offsets.halt() {
 		t.Errorf("committed offsets went backwards: %s", v)
