@@ -3,6 +3,7 @@ package app_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strconv"
 	"strings"
@@ -12,18 +13,61 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app"
 	"github.com/prozess/prozess/app/check"
 	"github.com/prozess/prozess/app/saga"
+	"github.com/prozess/prozess/modules/delivery"
 	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/modules/inventory"
+	"github.com/prozess/prozess/modules/payment"
+	statusp "github.com/prozess/prozess/modules/status"
 	"github.com/prozess/prozess/schema/schematest"
 )
 
+// copies counts, per event type, the copies duplicate has published.
+type copies struct {
+	mu     sync.Mutex
+	byType map[event.Type]int64
+}
+
+func (c *copies) add(typ event.Type) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.byType[typ]++
+}
+
+// total is every copy published.
+func (c *copies) total() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var n int64
+	for _, k := range c.byType {
+		n += k
+	}
+	return n
+}
+
+// of is the copies published of the types participant p handles: each is
+// one record p must skip.
+func (c *copies) of(p saga.Handler) int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var n int64
+	for typ, k := range c.byType {
+		if p.Handles(typ) {
+			n += k
+		}
+	}
+	return n
+}
+
 // duplicate re-publishes every record of the topic once more, so every
-// participant sees every event twice, the second copy at a later offset.
-func duplicate(t *testing.T, brokers []string, topic string) *atomic.Int64 {
+// participant sees every event twice, the second copy at a later offset (the
+// same key, so the same partition, behind the original).
+func duplicate(t *testing.T, brokers []string, topic string) *copies {
 	t.Helper()
 	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumeTopics(topic),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.ProducerLinger(0))
@@ -31,7 +75,7 @@ func duplicate(t *testing.T, brokers []string, topic string) *atomic.Int64 {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	var copies atomic.Int64
+	c := &copies{byType: map[event.Type]int64{}}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -47,13 +91,147 @@ func duplicate(t *testing.T, brokers []string, topic string) *atomic.Int64 {
 				dup := &kgo.Record{Topic: r.Topic, Key: r.Key, Value: r.Value,
 					Headers: append(append([]kgo.RecordHeader(nil), r.Headers...), kgo.RecordHeader{Key: "test-copy", Value: []byte("1")})}
 				if err := cl.ProduceSync(ctx, dup).FirstErr(); err == nil {
-					copies.Add(1)
+					c.add(recordType(r))
 				}
 			})
 		}
 	}()
 	t.Cleanup(func() { cancel(); wg.Wait(); cl.Close() })
-	return &copies
+	return c
+}
+
+// recordType is a record's ce_type header.
+func recordType(r *kgo.Record) event.Type {
+	for _, h := range r.Headers {
+		if h.Key == "ce_type" {
+			return event.Type(h.Value)
+		}
+	}
+	return ""
+}
+
+// handlers are the saga's participants as the consumer loop sees them, for
+// which event types each one handles (the handlers need no clients for that).
+func handlers() map[string]saga.Handler {
+	return map[string]saga.Handler{
+		"inventory": &inventory.Inventory{}, "payment": &payment.Payment{},
+		"delivery": &delivery.Delivery{}, "status": &statusp.Status{},
+	}
+}
+
+// eventsOf counts the audit log's events of the types p handles: the
+// distinct events p must have applied, each once.
+func (e *env) eventsOf(p saga.Handler) int64 {
+	e.t.Helper()
+	rows, err := e.pool.Query(context.Background(), `SELECT type, count(*) FROM order_events GROUP BY type`)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var n int64
+	var typ string
+	var k int64
+	if _, err := pgx.ForEachRow(rows, []any{&typ, &k}, func() error {
+		if p.Handles(event.Type(typ)) {
+			n += k
+		}
+		return nil
+	}); err != nil {
+		e.t.Fatal(err)
+	}
+	return n
+}
+
+// awaitSkipped waits until every participant of r has skipped at least
+// want(participant) duplicates, and fails the test naming the ones that
+// have not within timeout.
+func (r *running) awaitSkipped(t *testing.T, timeout time.Duration, want func(saga.Handler) int64) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		var short []string
+		for name, h := range handlers() {
+			st, ok := r.sys.Stats()[name]
+			if !ok {
+				t.Fatalf("no consumer stats for %s", name)
+			}
+			if got, w := st.Duplicates.Load(), want(h); got < w {
+				short = append(short, fmt.Sprintf("%s skipped %d of %d", name, got, w))
+			}
+		}
+		if len(short) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			slices.Sort(short)
+			t.Fatalf("after %s: %s", timeout, strings.Join(short, "; "))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// assertInboxOnce checks, from the audit log counted now, that every
+// participant's inbox holds exactly one row per event of the types it
+// handles: each event was claimed once, however often it was delivered.
+func (e *env) assertInboxOnce() {
+	e.t.Helper()
+	for name, h := range handlers() {
+		events := e.eventsOf(h)
+		if events == 0 {
+			e.t.Errorf("%s handles no event of the audit log: nothing was measured", name)
+		}
+		if n := e.count(`SELECT count(*) FROM inbox WHERE consumer = $1`, name); n != events {
+			e.t.Errorf("%s's inbox has %d rows for %d events of its types in the audit log", name, n, events)
+		}
+	}
+}
+
+// assertAppliedOnce is assertInboxOnce plus, for a system that ran from
+// the start, each participant's applied counter: one per event of its types
+// (an inbox that let a copy through applies it again, or dead-letters it;
+// see assertNoDeadLetters).
+func (r *running) assertAppliedOnce(t *testing.T) {
+	t.Helper()
+	r.e.assertInboxOnce()
+	for name, h := range handlers() {
+		if n, events := r.sys.Stats()[name].Applied.Load(), r.e.eventsOf(h); n != events {
+			t.Errorf("%s applied %d events for %d of its types in the audit log", name, n, events)
+		}
+	}
+}
+
+// assertNoDeadLetters checks nothing was dead-lettered, neither in
+// PostgreSQL nor on the dead-letter topic. The handlers are idempotent on
+// keys of their own, so an inbox that let a copy through shows up as a
+// unique violation (23505) dead-lettered, not as a doubled effect.
+func (e *env) assertNoDeadLetters(brokers []string, dlqTopic string) {
+	e.t.Helper()
+	if n := e.count(`SELECT count(*) FROM dead_letters`); n != 0 {
+		e.t.Errorf("%d dead letters in PostgreSQL, want none: %s", n, e.deadLetterReasons())
+	}
+	dls, err := saga.ReadDeadLetters(context.Background(), saga.Conn{Brokers: brokers}, dlqTopic)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if len(dls) > 0 {
+		by := map[string]int{}
+		for _, d := range dls {
+			by[d.Participant]++
+		}
+		e.t.Errorf("%d dead letters on %s, want none: %v; the first from %s: %s", len(dls), dlqTopic, by, dls[0].Participant, dls[0].Reason)
+	}
+}
+
+// deadLetterReasons lists the dead_letters rows' participants and reasons.
+func (e *env) deadLetterReasons() string {
+	rows, err := e.pool.Query(context.Background(), `SELECT participant || ': ' || reason FROM dead_letters ORDER BY id LIMIT 10`)
+	if err != nil {
+		return err.Error()
+	}
+	reasons, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return err.Error()
+	}
+	return strings.Join(reasons, "; ")
 }
 
 // assertExactlyOnce checks every order's effects happened once: one
@@ -106,38 +284,42 @@ func TestEveryEventDeliveredTwiceChangesNothing(t *testing.T) {
 	cfg := e.config()
 	cfg.PaymentDeclineRate = 0.3
 	r := e.start(cfg)
-	copies := duplicate(t, r.sys.Brokers(), cfg.Topic)
+	dups := duplicate(t, r.sys.Brokers(), cfg.Topic)
 	initial := r.stock(t)
 	const n = 40
 	for i := range n {
 		r.order(t, "u"+strconv.Itoa(i), "", mouse(1+i%2))
 	}
 	e.awaitQuiet(30 * time.Second)
-	// Let the copies of the last events arrive and be skipped too: the
-	// duplicator publishes one copy at a time, which on a replicated
-	// cluster trails the saga.
-	events := e.count(`SELECT count(*) FROM order_events`)
-	for deadline := time.Now().Add(30 * time.Second); copies.Load() < events && time.Now().Before(deadline); {
+	// Every event is copied once: wait until the duplicator has copied as
+	// many as the audit log holds and every participant has skipped each
+	// copy of a type it handles. The duplicator publishes one copy at a
+	// time, which on a replicated cluster trails the saga, and the last
+	// InventoryReleased can reach status after the orders are terminal, so
+	// both are counted again until they agree.
+	deadline := time.Now().Add(60 * time.Second)
+	for dups.total() < e.count(`SELECT count(*) FROM order_events`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d copies published for %d events: not every event was delivered twice", dups.total(), e.count(`SELECT count(*) FROM order_events`))
+		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	time.Sleep(500 * time.Millisecond)
+	r.awaitSkipped(t, 60*time.Second, dups.of)
 	e.awaitQuiet(10 * time.Second)
-	e.assertExactlyOnce(initial, r.stock(t))
-	if got := copies.Load(); got < events {
-		t.Fatalf("only %d copies published for %d events: not every event was delivered twice", got, events)
+	if got, events := dups.total(), e.count(`SELECT count(*) FROM order_events`); got != events {
+		t.Fatalf("%d copies published for %d events in the audit log, want one each", got, events)
 	}
-	for who, st := range r.sys.Stats() {
-		if st.Duplicates.Load() == 0 {
-			t.Errorf("%s skipped no duplicates", who)
+	// At least one skip per copy (awaitSkipped); more only if a rebalance
+	// redelivered something, which the inbox skips too. What may never
+	// happen is an event applied twice.
+	for name, h := range handlers() {
+		if got, want := r.sys.Stats()[name].Duplicates.Load(), dups.of(h); got != want {
+			t.Logf("%s skipped %d duplicates for %d copies of its types: redelivered besides", name, got, want)
 		}
 	}
-	// Every participant skipped each copy: one inbox row per distinct event.
-	// Counted again now: on a replicated cluster the last InventoryReleased
-	// can reach status after the count above was taken.
-	events = e.count(`SELECT count(*) FROM order_events`)
-	if dup := e.count(`SELECT count(*) FROM inbox WHERE consumer = 'status'`); dup != events {
-		t.Fatalf("status inbox has %d rows for %d events", dup, events)
-	}
+	r.assertAppliedOnce(t)
+	e.assertExactlyOnce(initial, r.stock(t))
+	e.assertNoDeadLetters(r.sys.Brokers(), cfg.DLQTopic())
 }
 
 // A participant that crashes after its database commit and before its offset
@@ -208,6 +390,8 @@ func TestCrashBetweenCommitsLosesAndDoublesNothing(t *testing.T) {
 			if n := e.count(`SELECT count(*) FROM orders`); n != int64(len(ids)) {
 				t.Fatalf("%d orders, want %d", n, len(ids))
 			}
+			e.assertInboxOnce()
+			e.assertNoDeadLetters(cfg.KafkaBrokers, cfg.DLQTopic())
 		})
 	}
 }
@@ -302,18 +486,22 @@ func TestOldEventsReplayedOutOfOrderChangeNothing(t *testing.T) {
 	if err := cl.ProduceSync(t.Context(), old...).FirstErr(); err != nil {
 		t.Fatal(err)
 	}
-	// Status reads every event: it must skip every replayed one.
-	deadline := time.Now().Add(15 * time.Second)
-	for r.sys.Stats()["status"].Duplicates.Load() < before {
-		if time.Now().After(deadline) {
-			t.Fatalf("status skipped %d of %d replayed events", r.sys.Stats()["status"].Duplicates.Load(), before)
+	// Every participant must skip each replayed record of a type it
+	// handles, and nothing else twice.
+	replayed := func(p saga.Handler) int64 {
+		var n int64
+		for _, rec := range old {
+			if p.Handles(recordType(rec)) {
+				n++
+			}
 		}
-		time.Sleep(50 * time.Millisecond)
+		return n
 	}
-	time.Sleep(500 * time.Millisecond) // let the other participants reach the copies
-	for who, st := range r.sys.Stats() {
-		if st.Duplicates.Load() == 0 {
-			t.Errorf("%s skipped no replayed event", who)
+	r.awaitSkipped(t, 30*time.Second, replayed)
+	e.awaitQuiet(10 * time.Second)
+	for name, h := range handlers() {
+		if got, want := r.sys.Stats()[name].Duplicates.Load(), replayed(h); got != want {
+			t.Logf("%s skipped %d duplicates for %d replayed records of its types: redelivered besides", name, got, want)
 		}
 	}
 	if n := e.count(`SELECT count(*) FROM order_events`); n != before {
@@ -322,7 +510,9 @@ func TestOldEventsReplayedOutOfOrderChangeNothing(t *testing.T) {
 	if s := e.count(`SELECT sum(hashtext(id::text || status)) FROM orders`); s != statuses {
 		t.Error("an order's status changed on replay")
 	}
+	r.assertAppliedOnce(t)
 	e.assertExactlyOnce(initial, r.stock(t))
+	e.assertNoDeadLetters(r.sys.Brokers(), cfg.DLQTopic())
 }
 
 // Stock k, many more than k concurrent orders: exactly k are reserved.
@@ -351,6 +541,7 @@ func TestNoOversell(t *testing.T) {
 			if n := e.count(`SELECT stock FROM products WHERE id = 'prod-monitor'`); n != 0 {
 				t.Fatalf("stock %d left", n)
 			}
+			e.assertNoDeadLetters(r.sys.Brokers(), e.config().DLQTopic())
 		})
 	}
 }

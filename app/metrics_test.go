@@ -31,16 +31,41 @@ func scrape(t *testing.T, url string) string {
 // value returns the value of the first sample whose line starts with
 // prefix (a metric name with its labels), or -1.
 func value(metrics, prefix string) float64 {
+	v, ok := metricSample(metrics, prefix)
+	if !ok {
+		return -1
+	}
+	return v
+}
+
+// metricSample returns the value of the first sample named exactly by
+// prefix (a metric name, or a name with its labels), and whether there was
+// one.
+func metricSample(metrics, prefix string) (float64, bool) {
 	for _, line := range strings.Split(metrics, "\n") {
-		if strings.HasPrefix(line, prefix) {
-			f := strings.Fields(line)
-			v, err := strconv.ParseFloat(f[len(f)-1], 64)
-			if err == nil {
-				return v
-			}
+		rest, ok := strings.CutPrefix(line, prefix)
+		// The whole name: prozess_x must not read prozess_x_total.
+		if !ok || (!strings.HasSuffix(prefix, " ") && (rest == "" || (rest[0] != ' ' && rest[0] != '{'))) {
+			continue
+		}
+		f := strings.Fields(line)
+		if v, err := strconv.ParseFloat(f[len(f)-1], 64); err == nil {
+			return v, true
 		}
 	}
-	return -1
+	return 0, false
+}
+
+// mustValue is metricSample for a metric that must be there: a missing
+// one fails the test (read as -1 it would pass for a value, and two missing
+// ones for no change).
+func mustValue(t *testing.T, metrics, prefix string) float64 {
+	t.Helper()
+	v, ok := metricSample(metrics, prefix)
+	if !ok {
+		t.Fatalf("no sample %s in /metrics", prefix)
+	}
+	return v
 }
 
 // After a few orders, /metrics (on the admin address only) has the saga's metrics with values that match what happened, and
@@ -99,7 +124,9 @@ func TestMetricsAndHealth(t *testing.T) {
 		`prozess_saga_step_duration_seconds_sum{from="OrderCreated",to="InventoryReserved"}`:       func(v float64) bool { return v > 0 && v < 45 },
 	}
 	for prefix, ok := range checks {
-		if v := value(m, prefix); !ok(v) {
+		if v, found := metricSample(m, prefix); !found {
+			t.Errorf("%s missing", prefix)
+		} else if !ok(v) {
 			t.Errorf("%s = %v", prefix, v)
 		}
 	}
@@ -115,11 +142,11 @@ func TestMetricsAndHealth(t *testing.T) {
 	}
 	// However often it is scraped, the state behind it is read at most
 	// once per interval.
-	before := value(scrape(t, admin+"/metrics"), "prozess_metrics_state_reads_total")
+	before := mustValue(t, scrape(t, admin+"/metrics"), "prozess_metrics_state_reads_total")
 	for range 20 {
 		scrape(t, admin+"/metrics")
 	}
-	if after := value(scrape(t, admin+"/metrics"), "prozess_metrics_state_reads_total"); after-before > 1 {
+	if after := mustValue(t, scrape(t, admin+"/metrics"), "prozess_metrics_state_reads_total"); after-before > 1 {
 		t.Errorf("21 scrapes read the state %v times, want at most 1 more", after-before)
 	}
 	// Routes are patterns, never raw ids.
@@ -146,7 +173,9 @@ func TestConsumerLagMetric(t *testing.T) {
 	}
 	r := e.start(cfg)
 	admin := "http://" + r.sys.AdminAddr() + "/metrics"
-	lag := func() float64 { return value(scrape(t, admin), `prozess_consumer_lag_records{participant="payment"}`) }
+	lag := func() float64 {
+		return mustValue(t, scrape(t, admin), `prozess_consumer_lag_records{participant="payment"}`)
+	}
 	var ids []string
 	for range 3 {
 		ids = append(ids, r.order(t, "u1", "", mouse(1)).OrderID.String())

@@ -2,11 +2,13 @@ package app_test
 
 import (
 	"bytes"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/saga"
@@ -41,6 +43,44 @@ func awaitDeadLetter(t *testing.T, brokers []string, topic, participant string) 
 			t.Fatalf("nothing dead-lettered by %s within 30s", participant)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// awaitCommitted waits up to 30s until group has committed, on every
+// partition of topic, the offset past the topic's last record as it is now:
+// every record on the topic was delivered to the group and applied or
+// skipped (a consumer commits only after its database commit).
+func awaitCommitted(t *testing.T, brokers []string, topic, group string) {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	ends, err := adm.ListEndOffsets(t.Context(), topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		offs, err := adm.FetchOffsets(t.Context(), group)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var behind []string
+		ends.Each(func(end kadm.ListedOffset) {
+			if o, ok := offs.Lookup(topic, end.Partition); end.Offset > 0 && (!ok || o.At < end.Offset) {
+				behind = append(behind, fmt.Sprintf("partition %d: committed %d of %d", end.Partition, o.At, end.Offset))
+			}
+		})
+		if len(behind) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("group %s not past the end of %s after 30s: %s", group, topic, strings.Join(behind, ", "))
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
@@ -155,6 +195,7 @@ func TestDeadLetterReplayReDrivesTheParticipantThatRejectedIt(t *testing.T) {
 	schematest.Exec(t, e.pool, `ALTER TABLE shipments DROP CONSTRAINT bad_deploy`)
 	brokers := strings.Join(r.sys.Brokers(), ",")
 	replay := func(want string) {
+		t.Helper()
 		out, err := runCLI(t, "dlq", "replay", "--kafka-brokers", brokers, "--topic", cfg.Topic, "--all", "--database-url", e.dbURL)
 		if err != nil || !strings.Contains(out, want) {
 			t.Fatalf("dlq replay: %v\n%s", err, out)
@@ -166,10 +207,35 @@ func TestDeadLetterReplayReDrivesTheParticipantThatRejectedIt(t *testing.T) {
 	}
 	e.awaitQuiet(20 * time.Second)
 	events := e.count(`SELECT count(*) FROM order_events WHERE order_id = $1`, id)
+	delivery := r.sys.Stats()["delivery"]
+	applied, skipped := delivery.Applied.Load(), delivery.Duplicates.Load()
 	// --all skips what it replayed before: nothing goes out again.
 	replay("skipped 1 dead letters already replayed")
-	time.Sleep(2 * time.Second) // a second copy, were there one, is delivered and skipped
+	// A copy all the same (an older prozess's replay --all sent one, or an
+	// operator produced it by hand): delivery's inbox must skip it.
+	dls, err := saga.ReadDeadLetters(t.Context(), saga.Conn{Brokers: r.sys.Brokers()}, cfg.DLQTopic())
+	if err != nil || len(dls) != 1 {
+		t.Fatalf("%d dead letters (%v)", len(dls), err)
+	}
+	cl, err := kgo.NewClient(kgo.SeedBrokers(r.sys.Brokers()...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if err := cl.ProduceSync(t.Context(), dls[0].Original()).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	// Wait until delivery's group has committed past the copy, so it was
+	// delivered, and skipped by the inbox (delivery no longer knows it as
+	// dead).
+	awaitCommitted(t, r.sys.Brokers(), cfg.Topic, cfg.GroupPrefix+"delivery")
 	e.awaitQuiet(20 * time.Second)
+	if got := delivery.Duplicates.Load() - skipped; got != 1 {
+		t.Fatalf("delivery skipped %d records on the second replay, want 1", got)
+	}
+	if got := delivery.Applied.Load() - applied; got != 0 {
+		t.Fatalf("delivery applied %d records on the second replay, want none", got)
+	}
 	if n := e.count(`SELECT count(*) FROM shipments WHERE order_id = $1`, id); n != 1 {
 		t.Fatalf("%d shipments after two replays", n)
 	}

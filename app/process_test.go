@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prozess/prozess/app"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/schema/schematest"
 )
@@ -23,6 +25,10 @@ import (
 var binary string
 
 func TestMain(m *testing.M) {
+	flag.Parse()
+	if flag.Lookup("test.list").Value.String() != "" {
+		os.Exit(m.Run()) // listing names (.ci/kafka/suites-run) needs no binary
+	}
 	dir, err := os.MkdirTemp("", "prozess-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -228,6 +234,8 @@ func TestParticipantsInSeparateProcesses(t *testing.T) {
 	if n := e.count(`SELECT count(*) FROM shipments`); n != 7 {
 		t.Fatalf("%d shipments for 7 orders", n)
 	}
+	e.assertInboxOnce()
+	e.assertNoDeadLetters([]string{addr}, app.DefaultConfig().DLQTopic())
 	for _, p := range []*proc{apiProc, invpay, rest, broker} {
 		p.stop(t)
 	}

@@ -1,10 +1,14 @@
 package app_test
 
 import (
+	"context"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/app/saga/sagatest"
@@ -65,16 +69,108 @@ func TestRelayTakeoverFromFrozenLeader(t *testing.T) {
 	if err := leader.cmd.Process.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
+	// Woken, the old leader finds its lock session ended by the lease and
+	// stands down: its relay is interrupted and, the lock being held, never
+	// active again.
+	leader.await(t, "the woken leader's relay losing its lock session", func(m map[string]any) bool {
+		return m["msg"] == "outbox relay interrupted, retrying"
+	})
 	for _, id := range ids {
 		if got := r.awaitStatus(t, id, event.StatusShipped, 60*time.Second); got.Status != event.StatusShipped {
 			t.Fatalf("order %s ended %s after the leader woke; leader:\n%s", id, got.Status, leader.tail())
 		}
 	}
+	// One more order with both awake, published by the standby.
+	last := r.order(t, "u1", "", mouse(1)).OrderID.String()
+	if got := r.await(t, last, 30*time.Second); got.Status != event.StatusShipped {
+		t.Fatalf("order after the leader woke ended %s", got.Status)
+	}
 	e.awaitQuiet(30 * time.Second)
 	e.assertExactlyOnce(initial, r.stock(t))
-	if n := e.count(`SELECT count(*) FROM shipments`); n != 6 {
-		t.Fatalf("%d shipments for 6 orders", n)
+	if n := e.count(`SELECT count(*) FROM shipments`); n != 7 {
+		t.Fatalf("%d shipments for 7 orders", n)
 	}
+	if m, ok := leader.seen(relayActive); ok {
+		t.Errorf("the woken leader took the relay lock again: %v", m)
+	}
+	if m, ok := standby.seen(func(m map[string]any) bool { return m["msg"] == "outbox relay interrupted, retrying" }); ok {
+		t.Errorf("the standby lost the relay lock after the leader woke: %v", m)
+	}
+	// Published once: the topic holds one record per event of the audit
+	// log and no event id twice (a relay that kept publishing after
+	// losing the lock would republish rows the other relay published).
+	records, eventIDs := topicEventIDs(t, k.Brokers, k.Topic)
+	if events := e.count(`SELECT count(*) FROM order_events`); records != events || int64(len(eventIDs)) != events {
+		t.Errorf("%d records with %d distinct event ids on the topic for %d events in the audit log", records, len(eventIDs), events)
+	}
+	e.assertNoDeadLetters(k.Brokers, k.Topic+".dlq")
+}
+
+// seen reads the log lines p has written so far (without waiting) and
+// returns the first for which match is true.
+func (p *proc) seen(match func(map[string]any) bool) (map[string]any, bool) {
+	for {
+		select {
+		case m := <-p.lines:
+			if match(m) {
+				return m, true
+			}
+		default:
+			return nil, false
+		}
+	}
+}
+
+// topicEventIDs reads topic from its start to its end as it is now and
+// returns how many records it holds and each event id's count.
+func topicEventIDs(t *testing.T, brokers []string, topic string) (int64, map[string]int) {
+	t.Helper()
+	adm, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer adm.Close()
+	ends, err := kadm.NewClient(adm).ListEndOffsets(t.Context(), topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[int32]int64{}
+	ends.Each(func(o kadm.ListedOffset) {
+		if o.Offset > 0 {
+			want[o.Partition] = o.Offset
+		}
+	})
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumeTopics(topic), kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	var records int64
+	ids := map[string]int{}
+	for len(want) > 0 {
+		fs := cl.PollFetches(ctx)
+		if ctx.Err() != nil {
+			t.Fatalf("reading %s: %v (partitions left: %v)", topic, ctx.Err(), want)
+		}
+		fs.EachRecord(func(r *kgo.Record) {
+			end, ok := want[r.Partition]
+			if !ok || r.Offset >= end {
+				return
+			}
+			records++
+			for _, h := range r.Headers {
+				if h.Key == "ce_id" {
+					ids[string(h.Value)]++
+				}
+			}
+			if r.Offset == end-1 {
+				delete(want, r.Partition)
+			}
+		})
+	}
+	return records, ids
 }
 
 // A leader stopped inside its settling transaction (idle in transaction,

@@ -1,9 +1,7 @@
 package app_test
 
 import (
-	"fmt"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -16,61 +14,6 @@ import (
 	"github.com/prozess/prozess/app/check"
 	"github.com/prozess/prozess/schema/schematest"
 )
-
-// offsetWatch samples the committed offsets of groups and remembers any
-// that went backwards.
-type offsetWatch struct {
-	mu      sync.Mutex
-	max     map[string]int64 // group/partition -> highest committed seen
-	rewinds []string
-	stop    chan struct{}
-	done    chan struct{}
-}
-
-func watchOffsets(t *testing.T, adm *kadm.Client, topic string, groups ...string) *offsetWatch {
-	w := &offsetWatch{max: map[string]int64{}, stop: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(w.done)
-		for {
-			select {
-			case <-w.stop:
-				return
-			case <-time.After(50 * time.Millisecond):
-			}
-			w.sample(t, adm, topic, groups)
-		}
-	}()
-	return w
-}
-
-func (w *offsetWatch) sample(t *testing.T, adm *kadm.Client, topic string, groups []string) {
-	for _, g := range groups {
-		offs, err := adm.FetchOffsets(t.Context(), g)
-		if err != nil {
-			continue
-		}
-		offs.Each(func(o kadm.OffsetResponse) {
-			if o.Topic != topic || o.Err != nil || o.At < 0 {
-				return
-			}
-			k := fmt.Sprintf("%s/%d", g, o.Partition)
-			w.mu.Lock()
-			if prev, ok := w.max[k]; ok && o.At < prev {
-				w.rewinds = append(w.rewinds, fmt.Sprintf("%s: %d -> %d", k, prev, o.At))
-			}
-			w.max[k] = max(w.max[k], o.At)
-			w.mu.Unlock()
-		})
-	}
-}
-
-// halt stops sampling (after one last sample) and returns the rewinds seen.
-func (w *offsetWatch) halt(t *testing.T, adm *kadm.Client, topic string, groups ...string) []string {
-	close(w.stop)
-	<-w.done
-	w.sample(t, adm, topic, groups)
-	return w.rewinds
-}
 
 // Zombies: three instances of every participant share the partitions (one
 // in-process, two processes); one process is SIGSTOPped for longer than
@@ -119,7 +62,7 @@ func TestZombieParticipantRewindsNoOffset(t *testing.T) {
 			time.Sleep(100 * time.Millisecond)
 		}
 	}
-	w := watchOffsets(t, adm, cfg.Topic, groups...)
+	w := newOffsetWatch(t, cfg.KafkaBrokers, cfg.Topic, groups)
 
 	var accepted []uuid.UUID
 	place := func(d time.Duration) {
@@ -145,7 +88,7 @@ func TestZombieParticipantRewindsNoOffset(t *testing.T) {
 	t.Logf("%d orders, all finished %s after the last was placed", len(accepted), time.Since(settled).Round(10*time.Millisecond))
 	zombie.stop(t)
 	other.stop(t)
-	if rewinds := w.halt(t, adm, cfg.Topic, groups...); len(rewinds) > 0 {
+	if rewinds := w.halt(); len(rewinds) > 0 {
 		t.Errorf("committed offsets went backwards: %v", rewinds)
 	}
 	rdb, _ := schematest.NewRedis(t)
