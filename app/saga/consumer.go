@@ -622,7 +622,7 @@ func (c *Consumer) commitOffsets(cl *kgo.Client) {
 	if offs == nil {
 		return
 	}
-	cl.CommitOffsets(context.Background(), offs, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, resp *kmsg.OffsetCommitResponse, err error) {
+	cl.CommitOffsets(commitContext(context.Background(), cl), offs, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, resp *kmsg.OffsetCommitResponse, err error) {
 		if err == nil && resp != nil {
 			for _, t := range resp.Topics {
 				for _, p := range t.Partitions {
@@ -638,6 +638,24 @@ func (c *Consumer) commitOffsets(cl *kgo.Client) {
 	})
 }
 
+// commitContext makes a commit go out only in the group generation its
+// offsets were worked out in. franz-go holds a commit made while the member
+// rejoins its group and sends it, afterwards, with the new generation. If
+// the member lost its partitions meanwhile (a broker that forgot the
+// group, a session that expired: no revoke is seen) and got them back
+// after another member advanced them, the held commit would rewind that
+// member's progress; the fault suite saw it after broker restarts. Dropped,
+// it only makes records come again, which the inbox skips.
+func commitContext(ctx context.Context, cl *kgo.Client) context.Context {
+	_, gen := cl.GroupMetadata()
+	return kgo.PreCommitFnContext(ctx, func(req *kmsg.OffsetCommitRequest) error {
+		if req.Generation != gen {
+			return fmt.Errorf("offsets of group generation %d not committed in generation %d (the member rejoined in between)", gen, req.Generation)
+		}
+		return nil
+	})
+}
+
 // commitApplied commits the applied offsets of the partitions still owned
 // and waits, when the consumer stops, so a clean restart redelivers
 // nothing. A partition revoked since is left alone: its new owner may have
@@ -649,7 +667,7 @@ func (c *Consumer) commitApplied(cl *kgo.Client) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	cl.CommitOffsetsSync(ctx, offs, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, _ *kmsg.OffsetCommitResponse, err error) {
+	cl.CommitOffsetsSync(commitContext(ctx, cl), offs, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, _ *kmsg.OffsetCommitResponse, err error) {
 		if err != nil {
 			c.log.Warn("committing the last offsets at stop failed; those records will be redelivered and skipped", "err", err)
 		}
