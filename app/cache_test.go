@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -273,7 +274,14 @@ func TestDatabaseIdentityWithoutControlFunctions(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close(ctx)
-	if _, err := conn.Exec(ctx, `CREATE ROLE reader LOGIN`); err != nil {
+	// The embedded server asks every login for a password: the reader gets
+	// the superuser's, which the URLs above carry.
+	u, err := url.Parse(pg.URL("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pass, _ := u.User.Password()
+	if _, err := conn.Exec(ctx, `CREATE ROLE reader LOGIN PASSWORD '`+pass+`'`); err != nil {
 		t.Fatal(err)
 	}
 	if got := identity("reader"); got != full {
