@@ -1,14 +1,11 @@
 package app_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"io"
 	"log/slog"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -23,6 +20,7 @@ import (
 	"github.com/prozess/prozess/app"
 	"github.com/prozess/prozess/app/testpki"
 	"github.com/prozess/prozess/modules/event"
+	"github.com/prozess/prozess/schema/schematest"
 )
 
 // newPKI writes the test's own certificates (app/testpki).
@@ -41,38 +39,11 @@ func newPKI(t *testing.T) (testpki.Files, string) {
 // its address.
 func secureRedis(t *testing.T, p testpki.Files, user, password string) string {
 	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Fatal("redis-server not found (apt-get install redis-server; .ci/services does)")
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	_, port, _ := net.SplitHostPort(addr)
-	cmd := exec.Command(bin, "--port", "0", "--tls-port", port, "--bind", "127.0.0.1",
+	addr, _ := schematest.RedisServer(t, "--tls-port", "--port", "0",
 		"--tls-cert-file", p.Cert, "--tls-key-file", p.Key, "--tls-ca-cert-file", p.CA, "--tls-auth-clients", "no",
-		"--save", "", "--appendonly", "no", "--dir", t.TempDir(),
 		"--user", "default", "off",
 		"--user", user, "on", ">"+password, "~*", "&*", "+@all")
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			return addr
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("redis-server with TLS did not listen on %s within 10s:\n%s", addr, out.String())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	return addr
 }
 
 // String is everything written so far.

@@ -1,7 +1,6 @@
 package statuscache_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"net"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/modules/statuscache"
+	"github.com/prozess/prozess/schema/schematest"
 )
 
 // hungRedis starts a redis-server of the test's own on a free port (never
@@ -23,38 +23,7 @@ import (
 // and the server, which the test may SIGSTOP.
 func hungRedis(t *testing.T) (rueidis.Client, *exec.Cmd) {
 	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Fatal("redis-server not found (apt-get install redis-server; .ci/services does)")
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	_, port, _ := net.SplitHostPort(addr)
-	cmd := exec.Command(bin, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", t.TempDir())
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGCONT)
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("redis-server did not listen on %s within 10s:\n%s", addr, out.String())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	addr, cmd := schematest.RedisServer(t, "--port")
 	// The options of app.OpenRedis.
 	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true,
 		ConnWriteTimeout: 5 * time.Second, Dialer: net.Dialer{Timeout: 5 * time.Second}, ForceSingleClient: true})

@@ -8,6 +8,7 @@
 package schematest
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -16,8 +17,10 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -265,4 +268,45 @@ func Int(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) int64 {
 		t.Fatalf("%s: %v", sql, err)
 	}
 	return n
+}
+
+// RedisServer starts a redis-server of the test's own on a free port of
+// 127.0.0.1, given to portFlag (--port; or --tls-port, with "--port", "0"
+// among args), saving nothing, with args added, and stops it when the test
+// ends (continuing it first: a stopped process ignores the kill until it
+// runs). Tests that hang, secure or stop a Redis use it, never the
+// machine's. It returns the address once the server listens, and the
+// process.
+func RedisServer(t testing.TB, portFlag string, args ...string) (string, *exec.Cmd) {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Fatal("redis-server not found (apt-get install redis-server; .ci/services does)")
+	}
+	addr, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(addr)
+	cmd := exec.Command(bin, append([]string{portFlag, port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", t.TempDir()}, args...)...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGCONT)
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return addr, cmd
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("redis-server did not listen on %s within 10s:\n%s", addr, out.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
