@@ -9,6 +9,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/saga"
@@ -65,7 +66,7 @@ func awaitCommitted(t *testing.T, brokers []string, topic, group string) {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		offs, err := adm.FetchOffsets(t.Context(), group)
-		if err != nil {
+		if err != nil && !kerr.IsRetriable(err) {
 			t.Fatal(err)
 		}
 		var behind []string

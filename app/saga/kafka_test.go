@@ -12,6 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/saga"
@@ -159,6 +160,9 @@ func produce(t *testing.T, brokers []string, topic string, n int) {
 func committed(t *testing.T, adm *kadm.Client, group, topic string) int64 {
 	t.Helper()
 	offs, err := adm.FetchOffsets(t.Context(), group)
+	if kerr.IsRetriable(err) {
+		return -1 // a fresh cluster's group coordinator still loading: ask again
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
