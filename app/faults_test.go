@@ -585,7 +585,7 @@ const (
 // accepted order ends terminal within 30s and that nothing was lost or
 // doubled. With -faults.duration it cycles the faults for that long.
 func TestFaultSuite(t *testing.T) {
-	e := newEnv(t)
+	e := newBrokerFaultEnv(t)
 	d := newDeployment(t, e)
 	if servicesFaults() {
 		// Whatever happens to the test, the machine's PostgreSQL and Redis

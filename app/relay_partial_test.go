@@ -190,7 +190,7 @@ func TestClusterRefusalIsRetriedNotParked(t *testing.T) {
 // those keyed to the healthy partitions are five sixths), and partition
 // 0's finish once the broker is back, each exactly once.
 func TestPartitionWithoutQuorumHoldsBackOnlyItsOrders(t *testing.T) {
-	e := newEnv(t)
+	e := newBrokerFaultEnv(t)
 	if e.kafka == nil || os.Getenv("PROZESS_TEST_KAFKA_CLUSTER") == "" {
 		t.Skip("needs the three-node Apache Kafka cluster: PROZESS_TEST_KAFKA_BROKERS and PROZESS_TEST_KAFKA_CLUSTER (.ci/kafka/cluster, CI's Kafka step)")
 	}

@@ -22,9 +22,11 @@ import (
 // becomes a standby, and nothing was applied twice.
 func TestRelayTakeoverFromFrozenLeader(t *testing.T) {
 	e := newEnv(t)
-	k := sagatest.New(t)
+	var k sagatest.Kafka
 	if e.kafka != nil {
 		k = *e.kafka
+	} else {
+		k = sagatest.New(t)
 	}
 	env := []string{
 		"PROZESS_DATABASE_URL=" + e.dbURL, "PROZESS_REDIS_ADDR=" + schematest.RedisAddr(t), "PROZESS_REDIS_PREFIX=" + e.prefix,

@@ -59,6 +59,21 @@ func (e *env) keyFor(user string) string {
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	t.Parallel()
+	return envOf(t)
+}
+
+// newBrokerFaultEnv is newEnv for a test that kills or stops the shared
+// Apache Kafka cluster's brokers: it has the cluster to itself
+// (sagatest.Exclusive), so its faults are not every other test's.
+func newBrokerFaultEnv(t *testing.T) *env {
+	t.Helper()
+	t.Parallel()
+	sagatest.Exclusive(t)
+	return envOf(t)
+}
+
+func envOf(t *testing.T) *env {
+	t.Helper()
 	url := schematest.NewDatabase(t)
 	pool, err := pgxpool.New(context.Background(), url)
 	if err != nil {
