@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/prozess/prozess/app"
 	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/app/telemetry"
 	"github.com/prozess/prozess/schema/schematest"
@@ -223,16 +224,7 @@ func TestScrapeQueriesScanNoGrowingTable(t *testing.T) {
 func TestConsumerPartitionLag(t *testing.T) {
 	e := newEnv(t)
 	cfg := e.config()
-	hold := make(chan struct{})
-	var once sync.Once
-	release := func() { once.Do(func() { close(hold) }) }
-	t.Cleanup(release)
-	cfg.Fault = func(participant, point string) error {
-		if participant == "payment" && point == saga.FaultBeforeCommit {
-			<-hold
-		}
-		return nil
-	}
+	release := holdPayment(t, &cfg)
 	r := e.start(cfg)
 	admin := "http://" + r.sys.AdminAddr() + "/metrics"
 	id := r.order(t, "u1", "", mouse(1)).OrderID.String()
@@ -274,6 +266,23 @@ func TestConsumerPartitionLag(t *testing.T) {
 			t.Fatalf("partition %d still lags after payment caught up:\n%s", part, grepLines(m, "prozess_consumer_partition_lag_records"))
 		}
 	}
+}
+
+// holdPayment makes cfg's payment consumer wait inside its transaction,
+// before the commit, until release is called (or the test ends), so its
+// group's lag grows.
+func holdPayment(t *testing.T, cfg *app.Config) (release func()) {
+	hold := make(chan struct{})
+	var once sync.Once
+	release = func() { once.Do(func() { close(hold) }) }
+	t.Cleanup(release)
+	cfg.Fault = func(participant, point string) error {
+		if participant == "payment" && point == saga.FaultBeforeCommit {
+			<-hold
+		}
+		return nil
+	}
+	return release
 }
 
 // recordPartition reads the topic from the start until it finds a record keyed
