@@ -318,10 +318,10 @@ func (c *StateCollector) readCostly() []prometheus.Metric {
 	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM parked`).Scan(&n); err == nil {
 		ms = append(ms, prometheus.MustNewConstMetric(c.parked, prometheus.GaugeValue, float64(n)))
 	}
+	// dead_letters_open_idx (migration 00012) holds exactly these rows.
 	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL`).Scan(&n); err == nil {
 		ms = append(ms, prometheus.MustNewConstMetric(c.deadLetters, prometheus.GaugeValue, float64(n)))
 	}
-	// dead_letters_open_idx (migration 00012) holds exactly these rows.
 	// The saga deadline's partial index (orders_unfinished_idx) holds
 	// exactly these rows, ordered by created_at: one index probe.
 	if err := c.pool.QueryRow(ctx, `SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM orders
@@ -332,8 +332,8 @@ func (c *StateCollector) readCostly() []prometheus.Metric {
 }
 
 // smallOrders is the size under which orders is counted exactly by
-// status: reading 1 MiB costs less than a millisecond or two, and a young
-// table has no statistics to estimate from.
+// status: a scan of 128 pages is cheap, and a young table may have no
+// statistics yet to estimate from (autovacuum analyses it later).
 const smallOrders = 1 << 20
 
 // readOrders reads prozess_orders. The unfinished statuses are counted
