@@ -203,14 +203,21 @@ func (r *Report) stuck(ctx context.Context, pool *pgxpool.Pool, w window, secs f
 	})
 }
 
-// stock: received = stock + units held by reservations not released.
+// stock: received = stock + units held by reservations not released. A
+// sum over every order, so never windowed; each sum is one pass over its
+// table grouped by product (neither reservations nor order_items has an
+// index by product: a sum per product would read them once per product).
 func (r *Report) stock(ctx context.Context, pool *pgxpool.Pool) error {
 	return each(ctx, pool, `
-		SELECT p.id, p.received, p.stock,
-		       coalesce((SELECT sum(qty) FROM reservations r WHERE r.product_id = p.id AND r.released_at IS NULL), 0),
-		       coalesce((SELECT sum(i.qty) FROM order_items i JOIN orders o ON o.id = i.order_id
-		                 WHERE i.product_id = p.id AND o.status = 'SHIPPED'), 0)
-		FROM products p ORDER BY p.id`, nil, func(v []any) {
+		WITH held AS (
+		    SELECT product_id, sum(qty) AS units FROM reservations WHERE released_at IS NULL GROUP BY product_id
+		), shipped AS (
+		    SELECT i.product_id, sum(i.qty) AS units FROM order_items i JOIN orders o ON o.id = i.order_id
+		    WHERE o.status = 'SHIPPED' GROUP BY i.product_id
+		)
+		SELECT p.id, p.received, p.stock, coalesce(h.units, 0), coalesce(s.units, 0)
+		FROM products p LEFT JOIN held h ON h.product_id = p.id LEFT JOIN shipped s ON s.product_id = p.id
+		ORDER BY p.id`, nil, func(v []any) {
 		received, stock, held, shipped := v[1].(int64), v[2].(int64), v[3].(int64), v[4].(int64)
 		if received != stock+held {
 			r.add(RuleStock, str(v[0]), "received %d != stock %d + held by reservations %d (shipped %d, in flight %d): %+d units",
