@@ -6,11 +6,9 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/event"
 )
 
@@ -161,16 +159,7 @@ func TestMetricsAndHealth(t *testing.T) {
 func TestConsumerLagMetric(t *testing.T) {
 	e := newEnv(t)
 	cfg := e.config()
-	hold := make(chan struct{})
-	var once sync.Once
-	release := func() { once.Do(func() { close(hold) }) }
-	t.Cleanup(release)
-	cfg.Fault = func(participant, point string) error {
-		if participant == "payment" && point == saga.FaultBeforeCommit {
-			<-hold
-		}
-		return nil
-	}
+	release := holdPayment(t, &cfg)
 	r := e.start(cfg)
 	admin := "http://" + r.sys.AdminAddr() + "/metrics"
 	lag := func() float64 {

@@ -34,6 +34,13 @@ type Config struct {
 	Prefix       string    // Redis key prefix (--redis-prefix; the deployment id is added)
 	Kafka        saga.Conn // for the dead-letter count; no brokers skips it
 	DLQTopic     string
+	// Since bounds the orders checked to those created at or after it
+	// (zero: every order). The rules that read order_events, payments and
+	// reservations per order then join only the window's orders, found
+	// through the primary key (order ids are UUIDv7, so time-ordered), not
+	// all of a large database's history. Stock conservation is a sum over
+	// every order and is always checked whole.
+	Since time.Time
 }
 
 // Violation is one broken rule.
@@ -52,6 +59,7 @@ type Report struct {
 	DeadLetters      int64          `json:"dead_letters"` // -1 when not counted
 	PaidOverdue      int64          `json:"paid_overdue"` // paid, not shipped, older than the saga deadline
 	CacheEntries     int64          `json:"cache_entries"`
+	Since            *time.Time     `json:"since,omitempty"` // the window's start, when bounded
 	Rules            []string       `json:"rules"`
 	Violations       []Violation    `json:"violations"`
 	ViolationsByRule map[string]int `json:"violations_by_rule"`
@@ -73,8 +81,12 @@ const (
 // Run checks every rule.
 func Run(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Report, error) {
 	r := &Report{ViolationsByRule: map[string]int{}, DeadLetters: -1}
-	if err := pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE status IN ('SHIPPED', 'CANCELLED')) FROM orders`).
-		Scan(&r.Orders, &r.Terminal); err != nil {
+	if !cfg.Since.IsZero() {
+		r.Since = &cfg.Since
+	}
+	w := newWindow(cfg.Since)
+	if err := pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE status IN ('SHIPPED', 'CANCELLED')) FROM orders o WHERE `+w.where,
+		w.args...).Scan(&r.Orders, &r.Terminal); err != nil {
 		return nil, fmt.Errorf("counting orders: %w", err)
 	}
 	if cfg.SagaDeadline > 0 {
@@ -88,12 +100,12 @@ func Run(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Report, error) {
 		rule string
 		fn   func() error
 	}{
-		{RuleStuck, func() error { return r.stuck(ctx, pool, secs, cfg.SagaDeadline) }},
+		{RuleStuck, func() error { return r.stuck(ctx, pool, w, secs, cfg.SagaDeadline) }},
 		{RuleStock, func() error { return r.stock(ctx, pool) }},
-		{RuleOnce, func() error { return r.once(ctx, pool) }},
-		{RuleShipped, func() error { return r.shipped(ctx, pool) }},
-		{RuleReleased, func() error { return r.released(ctx, pool, secs) }},
-		{RuleTrail, func() error { return r.trail(ctx, pool) }},
+		{RuleOnce, func() error { return r.once(ctx, pool, w) }},
+		{RuleShipped, func() error { return r.shipped(ctx, pool, w) }},
+		{RuleReleased, func() error { return r.released(ctx, pool, w, secs) }},
+		{RuleTrail, func() error { return r.trail(ctx, pool, w) }},
 		{RuleCache, func() error { return r.cache(ctx, pool, cfg) }},
 		{RuleOutbox, func() error { return r.outbox(ctx, pool, cfg.Deadline) }},
 	}
@@ -112,6 +124,34 @@ func Run(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Report, error) {
 	}
 	return r, nil
 }
+
+// window is the orders a check reads, as SQL over orders o: its where
+// clause takes the first two parameters, and a rule's own come after.
+type window struct {
+	where string
+	args  []any
+}
+
+// newWindow bounds the orders to those created at or after since (zero:
+// every order). The first condition is the primary key's range: an order id
+// is a UUIDv7 whose first 48 bits are its creation's Unix milliseconds, so
+// the lowest id of since's millisecond (the rest zero) is below every later
+// one, and PostgreSQL reads the window from the index instead of the table.
+// The second keeps the truth of created_at for ids made otherwise (by hand:
+// an order with a random UUIDv4 id in the window may be missed).
+func newWindow(since time.Time) window {
+	var lo uuid.UUID // zero: below every id
+	if !since.IsZero() {
+		ms := since.UnixMilli()
+		for i := range 6 {
+			lo[i] = byte(ms >> (8 * (5 - i)))
+		}
+	}
+	return window{where: "o.id >= $1 AND o.created_at >= $2", args: []any{lo, since}}
+}
+
+// with returns the window's arguments followed by a rule's own ($3 on).
+func (w window) with(args ...any) []any { return append(slices.Clone(w.args), args...) }
 
 func (r *Report) add(rule, subject, format string, args ...any) {
 	r.ViolationsByRule[rule]++
@@ -148,13 +188,13 @@ func str(v any) string {
 }
 
 // stuck: the choreography's stuck-saga detector.
-func (r *Report) stuck(ctx context.Context, pool *pgxpool.Pool, secs float64, sagaDeadline time.Duration) error {
+func (r *Report) stuck(ctx context.Context, pool *pgxpool.Pool, w window, secs float64, sagaDeadline time.Duration) error {
 	return each(ctx, pool, `
 		SELECT o.id, o.status, round(extract(epoch FROM now() - o.created_at))::bigint,
 		       (SELECT e.type FROM order_events e WHERE e.order_id = o.id ORDER BY e.seq DESC LIMIT 1)
 		FROM orders o
-		WHERE o.status NOT IN ('SHIPPED', 'CANCELLED') AND o.created_at < now() - make_interval(secs => $1)
-		ORDER BY o.created_at`, []any{secs}, func(v []any) {
+		WHERE `+w.where+` AND o.status NOT IN ('SHIPPED', 'CANCELLED') AND o.created_at < now() - make_interval(secs => $3)
+		ORDER BY o.created_at`, w.with(secs), func(v []any) {
 		note := ""
 		if age, _ := v[2].(int64); v[1] == string(event.StatusPaid) && sagaDeadline > 0 && float64(age) > sagaDeadline.Seconds() {
 			note = " (paid, past the saga deadline: never cancelled; ship or refund it)"
@@ -163,14 +203,21 @@ func (r *Report) stuck(ctx context.Context, pool *pgxpool.Pool, secs float64, sa
 	})
 }
 
-// stock: received = stock + units held by reservations not released.
+// stock: received = stock + units held by reservations not released. A
+// sum over every order, so never windowed; each sum is one pass over its
+// table grouped by product (neither reservations nor order_items has an
+// index by product: a sum per product would read them once per product).
 func (r *Report) stock(ctx context.Context, pool *pgxpool.Pool) error {
 	return each(ctx, pool, `
-		SELECT p.id, p.received, p.stock,
-		       coalesce((SELECT sum(qty) FROM reservations r WHERE r.product_id = p.id AND r.released_at IS NULL), 0),
-		       coalesce((SELECT sum(i.qty) FROM order_items i JOIN orders o ON o.id = i.order_id
-		                 WHERE i.product_id = p.id AND o.status = 'SHIPPED'), 0)
-		FROM products p ORDER BY p.id`, nil, func(v []any) {
+		WITH held AS (
+		    SELECT product_id, sum(qty) AS units FROM reservations WHERE released_at IS NULL GROUP BY product_id
+		), shipped AS (
+		    SELECT i.product_id, sum(i.qty) AS units FROM order_items i JOIN orders o ON o.id = i.order_id
+		    WHERE o.status = 'SHIPPED' GROUP BY i.product_id
+		)
+		SELECT p.id, p.received, p.stock, coalesce(h.units, 0), coalesce(s.units, 0)
+		FROM products p LEFT JOIN held h ON h.product_id = p.id LEFT JOIN shipped s ON s.product_id = p.id
+		ORDER BY p.id`, nil, func(v []any) {
 		received, stock, held, shipped := v[1].(int64), v[2].(int64), v[3].(int64), v[4].(int64)
 		if received != stock+held {
 			r.add(RuleStock, str(v[0]), "received %d != stock %d + held by reservations %d (shipped %d, in flight %d): %+d units",
@@ -183,36 +230,37 @@ func (r *Report) stock(ctx context.Context, pool *pgxpool.Pool) error {
 }
 
 // once: no order has two decisions of one kind in its audit trail.
-func (r *Report) once(ctx context.Context, pool *pgxpool.Pool) error {
+func (r *Report) once(ctx context.Context, pool *pgxpool.Pool, w window) error {
 	return each(ctx, pool, `
-		SELECT order_id, type, count(*) FROM order_events WHERE type <> $1
-		GROUP BY order_id, type HAVING count(*) > 1 ORDER BY order_id`, []any{deadletter.TrailType}, func(v []any) {
+		SELECT e.order_id, e.type, count(*) FROM orders o JOIN order_events e ON e.order_id = o.id
+		WHERE `+w.where+` AND e.type <> $3
+		GROUP BY e.order_id, e.type HAVING count(*) > 1 ORDER BY e.order_id`, w.with(deadletter.TrailType), func(v []any) {
 		r.add(RuleOnce, str(v[0]), "%s recorded %s times", v[1], str(v[2]))
 	})
 }
 
 // shipped: nothing SHIPPED without a completed payment and one shipment.
-func (r *Report) shipped(ctx context.Context, pool *pgxpool.Pool) error {
+func (r *Report) shipped(ctx context.Context, pool *pgxpool.Pool, w window) error {
 	return each(ctx, pool, `
 		SELECT o.id, o.status, coalesce(p.status, 'no payment'), (s.order_id IS NOT NULL)
 		FROM orders o
 		LEFT JOIN payments p ON p.order_id = o.id
 		LEFT JOIN shipments s ON s.order_id = o.id
-		WHERE (o.status = 'SHIPPED' AND (p.status IS DISTINCT FROM 'COMPLETED' OR s.order_id IS NULL))
-		   OR (s.order_id IS NOT NULL AND p.status IS DISTINCT FROM 'COMPLETED')
-		ORDER BY o.id`, nil, func(v []any) {
+		WHERE `+w.where+` AND ((o.status = 'SHIPPED' AND (p.status IS DISTINCT FROM 'COMPLETED' OR s.order_id IS NULL))
+		   OR (s.order_id IS NOT NULL AND p.status IS DISTINCT FROM 'COMPLETED'))
+		ORDER BY o.id`, w.args, func(v []any) {
 		r.add(RuleShipped, str(v[0]), "status %s, payment %s, shipment %v", v[1], v[2], v[3])
 	})
 }
 
 // released: every declined order's stock given back (once the deadline has
 // passed), and never a release for an order that was not declined.
-func (r *Report) released(ctx context.Context, pool *pgxpool.Pool, secs float64) error {
+func (r *Report) released(ctx context.Context, pool *pgxpool.Pool, w window, secs float64) error {
 	err := each(ctx, pool, `
 		SELECT p.order_id, count(r.*) FILTER (WHERE r.released_at IS NULL)
-		FROM payments p JOIN reservations r USING (order_id)
-		WHERE p.status = 'DECLINED' AND p.created_at < now() - make_interval(secs => $1)
-		GROUP BY p.order_id HAVING count(r.*) FILTER (WHERE r.released_at IS NULL) > 0`, []any{secs}, func(v []any) {
+		FROM orders o JOIN payments p ON p.order_id = o.id JOIN reservations r ON r.order_id = o.id
+		WHERE `+w.where+` AND p.status = 'DECLINED' AND p.created_at < now() - make_interval(secs => $3)
+		GROUP BY p.order_id HAVING count(r.*) FILTER (WHERE r.released_at IS NULL) > 0`, w.with(secs), func(v []any) {
 		r.add(RuleReleased, str(v[0]), "declined, but %s reservation lines still held", str(v[1]))
 	})
 	if err != nil {
@@ -220,9 +268,9 @@ func (r *Report) released(ctx context.Context, pool *pgxpool.Pool, secs float64)
 	}
 	return each(ctx, pool, `
 		SELECT r.order_id, coalesce(p.status, 'no payment')
-		FROM reservations r LEFT JOIN payments p USING (order_id)
-		WHERE r.released_at IS NOT NULL AND p.status IS DISTINCT FROM 'DECLINED'
-		GROUP BY r.order_id, p.status`, nil, func(v []any) {
+		FROM orders o JOIN reservations r ON r.order_id = o.id LEFT JOIN payments p ON p.order_id = o.id
+		WHERE `+w.where+` AND r.released_at IS NOT NULL AND p.status IS DISTINCT FROM 'DECLINED'
+		GROUP BY r.order_id, p.status`, w.args, func(v []any) {
 		r.add(RuleReleased, str(v[0]), "stock released but payment is %s", v[1])
 	})
 }
@@ -278,7 +326,7 @@ func ValidTrail(trail []event.Type) bool {
 
 // trail: each order's audit trail is a lifecycle path and its status is
 // where that path leads.
-func (r *Report) trail(ctx context.Context, pool *pgxpool.Pool) error {
+func (r *Report) trail(ctx context.Context, pool *pgxpool.Pool, w window) error {
 	var cur uuid.UUID
 	var status string
 	var trail []event.Type
@@ -306,7 +354,8 @@ func (r *Report) trail(ctx context.Context, pool *pgxpool.Pool) error {
 	}
 	err := each(ctx, pool, `
 		SELECT e.order_id, e.type, o.status FROM order_events e JOIN orders o ON o.id = e.order_id
-		ORDER BY e.order_id, e.seq`, nil, func(v []any) {
+		WHERE `+w.where+`
+		ORDER BY e.order_id, e.seq`, w.args, func(v []any) {
 		id := uuid.UUID(v[0].([16]byte))
 		if id != cur {
 			flush()
@@ -436,6 +485,9 @@ func (r *Report) Text() string {
 	dl := "not counted"
 	if r.DeadLetters >= 0 {
 		dl = strconv.FormatInt(r.DeadLetters, 10)
+	}
+	if r.Since != nil {
+		fmt.Fprintf(&b, "orders created since %s (stock conservation: every order)\n", r.Since.UTC().Format(time.RFC3339))
 	}
 	fmt.Fprintf(&b, "%d orders (%d terminal, %d in flight); outbox %d rows (oldest %s); %d cache entries; dead letters: %s\n",
 		r.Orders, r.Terminal, r.Orders-r.Terminal, r.OutboxRows, r.OutboxOldest.Round(time.Millisecond), r.CacheEntries, dl)

@@ -9,10 +9,13 @@ package chart_test
 import (
 	"fmt"
 	"maps"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -43,16 +46,25 @@ var everything = map[string]any{
 	"database": map[string]any{"caSecret": "prozess-db-ca"},
 	"kafka": map[string]any{
 		"tls":  map[string]any{"enabled": true, "caSecret": "kafka-ca"},
-		"sasl": map[string]any{"mechanism": "SCRAM-SHA-512", "username": "prozess", "passwordSecret": map[string]any{"name": "kafka-sasl", "key": "password"}},
+		"sasl": map[string]any{"mechanism": "SCRAM-SHA-512", "username": "prozess", "existingSecret": "kafka-sasl", "existingSecretKey": "password"},
 	},
 	"redis": map[string]any{
 		"username":       "prozess",
-		"passwordSecret": map[string]any{"name": "redis-auth", "key": "password"},
+		"existingSecret": "redis-auth",
 		"tls":            map[string]any{"enabled": true, "caSecret": "redis-ca"},
 	},
 	"participants":   map[string]any{"payment": map[string]any{"staticMembership": true}},
 	"serviceMonitor": map[string]any{"enabled": true, "labels": map[string]any{"release": "kube-prometheus-stack"}},
+	"prometheusRule": map[string]any{"enabled": true, "labels": map[string]any{"release": "kube-prometheus-stack"}},
 	"env":            map[string]any{"PROZESS_SAGA_DEADLINE": "10m"},
+}
+
+// byValue gives every credential as a value: the chart keeps them in its
+// own Secret.
+var byValue = map[string]any{
+	"database": map[string]any{"url": "postgres://prozess:db-secret@pg:5432/prozess?sslmode=verify-full"},
+	"kafka":    map[string]any{"sasl": map[string]any{"mechanism": "SCRAM-SHA-512", "username": "prozess", "password": "kafka-secret"}},
+	"redis":    map[string]any{"password": "redis-secret"},
 }
 
 // objects is what one rendering produced, decoded into API types.
@@ -64,6 +76,8 @@ type objects struct {
 	pdbs            map[string]*policyv1.PodDisruptionBudget
 	jobs            []*batchv1.Job
 	serviceMonitors []*monitoringv1.ServiceMonitor
+	secrets         []*corev1.Secret
+	prometheusRules []*monitoringv1.PrometheusRule
 }
 
 // render runs helm template for vals and decodes every object strictly.
@@ -152,6 +166,18 @@ func (o *objects) add(doc string) error {
 			return err
 		}
 		o.serviceMonitors = append(o.serviceMonitors, s)
+	case "monitoring.coreos.com/v1 PrometheusRule":
+		r := &monitoringv1.PrometheusRule{}
+		if err := decodeStrict(doc, r); err != nil {
+			return err
+		}
+		o.prometheusRules = append(o.prometheusRules, r)
+	case "v1 Secret":
+		s := &corev1.Secret{}
+		if err := decodeStrict(doc, s); err != nil {
+			return err
+		}
+		o.secrets = append(o.secrets, s)
 	default:
 		return fmt.Errorf("unexpected object %s %s: add its type to this test", tm.APIVersion, tm.Kind)
 	}
@@ -179,7 +205,7 @@ func TestStrictDecodingRefusesUnknownFields(t *testing.T) {
 // helm lint finds nothing worse than INFO, with the default values and
 // with every option on.
 func TestChartLints(t *testing.T) {
-	for name, vals := range map[string]map[string]any{"defaults": nil, "everything": everything} {
+	for name, vals := range map[string]map[string]any{"defaults": nil, "everything": everything, "byValue": byValue} {
 		l := lint.All(chartDir, vals, "orders", false)
 		for _, m := range l.Messages {
 			if m.Severity > support.InfoSev {
@@ -280,8 +306,11 @@ func TestChartRendersTheDeployment(t *testing.T) {
 	if selects(&metav1.LabelSelector{MatchLabels: objs.services["admin"].Spec.Selector}, job.Spec.Template.Labels) {
 		t.Errorf("the admin Service selects the migration pod")
 	}
-	if len(objs.serviceMonitors) != 0 {
-		t.Errorf("a ServiceMonitor without serviceMonitor.enabled")
+	if len(objs.serviceMonitors) != 0 || len(objs.prometheusRules) != 0 {
+		t.Errorf("a ServiceMonitor or PrometheusRule without serviceMonitor.enabled or prometheusRule.enabled")
+	}
+	if len(objs.secrets) != 0 {
+		t.Errorf("a Secret with no credential given as a value")
 	}
 }
 
@@ -296,16 +325,7 @@ func TestChartRendersEveryOption(t *testing.T) {
 		pod := objs.pods[name].Spec
 		c := pod.Containers[0]
 		env := envOf(c)
-		mounts := map[string]string{} // mount path -> Secret
-		for _, m := range c.VolumeMounts {
-			for _, v := range pod.Volumes {
-				if v.Name == m.Name && v.Secret != nil {
-					for _, item := range v.Secret.Items {
-						mounts[m.MountPath+"/"+item.Path] = v.Secret.SecretName + "/" + item.Key
-					}
-				}
-			}
-		}
+		mounts := secretFiles(pod, c) // mount path -> Secret
 		for variable, secret := range map[string]string{
 			"PROZESS_KAFKA_SASL_PASSWORD_FILE": "kafka-sasl/password",
 			"PROZESS_REDIS_PASSWORD_FILE":      "redis-auth/password",
@@ -350,6 +370,110 @@ func TestChartRendersEveryOption(t *testing.T) {
 	admin := objs.services["admin"]
 	if !selects(&sm.Spec.Selector, admin.Labels) || sm.Spec.Endpoints[0].Port != "admin" || sm.Labels["release"] != "kube-prometheus-stack" {
 		t.Errorf("the ServiceMonitor %+v does not scrape the admin Service %v", sm.Spec, admin.Labels)
+	}
+}
+
+// Credentials given as values go into the chart's one Secret, a hook made
+// before the migration Job (itself a hook, which runs before the release's
+// other objects exist), and every pod and the Job read each credential from
+// it: the database URL as PROZESS_DATABASE_URL, the passwords as the files
+// the *_FILE variables name.
+func TestChartKeepsCredentialsGivenAsValues(t *testing.T) {
+	objs := render(t, byValue)
+	if len(objs.secrets) != 1 {
+		t.Fatalf("%d Secrets, want the chart's one", len(objs.secrets))
+	}
+	sec := objs.secrets[0]
+	want := map[string]string{
+		"database-url":        "postgres://prozess:db-secret@pg:5432/prozess?sslmode=verify-full",
+		"kafka-sasl-password": "kafka-secret",
+		"redis-password":      "redis-secret",
+	}
+	if !maps.Equal(sec.StringData, want) {
+		t.Errorf("the Secret holds %v, want %v", sec.StringData, want)
+	}
+	if len(objs.jobs) != 1 {
+		t.Fatalf("%d Jobs", len(objs.jobs))
+	}
+	job := objs.jobs[0]
+	hooks := func(m metav1.ObjectMeta) []string { return strings.Split(m.Annotations["helm.sh/hook"], ",") }
+	weight := func(m metav1.ObjectMeta) int {
+		w, err := strconv.Atoi(m.Annotations["helm.sh/hook-weight"])
+		if err != nil {
+			t.Fatalf("%s: hook weight %q", m.Name, m.Annotations["helm.sh/hook-weight"])
+		}
+		return w
+	}
+	if !slices.Equal(hooks(sec.ObjectMeta), hooks(job.ObjectMeta)) || weight(sec.ObjectMeta) >= weight(job.ObjectMeta) {
+		t.Errorf("the Secret (hooks %v, weight %d) is not made before the migration Job (hooks %v, weight %d)",
+			hooks(sec.ObjectMeta), weight(sec.ObjectMeta), hooks(job.ObjectMeta), weight(job.ObjectMeta))
+	}
+	pods := map[string]corev1.PodSpec{"migrate": job.Spec.Template.Spec}
+	for name, p := range objs.pods {
+		pods[name] = p.Spec
+	}
+	for name, pod := range pods {
+		c := pod.Containers[0]
+		env := envOf(c)
+		if ref := env["PROZESS_DATABASE_URL"].ValueFrom; ref == nil || ref.SecretKeyRef == nil ||
+			ref.SecretKeyRef.Name != sec.Name || ref.SecretKeyRef.Key != "database-url" {
+			t.Errorf("%s: PROZESS_DATABASE_URL %+v, want %s/database-url", name, env["PROZESS_DATABASE_URL"], sec.Name)
+		}
+		mounts := secretFiles(pod, c)
+		for variable, key := range map[string]string{"PROZESS_KAFKA_SASL_PASSWORD_FILE": "kafka-sasl-password", "PROZESS_REDIS_PASSWORD_FILE": "redis-password"} {
+			if path := env[variable].Value; path == "" || mounts[path] != sec.Name+"/"+key {
+				t.Errorf("%s: %s=%q, mounted from %q, want %s/%s", name, variable, path, mounts[path], sec.Name, key)
+			}
+		}
+	}
+	// Given as existing Secrets instead, none is made and those are read.
+	objs = render(t, everything)
+	if len(objs.secrets) != 0 {
+		t.Errorf("%d Secrets with every credential in an existing Secret", len(objs.secrets))
+	}
+}
+
+// secretFiles maps each file a container mounts from a Secret to
+// "secret/key".
+func secretFiles(pod corev1.PodSpec, c corev1.Container) map[string]string {
+	mounts := map[string]string{}
+	for _, m := range c.VolumeMounts {
+		for _, v := range pod.Volumes {
+			if v.Name == m.Name && v.Secret != nil {
+				for _, item := range v.Secret.Items {
+					mounts[m.MountPath+"/"+item.Path] = v.Secret.SecretName + "/" + item.Key
+				}
+			}
+		}
+	}
+	return mounts
+}
+
+// The PrometheusRule carries exactly the rules of
+// deploy/prometheus/prozess-alerts.yml (the file promtool tests and the
+// real-Prometheus test load), decoded strictly into the operator's types.
+func TestChartPrometheusRuleIsTheAlertsFile(t *testing.T) {
+	objs := render(t, everything)
+	if len(objs.prometheusRules) != 1 {
+		t.Fatalf("%d PrometheusRules", len(objs.prometheusRules))
+	}
+	pr := objs.prometheusRules[0]
+	if pr.Labels["release"] != "kube-prometheus-stack" {
+		t.Errorf("PrometheusRule labels %v", pr.Labels)
+	}
+	b, err := os.ReadFile("../prometheus/prozess-alerts.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var file monitoringv1.PrometheusRuleSpec
+	if err := decodeStrict(string(b), &file); err != nil {
+		t.Fatalf("prozess-alerts.yml as a PrometheusRule spec: %v", err)
+	}
+	if len(file.Groups) == 0 || len(file.Groups[0].Rules) < 5 {
+		t.Fatalf("prozess-alerts.yml: %d groups", len(file.Groups))
+	}
+	if !reflect.DeepEqual(pr.Spec, file) {
+		t.Errorf("the PrometheusRule's rules differ from prozess-alerts.yml:\n%+v\nwant\n%+v", pr.Spec, file)
 	}
 }
 
@@ -448,6 +572,9 @@ func TestChartRefusesUnknownValues(t *testing.T) {
 		t.Fatalf("every option: %v", err)
 	}
 	for _, bad := range []map[string]any{
+		{"database": map[string]any{"urlSecret": map[string]any{"name": "x"}}},
+		{"redis": map[string]any{"passwordSecret": map[string]any{"name": "x"}}},
+		{"prometheusRule": map[string]any{"enable": true}},
 		{"participants": map[string]any{"payment": map[string]any{"replica": 3}}},
 		{"env": map[string]any{"SAGA_DEADLINE": "10m"}},
 		{"kafka": map[string]any{"sasl": map[string]any{"mechanism": "SCRAM-SHA-1"}}},

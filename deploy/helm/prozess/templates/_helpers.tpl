@@ -24,6 +24,44 @@ app.kubernetes.io/instance: {{ (index . 0).Release.Name }}
 app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 
+{{/* The chart's own Secret: the credentials given as values. */}}
+{{- define "prozess.credentials" -}}
+{{ include "prozess.fullname" . }}-credentials
+{{- end -}}
+
+{{/*
+Where each credential comes from: (list SECRET KEY), the chart's Secret when
+the value is given, else the existing Secret named in values.
+*/}}
+{{- define "prozess.databaseSecret" -}}
+{{- if .Values.database.url -}}
+{{ include "prozess.credentials" . }} database-url
+{{- else -}}
+{{ required "database.url or database.existingSecret is required" .Values.database.existingSecret }} {{ .Values.database.existingSecretKey }}
+{{- end -}}
+{{- end -}}
+
+{{- define "prozess.kafkaSASLSecret" -}}
+{{- if .Values.kafka.sasl.password -}}
+{{ include "prozess.credentials" . }} kafka-sasl-password
+{{- else -}}
+{{ required "kafka.sasl.password or kafka.sasl.existingSecret is required with a SASL mechanism" .Values.kafka.sasl.existingSecret }} {{ .Values.kafka.sasl.existingSecretKey }}
+{{- end -}}
+{{- end -}}
+
+{{- define "prozess.redisSecret" -}}
+{{- if .Values.redis.password -}}
+{{ include "prozess.credentials" . }} redis-password
+{{- else -}}
+{{ .Values.redis.existingSecret }} {{ .Values.redis.existingSecretKey }}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether Redis AUTH is configured (a password by value or by Secret). */}}
+{{- define "prozess.redisAuth" -}}
+{{- if or .Values.redis.password .Values.redis.existingSecret }}true{{ end -}}
+{{- end -}}
+
 {{- define "prozess.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
@@ -34,11 +72,12 @@ The connection settings every prozess container gets, as PROZESS_ variables
 the password files mounted by prozess.volumeMounts.
 */}}
 {{- define "prozess.env" -}}
+{{- $db := include "prozess.databaseSecret" . | splitList " " }}
 - name: PROZESS_DATABASE_URL
   valueFrom:
     secretKeyRef:
-      name: {{ required "database.urlSecret.name is required" .Values.database.urlSecret.name }}
-      key: {{ .Values.database.urlSecret.key }}
+      name: {{ index $db 0 }}
+      key: {{ index $db 1 }}
 - name: PROZESS_KAFKA_BROKERS
   value: {{ required "kafka.brokers is required" .Values.kafka.brokers | quote }}
 - name: PROZESS_TOPIC
@@ -67,7 +106,7 @@ the password files mounted by prozess.volumeMounts.
 - name: PROZESS_REDIS_USERNAME
   value: {{ .Values.redis.username | quote }}
 {{- end }}
-{{- if .Values.redis.passwordSecret.name }}
+{{- if include "prozess.redisAuth" . }}
 - name: PROZESS_REDIS_PASSWORD_FILE
   value: /etc/prozess/redis/password
 {{- end }}
@@ -106,7 +145,7 @@ the password files mounted by prozess.volumeMounts.
   mountPath: /etc/prozess/kafka-sasl
   readOnly: true
 {{- end }}
-{{- if .Values.redis.passwordSecret.name }}
+{{- if include "prozess.redisAuth" . }}
 - name: redis
   mountPath: /etc/prozess/redis
   readOnly: true
@@ -139,19 +178,21 @@ the password files mounted by prozess.volumeMounts.
         path: ca.crt
 {{- end }}
 {{- if .Values.kafka.sasl.mechanism }}
+{{- $sasl := include "prozess.kafkaSASLSecret" . | splitList " " }}
 - name: kafka-sasl
   secret:
-    secretName: {{ required "kafka.sasl.passwordSecret.name is required with a SASL mechanism" .Values.kafka.sasl.passwordSecret.name }}
+    secretName: {{ index $sasl 0 }}
     items:
-      - key: {{ .Values.kafka.sasl.passwordSecret.key }}
+      - key: {{ index $sasl 1 }}
         path: password
 {{- end }}
-{{- if .Values.redis.passwordSecret.name }}
+{{- if include "prozess.redisAuth" . }}
+{{- $redis := include "prozess.redisSecret" . | splitList " " }}
 - name: redis
   secret:
-    secretName: {{ .Values.redis.passwordSecret.name }}
+    secretName: {{ index $redis 0 }}
     items:
-      - key: {{ .Values.redis.passwordSecret.key }}
+      - key: {{ index $redis 1 }}
         path: password
 {{- end }}
 {{- if and .Values.redis.tls.enabled .Values.redis.tls.caSecret }}
