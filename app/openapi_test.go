@@ -184,6 +184,13 @@ func TestOpenAPIContract(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.check(t, r.url, call{name: "empty trail", method: "GET", path: "/orders/" + bare.String() + "/events", key: u1, status: 200})
+	// Listing: a page with a next_cursor, the page after it, an admin's.
+	var page api.ListResponse
+	if err := json.Unmarshal(c.check(t, r.url, call{name: "list", method: "GET", path: "/orders?limit=1", key: u1, status: 200}), &page); err != nil || page.NextCursor == "" {
+		t.Fatalf("list: %+v %v", page, err)
+	}
+	c.check(t, r.url, call{name: "list, next page", method: "GET", path: "/orders?limit=1&cursor=" + page.NextCursor, key: u1, status: 200})
+	c.check(t, r.url, call{name: "list as admin", method: "GET", path: "/orders?user_id=u1&status=SHIPPED", key: e.keyFor("admin"), status: 200})
 
 	// Errors a client can cause, each in the one error format.
 	for _, cl := range []call{
@@ -200,6 +207,9 @@ func TestOpenAPIContract(t *testing.T) {
 		{name: "not a uuid", method: "GET", path: "/orders/42", key: u1, status: 400, invalid: true},
 		{name: "no such order", method: "GET", path: "/orders/" + uuid.NewString(), key: u1, status: 404},
 		{name: "not yours", method: "GET", path: "/orders/" + id, key: u2, status: 404},
+		{name: "list, bad limit", method: "GET", path: "/orders?limit=0", key: u1, status: 400, invalid: true},
+		{name: "list, bad cursor", method: "GET", path: "/orders?cursor=nope", key: u1, status: 400},
+		{name: "list another user's", method: "GET", path: "/orders?user_id=u2", key: u1, status: 403},
 		{name: "not your events", method: "GET", path: "/orders/" + id + "/events", key: u2, status: 404},
 		{name: "stream without key", method: "GET", path: "/live/stream", status: 401},
 		{name: "re-drive as a user", method: "POST", path: "/admin/dead-letters/1/replay", key: u1, status: 404},

@@ -127,6 +127,7 @@ func (a *API) Run(ctx context.Context) error {
 func (a *API) Register(e *echo.Echo) {
 	orders := e.Group("/orders", a.dbBound, a.authenticate)
 	orders.POST("", a.createOrder)
+	orders.GET("", a.listOrders)
 	orders.GET("/:id", a.getOrder)
 	orders.GET("/:id/events", a.orderEvents)
 	e.GET("/products", a.products, a.dbBound) // the catalogue is public
@@ -140,7 +141,7 @@ func (a *API) Register(e *echo.Echo) {
 	e.GET("/", func(c echo.Context) error {
 		return c.JSON(http.StatusOK, map[string]any{
 			"service": "prozess",
-			"endpoints": []string{"POST /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products",
+			"endpoints": []string{"POST /orders", "GET /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products",
 				"GET /live", "GET /live/stream", "GET /openapi.json",
 				"POST /admin/dead-letters/{id}/replay", "POST /admin/parked/{id}/replay"},
 		})
