@@ -252,7 +252,7 @@ func TestListRefusesBadParameters(t *testing.T) {
 		{"cursor=", "invalid_cursor"},
 		{"cursor=%25%25%25", "invalid_cursor"},
 		{"cursor=" + forge(`not json`), "invalid_cursor"},
-		{"cursor=" + forge(`{"v":2,"scope":"user:u1","after":"` + fmt.Sprint(after) + `"}`), "invalid_cursor"},
+		{"cursor=" + forge(`{"v":2,"scope":"user:u1","after":"`+fmt.Sprint(after)+`"}`), "invalid_cursor"},
 		{"cursor=" + forge(`{"v":1,"scope":"user:u1"}`), "invalid_cursor"},
 		{"cursor=" + forge(`{"v":1,"scope":"user:u1","after":"42"}`), "invalid_cursor"},
 		{"cursor=" + url.QueryEscape(next) + "&status=CREATED", "invalid_cursor"}, // a cursor of the unfiltered listing
