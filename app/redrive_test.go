@@ -281,7 +281,8 @@ func TestBulkRedriveOfDeadLettersByFilter(t *testing.T) {
 // while, so three orders' OrderCreated are parked; an admin's dry run by
 // order lists one, the run sends it again (once: the repeat sends
 // nothing); the CLI's dry run by event type lists the other two and its
-// run sends them; every order ships.
+// run sends them; every order ships. A parked record of another
+// participant and type is matched by neither and stays parked.
 func TestBulkUnparkByFilter(t *testing.T) {
 	if sagatest.Real() {
 		t.Skip("kfake's fault injection is not part of a real cluster; parking on a real cluster is in TestParkedRecordsAreSentAgain's family")
@@ -298,15 +299,19 @@ func TestBulkUnparkByFilter(t *testing.T) {
 	if o := r.await(t, r.order(t, "u1", "", mouse(1)).OrderID.String(), 30*time.Second); o.Status != event.StatusShipped {
 		t.Fatalf("first order ended %s", o.Status)
 	}
+	// A record of inventory's the broker refuses on another topic (too
+	// large for it): parked, and never matched by the filters below.
+	schematest.Exec(t, e.pool, `INSERT INTO outbox (topic, key, value, headers) VALUES ($1, 'big', convert_to($2, 'UTF8'),
+		'[["ce_type","InventoryReserved"],["ce_source","/prozess/inventory"]]')`, cfg.DLQTopic(), strings.Repeat("x", 2<<20))
 	h := broker.Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Topic: cfg.Topic, Err: kerr.MessageTooLarge, Count: -1})
 	var orders []string
 	for _, u := range []string{"u1", "u2", "u2"} {
 		orders = append(orders, r.order(t, u, "", mouse(1)).OrderID.String())
 	}
 	deadline := time.Now().Add(30 * time.Second)
-	for e.count(`SELECT count(*) FROM parked`) < 3 {
+	for e.count(`SELECT count(*) FROM parked`) < 4 {
 		if time.Now().After(deadline) {
-			t.Fatalf("%d records parked after 30 s, want 3", e.count(`SELECT count(*) FROM parked`))
+			t.Fatalf("%d records parked after 30 s, want 4", e.count(`SELECT count(*) FROM parked`))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -352,6 +357,10 @@ func TestBulkUnparkByFilter(t *testing.T) {
 	if err != nil || !strings.Contains(out, "dry run: 2 parked records match") || strings.Count(out, "would be sent again") != 2 {
 		t.Fatalf("dlq unpark --dry-run: %v\n%s", err, out)
 	}
+	out, err = cli("--participant", "inventory", "--dry-run")
+	if err != nil || !strings.Contains(out, "dry run: 1 parked records match") || !strings.Contains(out, "(InventoryReserved for "+cfg.DLQTopic()) {
+		t.Fatalf("dlq unpark --participant inventory --dry-run: %v\n%s", err, out)
+	}
 	out, err = cli("--event-type", "OrderCreated", "--operator", "bob")
 	if err != nil || !strings.Contains(out, "unparked 2 records") || !strings.Contains(out, "operator bob") {
 		t.Fatalf("dlq unpark --event-type: %v\n%s", err, out)
@@ -366,6 +375,9 @@ func TestBulkUnparkByFilter(t *testing.T) {
 		if n := e.count(`SELECT count(*) FROM order_events WHERE order_id = $1 AND type = $2`, id, deadletter.TrailType); n != 1 {
 			t.Fatalf("order %s has %d re-drive entries in its trail", id, n)
 		}
+	}
+	if n := e.count(`SELECT count(*) FROM parked WHERE key = 'big'`); n != 1 || e.count(`SELECT count(*) FROM parked`) != 1 {
+		t.Fatalf("the record no filter matched should be the only one parked")
 	}
 	if n := e.count(`SELECT count(*) FROM redrives WHERE kind = 'parked'`); n != 2 {
 		t.Fatalf("%d audit rows for parked records, want 2", n)
