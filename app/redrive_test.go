@@ -39,13 +39,14 @@ func (r *running) postJSON(t *testing.T, path, key, body string) (int, []byte) {
 	return resp.StatusCode, b
 }
 
-// bulk POSTs a bulk re-drive as admin and decodes the 200 answer.
-func (r *running) bulk(t *testing.T, path, body string) deadletter.Bulk {
+// bulk POSTs a bulk re-drive as admin, checks request and answer against
+// the OpenAPI document, and decodes the answer.
+func (r *running) bulk(t *testing.T, c *contract, path, body string) deadletter.Bulk {
 	t.Helper()
-	code, b := r.postJSON(t, path, r.e.keyFor("admin"), body)
+	b := c.check(t, r.url, call{name: path, method: http.MethodPost, path: path, key: r.e.keyFor("admin"), body: body, status: http.StatusOK})
 	var res deadletter.Bulk
-	if code != http.StatusOK || json.Unmarshal(b, &res) != nil {
-		t.Fatalf("POST %s %s: %d %s", path, body, code, b)
+	if err := json.Unmarshal(b, &res); err != nil {
+		t.Fatalf("POST %s %s: %s (%v)", path, body, b, err)
 	}
 	return res
 }
@@ -92,6 +93,7 @@ func TestBulkRedriveOfDeadLettersByFilter(t *testing.T) {
 	e := newEnv(t)
 	cfg := e.config()
 	r := e.start(cfg)
+	doc := loadContract(t, r.url)
 	schematest.Exec(t, e.pool, `ALTER TABLE shipments ADD CONSTRAINT bad_deploy CHECK (carrier <> 'prozess-post')`)
 	dead := func(user string) (string, deadletter.Entry) {
 		id := r.order(t, user, "", mouse(1)).OrderID.String()
@@ -150,7 +152,7 @@ func TestBulkRedriveOfDeadLettersByFilter(t *testing.T) {
 	}
 
 	// The dry run: B and C, nothing changed.
-	dry := r.bulk(t, path, `{"filter":`+filter+`,"dry_run":true}`)
+	dry := r.bulk(t, doc, path, `{"filter":`+filter+`,"dry_run":true}`)
 	ids := func(es []deadletter.Entry) []int64 {
 		var out []int64
 		for _, d := range es {
@@ -170,7 +172,7 @@ func TestBulkRedriveOfDeadLettersByFilter(t *testing.T) {
 	d, dlD := dead("u2")
 	schematest.Exec(t, e.pool, `ALTER TABLE shipments DROP CONSTRAINT bad_deploy`)
 	run := `{"filter":` + strings.TrimSuffix(filter, "}") + `,"through_id":` + strconv.FormatInt(dry.ThroughID, 10) + `},"dry_run":false}`
-	done := r.bulk(t, path, run)
+	done := r.bulk(t, doc, path, run)
 	if done.DryRun || done.Count != 2 || done.RedriveID == 0 || !strings.HasPrefix(done.By, "admin key ") ||
 		!slices.Equal(ids(done.DeadLetters), []int64{dlB.ID, dlC.ID}) {
 		t.Fatalf("the run: %+v, want dead letters %d and %d re-driven", done, dlB.ID, dlC.ID)
@@ -180,7 +182,7 @@ func TestBulkRedriveOfDeadLettersByFilter(t *testing.T) {
 			t.Fatalf("re-driven order %s ended %s", id, o.Status)
 		}
 	}
-	again := r.bulk(t, path, run)
+	again := r.bulk(t, doc, path, run)
 	if again.Count != 0 || again.Matched != 0 || again.RedriveID != 0 {
 		t.Fatalf("the run repeated: %+v, want nothing", again)
 	}
@@ -296,6 +298,7 @@ func TestBulkUnparkByFilter(t *testing.T) {
 	cfg := e.config()
 	cfg.KafkaBrokers = broker.ListenAddrs()
 	r := e.start(cfg)
+	doc := loadContract(t, r.url)
 	if o := r.await(t, r.order(t, "u1", "", mouse(1)).OrderID.String(), 30*time.Second); o.Status != event.StatusShipped {
 		t.Fatalf("first order ended %s", o.Status)
 	}
@@ -330,18 +333,18 @@ func TestBulkUnparkByFilter(t *testing.T) {
 		t.Fatalf("refused requests changed something: %q, then %q", before, after)
 	}
 	byOrder := `{"filter":{"order_id":"` + orders[0] + `","participant":"api","event_type":"OrderCreated","reason":"too_large"},"dry_run":%s}`
-	dry := r.bulk(t, path, strings.Replace(byOrder, "%s", "true", 1))
+	dry := r.bulk(t, doc, path, strings.Replace(byOrder, "%s", "true", 1))
 	if dry.Count != 1 || len(dry.Parked) != 1 || dry.Parked[0].OrderID == nil || dry.Parked[0].OrderID.String() != orders[0] {
 		t.Fatalf("dry run: %+v", dry)
 	}
 	if after := e.redriveState(); after != before {
 		t.Fatalf("the dry run changed something: %q, then %q", before, after)
 	}
-	done := r.bulk(t, path, strings.Replace(byOrder, "%s", "false", 1))
+	done := r.bulk(t, doc, path, strings.Replace(byOrder, "%s", "false", 1))
 	if done.Count != 1 || done.RedriveID == 0 || done.Parked[0].ParkedID != dry.Parked[0].ParkedID || done.Parked[0].OutboxID == 0 {
 		t.Fatalf("the run: %+v", done)
 	}
-	if again := r.bulk(t, path, strings.Replace(byOrder, "%s", "false", 1)); again.Count != 0 || again.RedriveID != 0 {
+	if again := r.bulk(t, doc, path, strings.Replace(byOrder, "%s", "false", 1)); again.Count != 0 || again.RedriveID != 0 {
 		t.Fatalf("the run repeated: %+v", again)
 	}
 	if o := r.await(t, orders[0], 30*time.Second); o.Status != event.StatusShipped {
