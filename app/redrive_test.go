@@ -24,11 +24,14 @@ import (
 	"github.com/prozess/prozess/schema/schematest"
 )
 
-// postJSON POSTs body with key and returns the status and body.
+// postJSON POSTs body (none when "") with key and returns the status and
+// body.
 func (r *running) postJSON(t *testing.T, path, key, body string) (int, []byte) {
 	t.Helper()
 	req, _ := http.NewRequest(http.MethodPost, r.url+path, strings.NewReader(body))
-	req.Header.Set("Content-Type", "application/json")
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	req.Header.Set("Authorization", "Bearer "+key)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {

@@ -13,7 +13,6 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
-	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/modules/deadletter"
 )
 
@@ -91,11 +90,7 @@ func (c *Config) redriveMatching(ctx context.Context, out io.Writer, f *redriveF
 	if err != nil {
 		return err
 	}
-	kafka, err := c.kafka()
-	if err != nil {
-		return err
-	}
-	retention, err := saga.InboxRetention(ctx, kafka, c.Topic, c.InboxMargin)
+	_, retention, err := c.inboxRetention(ctx)
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -152,46 +153,38 @@ func redriver(p Principal) string {
 
 // redriveMatching is POST /admin/dead-letters/replay: the dead letters a
 // filter matches, not re-driven yet, re-driven at once (see
-// deadletter.RedriveMatching), or with dry_run listed. Admins only: 403
-// for any other key (the filter names no record, so there is nothing for
-// a 404 to hide).
+// deadletter.RedriveMatching), or with dry_run listed.
 func (a *API) redriveMatching(c echo.Context) error {
-	p := principal(c)
-	if !p.Admin {
-		return errAdminOnly
-	}
-	f, limit, dryRun, err := a.decodeBulk(c)
-	if err != nil {
-		return err
-	}
-	ctx := c.Request().Context()
-	var guard func(time.Duration) error
-	if a.replayGuard != nil {
-		guard = func(age time.Duration) error { return a.replayGuard(ctx, age) }
-	}
-	by := redriver(p)
-	res, err := deadletter.RedriveMatching(ctx, a.pool, f, limit, dryRun, by, guard)
-	var refused *deadletter.RefusedError
-	if errors.As(err, &refused) {
-		return &Error{Status: http.StatusConflict, Code: "too_old",
-			Message: fmt.Sprintf("dead letter %d: %s; narrow the filter (since, ids) to leave it out", refused.ID, refused.Error())}
-	}
-	if err != nil {
-		return err
-	}
-	if !dryRun && res.Count > 0 {
-		if a.committed != nil {
-			a.committed()
+	return a.bulk(c, "dead letters re-driven", func(ctx context.Context, f deadletter.Filter, limit int, dryRun bool, by string) (deadletter.Bulk, error) {
+		var guard func(time.Duration) error
+		if a.replayGuard != nil {
+			guard = func(age time.Duration) error { return a.replayGuard(ctx, age) }
 		}
-		a.log.InfoContext(ctx, "dead letters re-driven", "count", res.Count, "redrive_id", res.RedriveID, "by", by)
-	}
-	return c.JSON(http.StatusOK, res)
+		res, err := deadletter.RedriveMatching(ctx, a.pool, f, limit, dryRun, by, guard)
+		var refused *deadletter.RefusedError
+		if errors.As(err, &refused) {
+			return res, &Error{Status: http.StatusConflict, Code: "too_old",
+				Message: fmt.Sprintf("dead letter %d: %s; narrow the filter (since, ids) to leave it out", refused.ID, refused.Error())}
+		}
+		return res, err
+	})
 }
 
 // unparkMatching is POST /admin/parked/replay: the parked records a filter
 // matches sent again (see deadletter.UnparkMatching), or with dry_run
-// listed. Admins only.
+// listed.
 func (a *API) unparkMatching(c echo.Context) error {
+	return a.bulk(c, "parked records sent again", func(ctx context.Context, f deadletter.Filter, limit int, dryRun bool, by string) (deadletter.Bulk, error) {
+		return deadletter.UnparkMatching(ctx, a.pool, f, limit, dryRun, by)
+	})
+}
+
+// bulk serves a bulk re-drive: admins only, 403 for any other key (the
+// filter names no record, so there is nothing for a 404 to hide); the
+// body decoded and validated before run is called; the relay woken and
+// the run logged when it re-drove anything.
+func (a *API) bulk(c echo.Context, did string,
+	run func(ctx context.Context, f deadletter.Filter, limit int, dryRun bool, by string) (deadletter.Bulk, error)) error {
 	p := principal(c)
 	if !p.Admin {
 		return errAdminOnly
@@ -202,7 +195,7 @@ func (a *API) unparkMatching(c echo.Context) error {
 	}
 	ctx := c.Request().Context()
 	by := redriver(p)
-	res, err := deadletter.UnparkMatching(ctx, a.pool, f, limit, dryRun, by)
+	res, err := run(ctx, f, limit, dryRun, by)
 	if err != nil {
 		return err
 	}
@@ -210,7 +203,7 @@ func (a *API) unparkMatching(c echo.Context) error {
 		if a.committed != nil {
 			a.committed()
 		}
-		a.log.InfoContext(ctx, "parked records sent again", "count", res.Count, "redrive_id", res.RedriveID, "by", by)
+		a.log.InfoContext(ctx, did, "count", res.Count, "redrive_id", res.RedriveID, "by", by)
 	}
 	return c.JSON(http.StatusOK, res)
 }

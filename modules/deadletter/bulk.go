@@ -357,38 +357,6 @@ func ageOK(e Entry, hs []kgo.RecordHeader, guard func(time.Duration) error) erro
 	return nil
 }
 
-// Redrives lists the latest bulk re-drives, newest first.
-func Redrives(ctx context.Context, db Querier, limit int) ([]Audit, error) {
-	rows, err := db.Query(ctx, `SELECT id, kind, done_by, done_at, filter::text, ids, count FROM redrives ORDER BY id DESC LIMIT $1`, limit)
-	if err != nil {
-		return nil, fmt.Errorf("reading re-drives: %w", err)
-	}
-	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Audit, error) {
-		var a Audit
-		var filter string
-		err := r.Scan(&a.ID, &a.Kind, &a.By, &a.At, &filter, &a.IDs, &a.Count)
-		if err == nil {
-			err = json.Unmarshal([]byte(filter), &a.Filter)
-		}
-		return a, err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("reading re-drives: %w", err)
-	}
-	return out, nil
-}
-
-// Audit is one row of redrives.
-type Audit struct {
-	ID     int64     `json:"id"`
-	Kind   string    `json:"kind"`
-	By     string    `json:"by"`
-	At     time.Time `json:"at"`
-	Filter Filter    `json:"filter"`
-	IDs    []int64   `json:"ids"`
-	Count  int       `json:"count"`
-}
-
 // FilterText is a Filter as a person or a JSON body writes it: times in
 // RFC 3339, the order id as text.
 type FilterText struct {
