@@ -154,7 +154,10 @@ func parseList(p Principal, params map[string][]string) (listQuery, error) {
 // backwards, everyone's the primary key, so a page costs the same at any
 // depth; a status filter is a filter on that scan (for an admin's listing
 // of a status few orders have, the scan reads past the others to fill a
-// page: 12 ms for 21 CANCELLED orders at 1% of 500,000).
+// page, about 100 rows per row listed at 1%: 0.25 ms for a page of 21
+// CANCELLED orders among 500,000, EXPLAIN ANALYZE on a synthetic table,
+// warm; a rarer status reads proportionally more. No index was added for
+// it: one on (status, id) would be written on every status change).
 func (a *API) listOrders(c echo.Context) error {
 	q, err := parseList(principal(c), c.QueryParams())
 	if err != nil {
