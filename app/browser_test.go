@@ -289,3 +289,100 @@ func TestLivePageReDrivesADeadLetter(t *testing.T) {
 		t.Fatalf("the page does not show the order SHIPPED: %v", err)
 	}
 }
+
+// The live page's "re-drive all matching": a bad deploy makes delivery
+// dead-letter two orders' PaymentCompleted, and status dead-letters a
+// poison record. An admin filters by participant; the dry run lists the
+// two and changes nothing; the confirm re-drives exactly those, the
+// orders ship, status's dead letter stays open, and the run is recorded
+// with the admin's key. A user's page offers no such form.
+func TestLivePageReDrivesAllMatching(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	cfg := e.config()
+	r := e.start(cfg)
+	schematest.Exec(t, e.pool, `ALTER TABLE shipments ADD CONSTRAINT bad_deploy CHECK (carrier <> 'prozess-post')`)
+	var ids []string
+	var dls []int64
+	for range 2 {
+		id := r.order(t, "u1", "", mouse(1)).OrderID.String()
+		ids = append(ids, id)
+		dls = append(dls, r.awaitOrderDeadLetter(t, id, "delivery").ID)
+	}
+	cl, err := kgo.NewClient(kgo.SeedBrokers(r.sys.Brokers()...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if err := cl.ProduceSync(t.Context(), &kgo.Record{Topic: cfg.Topic, Key: []byte(ids[0]), Value: []byte("{not json"), Headers: []kgo.RecordHeader{
+		{Key: "ce_specversion", Value: []byte("1.0")}, {Key: "ce_type", Value: []byte("OrderShipped")}}}).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	poison := r.awaitOrderDeadLetter(t, ids[0], "status")
+	schematest.Exec(t, e.pool, `ALTER TABLE shipments DROP CONSTRAINT bad_deploy`)
+
+	if err := chromedp.Do(ctx, chromedp.Navigate(r.url+"/live")); err != nil {
+		t.Fatalf("opening the page: %v", err)
+	}
+	tctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	err = chromedp.Do(tctx,
+		chromedp.SetValue(chromedp.CSS(`#key`), e.keyFor("u1")),
+		chromedp.Click(chromedp.CSS(`#key-form button`)),
+		chromedp.WaitVisible(chromedp.CSS(`#conn.on`)),
+		discard(chromedp.Poll[bool](`document.querySelector('#dlq-note').textContent !== ""`)),
+	)
+	if err != nil {
+		t.Fatalf("connecting as a user: %v", err)
+	}
+	if hidden, err := chromedp.Run(tctx, chromedp.Evaluate[bool](`document.querySelector('#redrive-form').hidden`)); err != nil || !hidden {
+		t.Fatalf("a user's page shows the re-drive form (hidden %v, %v)", hidden, err)
+	}
+	err = chromedp.Do(tctx,
+		chromedp.SetValue(chromedp.CSS(`#key`), e.keyFor("admin")),
+		chromedp.Click(chromedp.CSS(`#key-form button`)),
+		chromedp.WaitVisible(chromedp.CSS(`#redrive-form`)),
+		chromedp.SetValue(chromedp.CSS(`#rd-participant`), "delivery"),
+		chromedp.SetValue(chromedp.CSS(`#rd-reason`), "bad_deploy"),
+		chromedp.Click(chromedp.CSS(`#rd-preview`)),
+		chromedp.WaitVisible(chromedp.CSS(`#rd-confirm`)),
+	)
+	if err != nil {
+		t.Fatalf("the dry run: %v", err)
+	}
+	listed, err := chromedp.Run(tctx, chromedp.Evaluate[[]int64](`[...document.querySelectorAll('#rd-result li')].map(li => Number(li.dataset.deadLetterId))`))
+	if err != nil || !slices.Equal(listed, dls) {
+		t.Fatalf("the dry run lists dead letters %v (%v), want %v", listed, err, dls)
+	}
+	if sum, err := chromedp.Run(tctx, chromedp.Text(chromedp.CSS(`#rd-summary`))); err != nil || !strings.Contains(sum, "dry run: 2 match") {
+		t.Errorf("dry run summary %q (%v)", sum, err)
+	}
+	if n := e.count(`SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL`); n != 3 || e.count(`SELECT count(*) FROM redrives`) != 0 {
+		t.Fatalf("the dry run changed something: %d open dead letters, want 3", n)
+	}
+	err = chromedp.Do(tctx,
+		chromedp.Click(chromedp.CSS(`#rd-confirm`)),
+		chromedp.WaitVisible(chromedp.CSS(`#rd-result[data-redrive-id]`)),
+	)
+	if err != nil {
+		t.Fatalf("confirming the re-drive: %v", err)
+	}
+	for _, id := range ids {
+		if o := r.await(t, id, 30*time.Second); o.Status != event.StatusShipped {
+			t.Fatalf("re-driven order %s ended %s", id, o.Status)
+		}
+		if n := e.count(`SELECT count(*) FROM shipments WHERE order_id = $1`, id); n != 1 {
+			t.Fatalf("order %s has %d shipments", id, n)
+		}
+	}
+	if n := e.count(`SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL AND id = $1`, poison.ID); n != 1 ||
+		e.count(`SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL`) != 1 {
+		t.Fatal("status's dead letter should be the only one left open")
+	}
+	if n := e.count(`SELECT count(*) FROM redrives WHERE ids = $1 AND done_by LIKE 'admin key %' AND filter->>'participant' = 'delivery'`, dls); n != 1 {
+		t.Fatal("no audit row naming the admin's key for the page's re-drive")
+	}
+	if err := chromedp.Do(tctx, chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(`#dlq li[data-dead-letter-id="%d"] .redriven`, dls[0])))); err != nil {
+		t.Fatalf("the dead letter's line is not marked re-driven: %v", err)
+	}
+}

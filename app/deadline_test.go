@@ -2,7 +2,6 @@ package app_test
 
 import (
 	"context"
-	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -44,15 +43,8 @@ func (r *running) awaitOrderDeadLetter(t *testing.T, id, participant string) dea
 // post sends an empty POST with key and returns the status and body.
 func (r *running) post(t *testing.T, path, key string) (int, string) {
 	t.Helper()
-	req, _ := http.NewRequest(http.MethodPost, r.url+path, nil)
-	req.Header.Set("Authorization", "Bearer "+key)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("POST %s: %v", path, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+	code, b := r.postJSON(t, path, key, "")
+	return code, string(b)
 }
 
 // awaitTrailHas waits until an order's audit trail holds every type in want.

@@ -28,11 +28,7 @@ const replayPublishTimeout = time.Minute
 // dead letter, and replaying the old one too would dead-letter it once
 // more on every run.
 func (c *Config) replayDeadLetters(ctx context.Context, out io.Writer, all bool, chosen map[string]bool) error {
-	kafka, err := c.kafka()
-	if err != nil {
-		return err
-	}
-	retention, err := saga.InboxRetention(ctx, kafka, c.Topic, c.InboxMargin)
+	kafka, retention, err := c.inboxRetention(ctx)
 	if err != nil {
 		return err
 	}
@@ -129,4 +125,16 @@ func (c *Config) replayDeadLetters(ctx context.Context, out io.Writer, all bool,
 	}
 	fmt.Fprintf(out, "replayed %d records\n", replayed)
 	return nil
+}
+
+// inboxRetention is how long the inboxes remember event ids (a replay of
+// an older event is refused: deadletter.TooOld), read from the saga
+// topic's config through the command's Kafka connection, which it returns.
+func (c *Config) inboxRetention(ctx context.Context) (saga.Conn, time.Duration, error) {
+	kafka, err := c.kafka()
+	if err != nil {
+		return saga.Conn{}, 0, err
+	}
+	retention, err := saga.InboxRetention(ctx, kafka, c.Topic, c.InboxMargin)
+	return kafka, retention, err
 }

@@ -184,6 +184,13 @@ func TestOpenAPIContract(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.check(t, r.url, call{name: "empty trail", method: "GET", path: "/orders/" + bare.String() + "/events", key: u1, status: 200})
+	// Listing: a page with a next_cursor, the page after it, an admin's.
+	var page api.ListResponse
+	if err := json.Unmarshal(c.check(t, r.url, call{name: "list", method: "GET", path: "/orders?limit=1", key: u1, status: 200}), &page); err != nil || page.NextCursor == "" {
+		t.Fatalf("list: %+v %v", page, err)
+	}
+	c.check(t, r.url, call{name: "list, next page", method: "GET", path: "/orders?limit=1&cursor=" + page.NextCursor, key: u1, status: 200})
+	c.check(t, r.url, call{name: "list as admin", method: "GET", path: "/orders?user_id=u1&status=SHIPPED", key: e.keyFor("admin"), status: 200})
 
 	// Errors a client can cause, each in the one error format.
 	for _, cl := range []call{
@@ -200,11 +207,20 @@ func TestOpenAPIContract(t *testing.T) {
 		{name: "not a uuid", method: "GET", path: "/orders/42", key: u1, status: 400, invalid: true},
 		{name: "no such order", method: "GET", path: "/orders/" + uuid.NewString(), key: u1, status: 404},
 		{name: "not yours", method: "GET", path: "/orders/" + id, key: u2, status: 404},
+		{name: "list, bad limit", method: "GET", path: "/orders?limit=0", key: u1, status: 400, invalid: true},
+		{name: "list, bad cursor", method: "GET", path: "/orders?cursor=nope", key: u1, status: 400},
+		{name: "list another user's", method: "GET", path: "/orders?user_id=u2", key: u1, status: 403},
 		{name: "not your events", method: "GET", path: "/orders/" + id + "/events", key: u2, status: 404},
 		{name: "stream without key", method: "GET", path: "/live/stream", status: 401},
 		{name: "re-drive as a user", method: "POST", path: "/admin/dead-letters/1/replay", key: u1, status: 404},
 		{name: "re-drive, bad id", method: "POST", path: "/admin/dead-letters/x/replay", key: e.keyFor("admin"), status: 400, invalid: true},
 		{name: "re-drive, no such dead letter", method: "POST", path: "/admin/dead-letters/999/replay", key: e.keyFor("admin"), status: 404},
+		{name: "bulk re-drive as a user", method: "POST", path: "/admin/dead-letters/replay", key: u1, body: `{"dry_run":true}`, status: 403},
+		{name: "bulk re-drive, bad filter", method: "POST", path: "/admin/dead-letters/replay", key: e.keyFor("admin"), body: `{"filter":{"since":"yesterday"},"dry_run":true}`, status: 400, invalid: true},
+		{name: "bulk re-drive, dry run", method: "POST", path: "/admin/dead-letters/replay", key: e.keyFor("admin"), body: `{"filter":{"participant":"delivery"},"dry_run":true}`, status: 200},
+		{name: "bulk unpark as a user", method: "POST", path: "/admin/parked/replay", key: u1, body: `{"dry_run":false}`, status: 403},
+		{name: "bulk unpark, no dry_run", method: "POST", path: "/admin/parked/replay", key: e.keyFor("admin"), body: `{"filter":{}}`, status: 400, invalid: true},
+		{name: "bulk unpark, nothing parked", method: "POST", path: "/admin/parked/replay", key: e.keyFor("admin"), body: `{"dry_run":false}`, status: 200},
 		{name: "unpark as a user", method: "POST", path: "/admin/parked/1/replay", key: u1, status: 404},
 		{name: "unpark, bad id", method: "POST", path: "/admin/parked/x/replay", key: e.keyFor("admin"), status: 400, invalid: true},
 		{name: "unpark, no such parked record", method: "POST", path: "/admin/parked/999/replay", key: e.keyFor("admin"), status: 404},

@@ -178,17 +178,32 @@ func dlqCommand(cfg *Config) *cobra.Command {
 	list.Flags().StringVar(&cfg.DatabaseURL, "database-url", cfg.DatabaseURL, "PostgreSQL connection URL, for parked records (empty: the one recorded in --data-dir)")
 	var all bool
 	var which []string
+	var rf redriveFlags
 	replay := &cobra.Command{
-		Use:   "replay [--all | --record PARTITION@OFFSET ...]",
+		Use:   "replay [--all | --record PARTITION@OFFSET ... | FILTER [--dry-run]]",
 		Short: "Put dead-lettered records back on their original topic, once the cause is fixed",
 		Long: `Republish dead-lettered records, without their dead-letter headers, to the
 topic they came from. Participants that had processed them skip them (their
 inbox knows the event id); the others process them now. A record that still
 cannot be processed is dead-lettered again, as a new dead letter: --all
 skips dead letters already replayed (or re-driven), so each run replays only
-what failed since. The topic is read and replayed in batches.`,
+what failed since. The topic is read and replayed in batches.
+
+With a filter (--participant, --event-type, --reason, --since, --until,
+--order-id, --through-id) or --dry-run, the dead letters recorded in
+PostgreSQL that match and were not re-driven yet are re-driven through the
+outbox instead, as an admin's POST /admin/dead-letters/replay does: the
+relay of a running serve publishes them. --dry-run prints them and changes
+nothing; the run itself is recorded (who, when, the filter, the ids) in the
+table redrives.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if rf.filtered(cmd) || rf.dryRun {
+				if all || len(which) > 0 {
+					return fmt.Errorf("--all and --record replay from the topic; a filter (or --dry-run) re-drives from PostgreSQL: give one or the other")
+				}
+				return cfg.redriveMatching(cmd.Context(), cmd.OutOrStdout(), &rf)
+			}
 			if all == (len(which) > 0) {
 				return fmt.Errorf("give either --all or at least one --record PARTITION@OFFSET")
 			}
@@ -208,6 +223,7 @@ what failed since. The topic is read and replayed in batches.`,
 	}
 	replay.Flags().BoolVar(&all, "all", false, "replay every dead letter not replayed yet")
 	replay.Flags().StringSliceVar(&which, "record", nil, "a dead letter to replay, PARTITION@OFFSET as dlq list prints it (repeatable)")
+	rf.add(replay.Flags(), "dead letters")
 	for _, c := range []*cobra.Command{list, replay} {
 		cfg.runningKafkaFlags(c.Flags())
 	}

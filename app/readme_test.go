@@ -17,6 +17,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prozess/prozess/modules/api"
+	"github.com/prozess/prozess/modules/event"
 )
 
 // readmeBlocks returns the ```sh blocks of the README section whose heading
@@ -438,10 +441,16 @@ func TestReadmeWalkthrough(t *testing.T) {
 		t.Fatal("the quick start has no `go run . serve all`")
 	}
 	walk := readmeBlocks(t, "## Walkthrough")
-	if len(walk) < 2 {
-		t.Fatalf("want the walkthrough and the declined-payment blocks, found %d", len(walk))
+	if len(walk) < 3 {
+		t.Fatalf("want the walkthrough, the declined-payment and the listing blocks, found %d", len(walk))
 	}
-	out := runReadme(t, dir, p.script(t, serveAll, walk[0], walk[1]), p.env())
+	// The listing block prints orders again: the checks of the first two
+	// blocks' output read only what they printed.
+	all := runReadme(t, dir, p.script(t, serveAll, walk[0], walk[1], "echo README-LISTING\n"+walk[2]), p.env())
+	out, _, ok := strings.Cut(all, "README-LISTING")
+	if !ok {
+		t.Fatalf("the listing block did not run:\n%s", all)
+	}
 	mustContain(t, out, "OrderCreated", "InventoryReserved", "invalid_qty", "unauthorized",
 		"PaymentFailed", "InventoryReleased", `"id":"prod-webcam"`)
 	// The first order ends as the README says: SHIPPED, or CANCELLED when
@@ -481,11 +490,13 @@ func TestReadmeWalkthrough(t *testing.T) {
 
 	calls := curlCalls(t, dir)
 	var shown []string
-	var resubmits, webcam, products []curlCall
+	var resubmits, webcam, products, listings []curlCall
 	for _, c := range calls {
 		switch {
 		case c.status >= 400:
 			shown = append(shown, c.body)
+		case strings.Contains(c.args[len(c.args)-1], "/orders?"):
+			listings = append(listings, c)
 		case c.has("Idempotency-Key: checkout-7"):
 			resubmits = append(resubmits, c)
 		case c.has("prod-webcam"):
@@ -526,6 +537,33 @@ func TestReadmeWalkthrough(t *testing.T) {
 	}
 	if evs := getDemo(t, base+"/events"); !strings.Contains(evs, `"InventoryFailed"`) || strings.Contains(evs, `"InventoryReserved"`) {
 		t.Errorf("the webcam order's trail: %s, want InventoryFailed and no reservation", evs)
+	}
+	// The listing: two pages of two, newest first, none twice; then the
+	// shipped orders only.
+	if len(listings) != 3 {
+		t.Fatalf("%d GET /orders? calls, want the README's 3", len(listings))
+	}
+	var listed []string
+	for i, c := range listings[:2] {
+		var page api.ListResponse
+		if err := json.Unmarshal([]byte(c.body), &page); err != nil || len(page.Orders) != 2 || i == 0 && page.NextCursor == "" {
+			t.Fatalf("listing page %d: %s (%v)", i+1, c.body, err)
+		}
+		for _, o := range page.Orders {
+			listed = append(listed, o.OrderID.String())
+		}
+	}
+	if !slices.IsSortedFunc(listed, func(a, b string) int { return strings.Compare(b, a) }) || len(slices.Compact(slices.Clone(listed))) != 4 {
+		t.Errorf("the two pages list %v: want four orders, newest first", listed)
+	}
+	var shipped api.ListResponse
+	if err := json.Unmarshal([]byte(listings[2].body), &shipped); err != nil {
+		t.Fatalf("status=SHIPPED: %s (%v)", listings[2].body, err)
+	}
+	for _, o := range shipped.Orders {
+		if o.Status != event.StatusShipped {
+			t.Errorf("status=SHIPPED lists a %s order", o.Status)
+		}
 	}
 	// The declined monitor: the products the second block prints before
 	// and after show the same stock, the webcam's too.

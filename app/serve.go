@@ -238,7 +238,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 		}
 		kafka := s.kafka
 		a := api.New(alog, pool, d.rdb, api.Config{Prefix: d.prefix, Topic: cfg.Topic, Auth: auth, SagaDeadline: cfg.SagaDeadline,
-			OutboxCommitted: signal.Committed,
+			OutboxCommitted: signal.Committed, Participants: Participants(),
 			// An admin's re-drive is refused past the inboxes' memory, as
 			// `prozess dlq replay` refuses it.
 			ReplayGuard: func(ctx context.Context, age time.Duration) error {

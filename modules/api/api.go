@@ -72,6 +72,7 @@ type API struct {
 	sagaDeadline time.Duration
 	replayGuard  func(ctx context.Context, age time.Duration) error
 	committed    func() // see Config.OutboxCommitted; may be nil
+	participants []string
 }
 
 // Config is what the api needs beyond its clients.
@@ -89,6 +90,9 @@ type Config struct {
 	// OutboxCommitted, when set, is called after a transaction that wrote
 	// to the outbox has committed, to wake the relay.
 	OutboxCommitted func()
+	// Participants are the names a bulk re-drive's filter may give as
+	// its participant (empty: any).
+	Participants []string
 }
 
 // New returns the api participant.
@@ -98,7 +102,7 @@ func New(log *slog.Logger, pool *pgxpool.Pool, rdb rueidis.Client, cfg Config) *
 		writer: newWriter(pool, cfg.Topic, cfg.OutboxCommitted), auth: auth, limits: newLimiter(auth.Rate, auth.Burst),
 		failures: newFailBudget(auth.FailRate, auth.FailBurst),
 		live:     newHub(), demoKey: auth.DemoKey, stop: make(chan struct{}), sagaDeadline: cfg.SagaDeadline, replayGuard: cfg.ReplayGuard,
-		committed: cfg.OutboxCommitted}
+		committed: cfg.OutboxCommitted, participants: cfg.Participants}
 	if auth.KeyCacheTTL > 0 && !auth.Disabled {
 		a.keys = newKeyCache(auth.KeyCacheTTL)
 	}
@@ -127,6 +131,7 @@ func (a *API) Run(ctx context.Context) error {
 func (a *API) Register(e *echo.Echo) {
 	orders := e.Group("/orders", a.dbBound, a.authenticate)
 	orders.POST("", a.createOrder)
+	orders.GET("", a.listOrders)
 	orders.GET("/:id", a.getOrder)
 	orders.GET("/:id/events", a.orderEvents)
 	e.GET("/products", a.products, a.dbBound) // the catalogue is public
@@ -134,15 +139,18 @@ func (a *API) Register(e *echo.Echo) {
 	e.GET("/live/stream", a.liveStream, a.authenticate)
 	e.POST("/admin/dead-letters/:id/replay", a.redrive, a.dbBound, a.authenticate)
 	e.POST("/admin/parked/:id/replay", a.unpark, a.dbBound, a.authenticate)
+	e.POST("/admin/dead-letters/replay", a.redriveMatching, a.dbBound, a.authenticate)
+	e.POST("/admin/parked/replay", a.unparkMatching, a.dbBound, a.authenticate)
 	e.GET("/openapi.json", func(c echo.Context) error {
 		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, OpenAPI)
 	})
 	e.GET("/", func(c echo.Context) error {
 		return c.JSON(http.StatusOK, map[string]any{
 			"service": "prozess",
-			"endpoints": []string{"POST /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products",
+			"endpoints": []string{"POST /orders", "GET /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products",
 				"GET /live", "GET /live/stream", "GET /openapi.json",
-				"POST /admin/dead-letters/{id}/replay", "POST /admin/parked/{id}/replay"},
+				"POST /admin/dead-letters/{id}/replay", "POST /admin/parked/{id}/replay",
+				"POST /admin/dead-letters/replay", "POST /admin/parked/replay"},
 		})
 	})
 }

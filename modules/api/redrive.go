@@ -1,7 +1,10 @@
 package api
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 	"time"
@@ -30,10 +33,7 @@ func (a *API) redrive(c echo.Context) error {
 		return badRequest("invalid_dead_letter_id", "the dead letter id must be a positive integer, as GET /orders/{id} shows it")
 	}
 	ctx := c.Request().Context()
-	by := "admin"
-	if p.KeyID != "" {
-		by = "admin key " + p.KeyID
-	}
+	by := redriver(p)
 	var guard func(time.Duration) error
 	if a.replayGuard != nil {
 		guard = func(age time.Duration) error { return a.replayGuard(ctx, age) }
@@ -76,10 +76,7 @@ func (a *API) unpark(c echo.Context) error {
 		return badRequest("invalid_parked_id", "the parked record's id must be a positive integer, as GET /orders/{id} shows it (parked[].outbox_id)")
 	}
 	ctx := c.Request().Context()
-	by := "admin"
-	if p.KeyID != "" {
-		by = "admin key " + p.KeyID
-	}
+	by := redriver(p)
 	u, err := deadletter.Unpark(ctx, a.pool, id, by)
 	switch {
 	case errors.Is(err, deadletter.ErrParkedNotFound):
@@ -92,4 +89,121 @@ func (a *API) unpark(c echo.Context) error {
 	}
 	a.log.InfoContext(ctx, "parked record sent again", "parked_id", u.ParkedID, "outbox_id", u.OutboxID, "order_id", u.OrderID, "by", by)
 	return c.JSON(http.StatusOK, UnparkResponse{Parked: u})
+}
+
+// Bulk re-drive limits: a run re-drives at most maxBulk records (default
+// defaultBulk), oldest first; Bulk.More says when more match.
+const (
+	defaultBulk = 100
+	maxBulk     = 1000
+)
+
+// BulkRequest is the body of POST /admin/dead-letters/replay and POST
+// /admin/parked/replay. DryRun is required, so a caller says which it
+// means: a run that changes nothing, or one that re-drives.
+type BulkRequest struct {
+	Filter deadletter.FilterText `json:"filter"`
+	DryRun *bool                 `json:"dry_run"`
+	Limit  int                   `json:"limit,omitempty"`
+}
+
+var errAdminOnly = &Error{Status: http.StatusForbidden, Code: "forbidden", Message: "bulk re-drives are for admin keys only"}
+
+// decodeBulk reads a bulk re-drive's body strictly and validates it.
+func (a *API) decodeBulk(c echo.Context) (deadletter.Filter, int, bool, error) {
+	var req BulkRequest
+	dec := json.NewDecoder(c.Request().Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			return deadletter.Filter{}, 0, false, &Error{Status: http.StatusRequestEntityTooLarge, Code: "body_too_large", Message: fmt.Sprintf("request body over %d bytes", tooLarge.Limit)}
+		}
+		return deadletter.Filter{}, 0, false, badRequest("invalid_json", "request body is not a valid re-drive: "+jsonProblem(err))
+	}
+	if dec.More() {
+		return deadletter.Filter{}, 0, false, badRequest("invalid_json", "request body has data after the JSON object")
+	}
+	if req.DryRun == nil {
+		return deadletter.Filter{}, 0, false, badRequest("dry_run_required", `dry_run is required: true to see what would be re-driven, false to re-drive it`)
+	}
+	limit := defaultBulk
+	if req.Limit != 0 {
+		if req.Limit < 1 || req.Limit > maxBulk {
+			return deadletter.Filter{}, 0, false, badRequest("invalid_limit", fmt.Sprintf("limit must be 1 to %d", maxBulk))
+		}
+		limit = req.Limit
+	}
+	f, err := req.Filter.Parse(a.participants)
+	var fe *deadletter.FilterError
+	if errors.As(err, &fe) {
+		return deadletter.Filter{}, 0, false, badRequest("invalid_filter", "filter."+fe.Field+": "+fe.Message)
+	}
+	return f, limit, *req.DryRun, err
+}
+
+// redriver names who re-drives, for the dead letters, the trail and the
+// audit row: the admin's key.
+func redriver(p Principal) string {
+	if p.KeyID != "" {
+		return "admin key " + p.KeyID
+	}
+	return "admin"
+}
+
+// redriveMatching is POST /admin/dead-letters/replay: the dead letters a
+// filter matches, not re-driven yet, re-driven at once (see
+// deadletter.RedriveMatching), or with dry_run listed.
+func (a *API) redriveMatching(c echo.Context) error {
+	return a.bulk(c, "dead letters re-driven", func(ctx context.Context, f deadletter.Filter, limit int, dryRun bool, by string) (deadletter.Bulk, error) {
+		var guard func(time.Duration) error
+		if a.replayGuard != nil {
+			guard = func(age time.Duration) error { return a.replayGuard(ctx, age) }
+		}
+		res, err := deadletter.RedriveMatching(ctx, a.pool, f, limit, dryRun, by, guard)
+		var refused *deadletter.RefusedError
+		if errors.As(err, &refused) {
+			return res, &Error{Status: http.StatusConflict, Code: "too_old",
+				Message: fmt.Sprintf("dead letter %d: %s; narrow the filter (since, ids) to leave it out", refused.ID, refused.Error())}
+		}
+		return res, err
+	})
+}
+
+// unparkMatching is POST /admin/parked/replay: the parked records a filter
+// matches sent again (see deadletter.UnparkMatching), or with dry_run
+// listed.
+func (a *API) unparkMatching(c echo.Context) error {
+	return a.bulk(c, "parked records sent again", func(ctx context.Context, f deadletter.Filter, limit int, dryRun bool, by string) (deadletter.Bulk, error) {
+		return deadletter.UnparkMatching(ctx, a.pool, f, limit, dryRun, by)
+	})
+}
+
+// bulk serves a bulk re-drive: admins only, 403 for any other key (the
+// filter names no record, so there is nothing for a 404 to hide); the
+// body decoded and validated before run is called; the relay woken and
+// the run logged when it re-drove anything.
+func (a *API) bulk(c echo.Context, did string,
+	run func(ctx context.Context, f deadletter.Filter, limit int, dryRun bool, by string) (deadletter.Bulk, error)) error {
+	p := principal(c)
+	if !p.Admin {
+		return errAdminOnly
+	}
+	f, limit, dryRun, err := a.decodeBulk(c)
+	if err != nil {
+		return err
+	}
+	ctx := c.Request().Context()
+	by := redriver(p)
+	res, err := run(ctx, f, limit, dryRun, by)
+	if err != nil {
+		return err
+	}
+	if !dryRun && res.Count > 0 {
+		if a.committed != nil {
+			a.committed()
+		}
+		a.log.InfoContext(ctx, did, "count", res.Count, "redrive_id", res.RedriveID, "by", by)
+	}
+	return c.JSON(http.StatusOK, res)
 }

@@ -212,7 +212,10 @@ func TooOld(age, retention time.Duration, topic string) error {
 }
 
 // RefusedError is a re-drive its guard refused, with the guard's reason.
-type RefusedError struct{ Err error }
+type RefusedError struct {
+	ID  int64 // the dead letter
+	Err error
+}
 
 func (e *RefusedError) Error() string { return e.Err.Error() }
 
@@ -242,28 +245,28 @@ func Redrive(ctx context.Context, pool *pgxpool.Pool, id int64, by string, guard
 		if e.ReplayedAt != nil {
 			return ErrReplayed
 		}
-		hs, err := event.DecodeHeaders(headerBytes)
-		if err != nil {
-			return fmt.Errorf("dead letter %d: %w", id, err)
-		}
-		if guard != nil {
-			ceTime := ""
-			for _, h := range hs {
-				if h.Key == "ce_time" {
-					ceTime = string(h.Value)
-				}
-			}
-			if err := guard(Age(ceTime, e.At)); err != nil {
-				return &RefusedError{Err: err}
-			}
-		}
-		hs = append(hs, kgo.RecordHeader{Key: HeaderReplayOf, Value: []byte("dead_letters:" + strconv.FormatInt(id, 10))})
-		if err := event.WriteOutbox(ctx, tx, &kgo.Record{Topic: topic, Key: key, Value: value, Headers: hs}); err != nil {
-			return err
-		}
-		return markReplayed(ctx, tx, &e, by)
+		return redrive(ctx, tx, &e, topic, key, value, headerBytes, by, 0, guard)
 	})
 	return e, err
+}
+
+// redrive writes dead letter e (locked, not replayed) back to the outbox
+// with HeaderReplayOf and marks it replayed; redriveID is the bulk run's
+// audit row, 0 for one re-driven by id.
+func redrive(ctx context.Context, tx pgx.Tx, e *Entry, topic string, key, value, headerBytes []byte, by string, redriveID int64,
+	guard func(age time.Duration) error) error {
+	hs, err := event.DecodeHeaders(headerBytes)
+	if err != nil {
+		return fmt.Errorf("dead letter %d: %w", e.ID, err)
+	}
+	if err := ageOK(*e, hs, guard); err != nil {
+		return err
+	}
+	hs = append(hs, kgo.RecordHeader{Key: HeaderReplayOf, Value: []byte("dead_letters:" + strconv.FormatInt(e.ID, 10))})
+	if err := event.WriteOutbox(ctx, tx, &kgo.Record{Topic: topic, Key: key, Value: value, Headers: hs}); err != nil {
+		return err
+	}
+	return markReplayed(ctx, tx, e, by, redriveID)
 }
 
 // MarkReplayed records that `prozess dlq replay` put dead letters ids back
@@ -277,7 +280,7 @@ func MarkReplayed(ctx context.Context, pool *pgxpool.Pool, ids []int64, by strin
 			return fmt.Errorf("reading dead letters %v: %w", ids, err)
 		}
 		for i := range es {
-			if err := markReplayed(ctx, tx, &es[i], by); err != nil {
+			if err := markReplayed(ctx, tx, &es[i], by, 0); err != nil {
 				return err
 			}
 		}
@@ -285,7 +288,7 @@ func MarkReplayed(ctx context.Context, pool *pgxpool.Pool, ids []int64, by strin
 	})
 }
 
-func markReplayed(ctx context.Context, tx pgx.Tx, e *Entry, by string) error {
+func markReplayed(ctx context.Context, tx pgx.Tx, e *Entry, by string, redriveID int64) error {
 	if err := tx.QueryRow(ctx, `UPDATE dead_letters SET replayed_at = now(), replayed_by = $2 WHERE id = $1 RETURNING replayed_at`,
 		e.ID, by).Scan(&e.ReplayedAt); err != nil {
 		return fmt.Errorf("marking dead letter %d replayed: %w", e.ID, err)
@@ -298,8 +301,12 @@ func markReplayed(ctx context.Context, tx pgx.Tx, e *Entry, by string) error {
 	if err != nil {
 		return fmt.Errorf("new trail entry id: %w", err)
 	}
-	payload, err := json.Marshal(map[string]any{"dead_letter_id": e.ID, "participant": e.Participant, "event_type": e.Type,
-		"reason": e.Reason, "replayed_by": by})
+	trailed := map[string]any{"dead_letter_id": e.ID, "participant": e.Participant, "event_type": e.Type,
+		"reason": e.Reason, "replayed_by": by}
+	if redriveID > 0 {
+		trailed["redrive_id"] = redriveID // the bulk run's row in redrives
+	}
+	payload, err := json.Marshal(trailed)
 	if err != nil {
 		return fmt.Errorf("encoding trail entry: %w", err)
 	}
