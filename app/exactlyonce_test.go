@@ -267,13 +267,13 @@ func (e *env) awaitQuiet(timeout time.Duration) {
 	for {
 		pending := e.count(`SELECT count(*) FROM orders WHERE status NOT IN ('SHIPPED', 'CANCELLED')`)
 		unreleased := e.count(`SELECT count(*) FROM payments p JOIN reservations r USING (order_id)
-			WHERE p.status = 'DECLINED' AND r.released_at IS NULL`)
+			WHERE (p.status = 'DECLINED' OR EXISTS (SELECT 1 FROM refunds f WHERE f.order_id = p.order_id)) AND r.released_at IS NULL`)
 		outbox := e.count(`SELECT count(*) FROM outbox`)
 		if pending+unreleased+outbox == 0 {
 			return
 		}
 		if time.Now().After(deadline) {
-			e.t.Fatalf("after %s: %d orders not terminal, %d declined not released, %d outbox rows", timeout, pending, unreleased, outbox)
+			e.t.Fatalf("after %s: %d orders not terminal, %d declined or refunded not released, %d outbox rows", timeout, pending, unreleased, outbox)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
