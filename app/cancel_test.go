@@ -423,3 +423,47 @@ func (c *copies) ofType(typ event.Type) int64 {
 	defer c.mu.Unlock()
 	return c.byType[typ]
 }
+
+// `prozess orders cancel` is an operator's cancel: the same transaction as
+// an admin's POST, so a paid order is refunded once delivery runs; a
+// repeat changes nothing; mistakes and a shipped order are errors naming
+// what was wrong.
+func TestOrdersCancelCommand(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.KafkaBrokers = e.broker()
+	r := e.start(cfg, "api", "inventory", "payment", "status")
+	db := []string{"--database-url", e.dbURL, "--topic", cfg.Topic, "--log-level", "warn"}
+	id := r.order(t, "u1", "", mouse(1)).OrderID.String()
+	r.awaitStatus(t, id, event.StatusPaid, 30*time.Second)
+
+	out, err := runCLI(t, append([]string{"orders", "cancel", id}, db...)...)
+	if err != nil || !strings.Contains(out, "cancel requested (it was PAID)") {
+		t.Fatalf("orders cancel: %v\n%s", err, out)
+	}
+	out, err = runCLI(t, append([]string{"orders", "cancel", id}, db...)...)
+	if err != nil || !strings.Contains(out, "nothing to do") {
+		t.Fatalf("orders cancel again: %v\n%s", err, out)
+	}
+	e.start(cfg, "delivery")
+	if got := r.await(t, id, 30*time.Second); got.Status != event.StatusCancelled {
+		t.Fatalf("order ended %s, want CANCELLED", got.Status)
+	}
+	e.awaitQuiet(30 * time.Second)
+	e.counts(t, id, map[string]int64{
+		`SELECT count(*) FROM refunds WHERE order_id = $1`:                                                       1,
+		`SELECT count(*) FROM orders WHERE id = $1 AND cancel_requested_by = 'operator (prozess orders cancel)'`: 1,
+	})
+	shipped := r.order(t, "u1", "", mouse(1)).OrderID.String()
+	r.await(t, shipped, 30*time.Second)
+	for _, c := range []struct{ id, want string }{
+		{"nope", "ORDER_ID"},
+		{"01a2154b-12fe-7269-98f9-3dd93c718619", "no such order"},
+		{shipped, "has shipped"},
+	} {
+		if out, err := runCLI(t, append([]string{"orders", "cancel", c.id}, db...)...); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("orders cancel %s: %v, want an error saying %q\n%s", c.id, err, c.want, out)
+		}
+	}
+	e.checkClean(t, cfg.KafkaBrokers)
+}
