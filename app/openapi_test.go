@@ -184,6 +184,9 @@ func TestOpenAPIContract(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.check(t, r.url, call{name: "empty trail", method: "GET", path: "/orders/" + bare.String() + "/events", key: u1, status: 200})
+	// A cancel, and its repeat, of an order that has not shipped.
+	c.check(t, r.url, call{name: "cancel", method: "POST", path: "/orders/" + bare.String() + "/cancel", key: u1, status: 202})
+	c.check(t, r.url, call{name: "cancel again", method: "POST", path: "/orders/" + bare.String() + "/cancel", key: u1, status: 202})
 
 	// Errors a client can cause, each in the one error format.
 	for _, cl := range []call{
@@ -201,6 +204,9 @@ func TestOpenAPIContract(t *testing.T) {
 		{name: "no such order", method: "GET", path: "/orders/" + uuid.NewString(), key: u1, status: 404},
 		{name: "not yours", method: "GET", path: "/orders/" + id, key: u2, status: 404},
 		{name: "not your events", method: "GET", path: "/orders/" + id + "/events", key: u2, status: 404},
+		{name: "cancel a shipped order", method: "POST", path: "/orders/" + id + "/cancel", key: u1, status: 409},
+		{name: "cancel, not yours", method: "POST", path: "/orders/" + id + "/cancel", key: u2, status: 404},
+		{name: "cancel, not a uuid", method: "POST", path: "/orders/42/cancel", key: u1, status: 400, invalid: true},
 		{name: "stream without key", method: "GET", path: "/live/stream", status: 401},
 		{name: "re-drive as a user", method: "POST", path: "/admin/dead-letters/1/replay", key: u1, status: 404},
 		{name: "re-drive, bad id", method: "POST", path: "/admin/dead-letters/x/replay", key: e.keyFor("admin"), status: 400, invalid: true},
