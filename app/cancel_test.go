@@ -361,13 +361,7 @@ func TestCancelsDeliveredTwiceChangeNothing(t *testing.T) {
 		unpaid = append(unpaid, id)
 	}
 	e.awaitQuiet(60 * time.Second)
-	deadline := time.Now().Add(60 * time.Second)
-	for dups.total() < e.count(`SELECT count(*) FROM order_events`) {
-		if time.Now().After(deadline) {
-			t.Fatalf("only %d copies published for %d events", dups.total(), e.count(`SELECT count(*) FROM order_events`))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	e.awaitCopied(dups, 60*time.Second)
 	for _, typ := range []event.Type{event.OrderCancelRequested, event.ShipmentCancelled, event.PaymentRefunded} {
 		if dups.ofType(typ) == 0 {
 			t.Fatalf("no %s was delivered twice", typ)
@@ -375,7 +369,7 @@ func TestCancelsDeliveredTwiceChangeNothing(t *testing.T) {
 	}
 	// Each participant, in whichever system runs it, has skipped every
 	// copy of its types.
-	deadline = time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for {
 		var short []string
 		for name, h := range handlers() {

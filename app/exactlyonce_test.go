@@ -279,6 +279,19 @@ func (e *env) awaitQuiet(timeout time.Duration) {
 	}
 }
 
+// awaitCopied waits until dups has published a copy of every event the
+// audit log holds.
+func (e *env) awaitCopied(dups *copies, timeout time.Duration) {
+	e.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for dups.total() < e.count(`SELECT count(*) FROM order_events`) {
+		if time.Now().After(deadline) {
+			e.t.Fatalf("only %d copies published for %d events: not every event was delivered twice", dups.total(), e.count(`SELECT count(*) FROM order_events`))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 func TestEveryEventDeliveredTwiceChangesNothing(t *testing.T) {
 	e := newEnv(t)
 	cfg := e.config()
@@ -297,13 +310,7 @@ func TestEveryEventDeliveredTwiceChangesNothing(t *testing.T) {
 	// time, which on a replicated cluster trails the saga, and the last
 	// InventoryReleased can reach status after the orders are terminal, so
 	// both are counted again until they agree.
-	deadline := time.Now().Add(60 * time.Second)
-	for dups.total() < e.count(`SELECT count(*) FROM order_events`) {
-		if time.Now().After(deadline) {
-			t.Fatalf("only %d copies published for %d events: not every event was delivered twice", dups.total(), e.count(`SELECT count(*) FROM order_events`))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	e.awaitCopied(dups, 60*time.Second)
 	r.awaitSkipped(t, 60*time.Second, dups.of)
 	e.awaitQuiet(10 * time.Second)
 	if got, events := dups.total(), e.count(`SELECT count(*) FROM order_events`); got != events {
