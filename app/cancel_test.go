@@ -2,7 +2,9 @@ package app_test
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"net/http"
 	"slices"
@@ -11,7 +13,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+
 	"github.com/prozess/prozess/modules/api"
+	"github.com/prozess/prozess/modules/delivery"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/modules/payment"
 	"github.com/prozess/prozess/schema/schematest"
@@ -460,4 +466,100 @@ func TestOrdersCancelCommand(t *testing.T) {
 		}
 	}
 	e.checkClean(t, cfg.KafkaBrokers)
+}
+
+// The row lock that makes a cancel and a shipment exclude each other, in
+// both orders, with the transactions held open so each one really waits:
+// a cancel while delivery's shipment is uncommitted waits for it and is
+// refused (409); delivery deciding while a cancel's stamp is uncommitted
+// waits for it and withholds. Without either lock the second would read
+// around the first and an order would be shipped and refunded.
+func TestCancelAndShipmentExcludeEachOther(t *testing.T) {
+	e := newEnv(t)
+	ctx := t.Context()
+	d := delivery.New(slog.New(slog.DiscardHandler))
+	paid := func(id uuid.UUID) []event.Event {
+		ev, err := event.New(event.PaymentCompleted, id, "payment", event.Paid{PaymentID: uuid.New(), AmountCents: 2999})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return []event.Event{ev}
+	}
+	waits := func(what string, done chan struct{}, commit func()) {
+		t.Helper()
+		select {
+		case <-done:
+			t.Fatalf("%s did not wait for the other transaction", what)
+		case <-time.After(500 * time.Millisecond):
+		}
+		commit()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s still waiting after the other transaction committed", what)
+		}
+	}
+
+	// Delivery first: its shipment is uncommitted when the cancel comes.
+	shipped := e.insertOrder()
+	tx, err := e.pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx)
+	if out, err := d.Handle(ctx, tx, paid(shipped)); err != nil || len(out) != 1 || out[0].Type != event.OrderShipped {
+		t.Fatalf("delivery: %v %+v, want OrderShipped", err, out)
+	}
+	var cancelErr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _, cancelErr = api.CancelOrder(ctx, e.pool, "order-events", shipped, "u1", func(string) bool { return true })
+	}()
+	waits("the cancel", done, func() {
+		if err := tx.Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if !errors.Is(cancelErr, api.ErrShipped) {
+		t.Fatalf("the cancel after the shipment: %v, want ErrShipped", cancelErr)
+	}
+
+	// The cancel first: its stamp is uncommitted when delivery decides.
+	withheld := e.insertOrder()
+	tx2, err := e.pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx2.Rollback(ctx)
+	// What CancelOrder does, held open: the row FOR UPDATE, then the stamp.
+	if _, err := tx2.Exec(ctx, `SELECT 1 FROM orders WHERE id = $1 FOR UPDATE`, withheld); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx2.Exec(ctx, `UPDATE orders SET cancel_requested_at = now(), cancel_requested_by = 'u1' WHERE id = $1`, withheld); err != nil {
+		t.Fatal(err)
+	}
+	var out []event.Event
+	var handleErr error
+	done = make(chan struct{})
+	go func() {
+		defer close(done)
+		handleErr = pgx.BeginFunc(ctx, e.pool, func(tx pgx.Tx) error {
+			var err error
+			out, err = d.Handle(ctx, tx, paid(withheld))
+			return err
+		})
+	}()
+	waits("delivery", done, func() {
+		if err := tx2.Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if handleErr != nil || len(out) != 1 || out[0].Type != event.ShipmentCancelled {
+		t.Fatalf("delivery after the cancel: %v %+v, want ShipmentCancelled", handleErr, out)
+	}
+	e.counts(t, withheld.String(), map[string]int64{
+		`SELECT count(*) FROM shipments WHERE order_id = $1`:          0,
+		`SELECT count(*) FROM withheld_shipments WHERE order_id = $1`: 1,
+	})
 }
