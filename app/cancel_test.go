@@ -286,11 +286,14 @@ func TestCancelRacingChargeAndShipment(t *testing.T) {
 }
 
 // Cancels racing the saga deadline: inventory dead-letters every order's
-// OrderCreated (a bad deploy), so each order expires at its deadline;
-// their owners cancel them around that time. Payment decides each once,
-// by whichever of OrderExpired and OrderCancelRequested it reads first:
-// one declined decision (with that one's reason), one PaymentFailed, no
-// charge, nothing reserved, and check is clean.
+// OrderCreated (a bad deploy), so each order expires a deadline after its
+// dead letter; a second group of orders comes half a deadline after the
+// first, and as the first expiry is decided their owner cancels all of
+// them, the first group's a moment after their expiry, the second's
+// before theirs. Payment decides each once, by whichever of OrderExpired
+// and OrderCancelRequested it reads first: one declined decision (with
+// that one's reason), one PaymentFailed, no charge, nothing reserved, and
+// check is clean.
 func TestCancelRacingTheDeadline(t *testing.T) {
 	e := newEnv(t)
 	cfg := e.config()
@@ -299,15 +302,21 @@ func TestCancelRacingTheDeadline(t *testing.T) {
 	initial := r.stock(t)
 	schematest.Exec(t, e.pool, `ALTER TABLE reservations ADD CONSTRAINT bad_deploy CHECK (qty < 0)`)
 	var ids []string
-	for range 12 {
-		ids = append(ids, r.order(t, "u1", "", mouse(1)).OrderID.String())
-		time.Sleep(100 * time.Millisecond) // their clocks spread over more than one sweep
+	group := func() {
+		for range 6 {
+			ids = append(ids, r.order(t, "u1", "", mouse(1)).OrderID.String())
+		}
+		for e.count(`SELECT count(DISTINCT order_id) FROM dead_letters`) < int64(len(ids)) {
+			time.Sleep(20 * time.Millisecond)
+		}
 	}
-	// The first expiry is decided: cancel every order now, some before
-	// their own expiry, some after it.
+	group()
+	time.Sleep(cfg.SagaDeadline / 2) // the second group's clocks start half a deadline later
+	group()
 	e.awaitCount(t, `SELECT count(*) FROM orders WHERE expired_at IS NOT NULL`)
-	for _, id := range ids {
-		r.cancelAccepted(t, id, "u1")
+	for i := range 6 { // interleaved: first group, second group
+		r.cancelAccepted(t, ids[i], "u1")
+		r.cancelAccepted(t, ids[6+i], "u1")
 	}
 	reasons := map[string]int{}
 	for _, id := range ids {
