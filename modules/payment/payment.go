@@ -152,7 +152,9 @@ func (p *Payment) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]e
 			if c.reason != "" {
 				p.log.InfoContext(ctx, "order expired or cancelled after its payment was decided; the decision stands", "order_id", c.order, "reason", c.reason)
 			} else {
-				p.log.WarnContext(ctx, "payment already decided", "order_id", c.order)
+				// Expected after an expiry or a cancel decided first; else a
+				// redelivery the inbox no longer remembered.
+				p.log.InfoContext(ctx, "payment already decided (expired or cancelled first, or a redelivery): no charge", "order_id", c.order)
 			}
 			continue
 		}
