@@ -386,3 +386,85 @@ func TestLivePageReDrivesAllMatching(t *testing.T) {
 		t.Fatalf("the dead letter's line is not marked re-driven: %v", err)
 	}
 }
+
+// The live page's Cancel button, on the refund path: delivery is down, so
+// an order placed in the page stops at PAID; its owner clicks Cancel on
+// its card, which then says the cancel was requested. Once delivery is
+// back it withholds the order, payment refunds it, and the card moves to
+// CANCELLED with the refund as its last event, and no Cancel button; the
+// stock comes back.
+func TestLivePageCancelsAnOrder(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.KafkaBrokers = e.broker()
+	r := e.start(cfg, "api", "inventory", "payment", "status")
+	if err := chromedp.Do(ctx, chromedp.Navigate(r.url+"/live")); err != nil {
+		t.Fatalf("opening the page: %v", err)
+	}
+	tctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
+	mouseStock := chromedp.CSS(`#stock tr[data-product-id="prod-mouse"] td.n`)
+	err := chromedp.Do(tctx,
+		chromedp.WaitVisible(mouseStock),
+		chromedp.SetValue(chromedp.CSS(`#key`), e.keyFor("u1")),
+		chromedp.Click(chromedp.CSS(`#key-form button`)),
+		chromedp.WaitVisible(chromedp.CSS(`#conn.on`)),
+		chromedp.SetValue(chromedp.CSS(`#product`), "prod-mouse"),
+		chromedp.SetValue(chromedp.CSS(`#qty`), "3"),
+	)
+	if err != nil {
+		t.Fatalf("filling in the order form: %v", err)
+	}
+	before := atoi(t, pageText(t, tctx, `#stock tr[data-product-id="prod-mouse"] td.n`))
+	id := placeInPage(t, tctx)
+	if o := r.awaitStatus(t, id, event.StatusPaid, 30*time.Second); o.Status != event.StatusPaid {
+		t.Fatalf("order is %s, want PAID", o.Status)
+	}
+	card := fmt.Sprintf(`.col[data-status="%%s"] .card[data-order-id="%s"]`, id)
+	err = chromedp.Do(tctx,
+		chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(card, "PAID")+` button.cancel`)),
+		chromedp.Click(chromedp.CSS(fmt.Sprintf(card, "PAID")+` button.cancel`)),
+		chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(card, "PAID")+` em`)),
+	)
+	if err != nil {
+		t.Fatalf("clicking Cancel on the PAID card: %v", err)
+	}
+	if said := pageText(t, tctx, fmt.Sprintf(card, "PAID")+` em`); said != "cancel requested" {
+		t.Fatalf("the card says %q after Cancel, want %q", said, "cancel requested")
+	}
+	if n := e.count(`SELECT count(*) FROM orders WHERE id = $1 AND cancel_requested_by = 'u1'`, id); n != 1 {
+		t.Fatal("the click did not record u1's cancel")
+	}
+
+	e.start(cfg, "delivery")
+	if o := r.await(t, id, 30*time.Second); o.Status != event.StatusCancelled {
+		t.Fatalf("order ended %s, want CANCELLED", o.Status)
+	}
+	r.awaitTrailHas(t, id, event.PaymentRefunded, event.InventoryReleased)
+	err = chromedp.Do(tctx,
+		chromedp.WaitVisible(chromedp.CSS(fmt.Sprintf(card, "CANCELLED"))),
+		discard(chromedp.Poll[bool](fmt.Sprintf(
+			`document.querySelector('#stock tr[data-product-id="prod-mouse"] td.n').textContent === "%d"`, before))),
+		discard(chromedp.Poll[bool](`[...document.querySelectorAll('#events li span')].some((s) => s.textContent === "PaymentRefunded")`)),
+	)
+	if err != nil {
+		t.Fatalf("watching the cancelled order's card and stock: %v", err)
+	}
+	if label := pageText(t, tctx, fmt.Sprintf(card, "CANCELLED")+` small`); !strings.HasPrefix(label, string(event.PaymentRefunded)) {
+		t.Errorf("the CANCELLED card's label is %q, want the refund", label)
+	}
+	if n, err := chromedp.Run(tctx, chromedp.Evaluate[int](fmt.Sprintf(`document.querySelectorAll('%s button.cancel').length`, fmt.Sprintf(card, "CANCELLED")))); err != nil || n != 0 {
+		t.Errorf("the CANCELLED card has %d Cancel buttons (%v), want none", n, err)
+	}
+}
+
+// pageText is the text of the first element sel matches.
+func pageText(t *testing.T, ctx context.Context, sel string) string {
+	t.Helper()
+	s, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
+	if err != nil {
+		t.Fatalf("reading %s: %v", sel, err)
+	}
+	return s
+}

@@ -3,6 +3,7 @@ package app_test
 import (
 	"bytes"
 	"context"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -88,6 +89,20 @@ func TestCheckPassesThenFindsEveryCorruption(t *testing.T) {
 	}
 	schematest.Exec(t, e.pool, `UPDATE orders SET updated_at = now() - interval '1 hour' WHERE id = $1`, byStatus[event.StatusCancelled][0])
 
+	// Cancellation's rules: a refund of a shipped order, an order both
+	// shipped and withheld, a shipment after a recorded cancel, a refund of
+	// a declined payment.
+	if len(byStatus[event.StatusShipped]) < 3 {
+		t.Fatalf("%d shipped orders, want 3 to corrupt", len(byStatus[event.StatusShipped]))
+	}
+	refundedShipped, withheldShipped, cancelledShipped := byStatus[event.StatusShipped][0], byStatus[event.StatusShipped][1], byStatus[event.StatusShipped][2]
+	schematest.Exec(t, e.pool, `INSERT INTO refunds (order_id, id, payment_id, amount_cents)
+		SELECT order_id, gen_random_uuid(), id, amount_cents FROM payments WHERE order_id = $1`, refundedShipped)
+	schematest.Exec(t, e.pool, `INSERT INTO withheld_shipments (order_id) VALUES ($1)`, withheldShipped)
+	schematest.Exec(t, e.pool, `UPDATE orders SET cancel_requested_at = now() WHERE id = $1`, cancelledShipped)
+	schematest.Exec(t, e.pool, `INSERT INTO refunds (order_id, id, payment_id, amount_cents)
+		SELECT order_id, gen_random_uuid(), id, amount_cents FROM payments WHERE order_id = $1`, declined)
+
 	rep, err := check.Run(t.Context(), e.pool, check.Config{Deadline: time.Minute, Redis: rdb, Prefix: e.prefix})
 	if err != nil {
 		t.Fatal(err)
@@ -111,6 +126,18 @@ func TestCheckPassesThenFindsEveryCorruption(t *testing.T) {
 		}
 		if !found {
 			t.Errorf("no %q violation for %s; report:\n%s", rule, subject, rep.Text())
+		}
+	}
+	for subject, msg := range map[string]string{
+		refundedShipped:  "refunded and shipped",
+		withheldShipped:  "both shipped and withheld",
+		cancelledShipped: "shipped although its cancel was recorded",
+		declined:         "refund does not match a completed payment",
+	} {
+		if !slices.ContainsFunc(rep.Violations, func(v check.Violation) bool {
+			return v.Rule == check.RuleRefund && v.Subject == subject && strings.Contains(v.Message, msg)
+		}) {
+			t.Errorf("no %q violation %q for %s; report:\n%s", check.RuleRefund, msg, subject, rep.Text())
 		}
 	}
 	out, err = runCLI(t, e.checkArgs(r.sys.Brokers())...)

@@ -267,13 +267,26 @@ func (e *env) awaitQuiet(timeout time.Duration) {
 	for {
 		pending := e.count(`SELECT count(*) FROM orders WHERE status NOT IN ('SHIPPED', 'CANCELLED')`)
 		unreleased := e.count(`SELECT count(*) FROM payments p JOIN reservations r USING (order_id)
-			WHERE p.status = 'DECLINED' AND r.released_at IS NULL`)
+			WHERE (p.status = 'DECLINED' OR EXISTS (SELECT 1 FROM refunds f WHERE f.order_id = p.order_id)) AND r.released_at IS NULL`)
 		outbox := e.count(`SELECT count(*) FROM outbox`)
 		if pending+unreleased+outbox == 0 {
 			return
 		}
 		if time.Now().After(deadline) {
-			e.t.Fatalf("after %s: %d orders not terminal, %d declined not released, %d outbox rows", timeout, pending, unreleased, outbox)
+			e.t.Fatalf("after %s: %d orders not terminal, %d declined or refunded not released, %d outbox rows", timeout, pending, unreleased, outbox)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// awaitCopied waits until dups has published a copy of every event the
+// audit log holds.
+func (e *env) awaitCopied(dups *copies, timeout time.Duration) {
+	e.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for dups.total() < e.count(`SELECT count(*) FROM order_events`) {
+		if time.Now().After(deadline) {
+			e.t.Fatalf("only %d copies published for %d events: not every event was delivered twice", dups.total(), e.count(`SELECT count(*) FROM order_events`))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -297,13 +310,7 @@ func TestEveryEventDeliveredTwiceChangesNothing(t *testing.T) {
 	// time, which on a replicated cluster trails the saga, and the last
 	// InventoryReleased can reach status after the orders are terminal, so
 	// both are counted again until they agree.
-	deadline := time.Now().Add(60 * time.Second)
-	for dups.total() < e.count(`SELECT count(*) FROM order_events`) {
-		if time.Now().After(deadline) {
-			t.Fatalf("only %d copies published for %d events: not every event was delivered twice", dups.total(), e.count(`SELECT count(*) FROM order_events`))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	e.awaitCopied(dups, 60*time.Second)
 	r.awaitSkipped(t, 60*time.Second, dups.of)
 	e.awaitQuiet(10 * time.Second)
 	if got, events := dups.total(), e.count(`SELECT count(*) FROM order_events`); got != events {

@@ -14,7 +14,7 @@ import (
 func loadgenCommand(cfg *Config) *cobra.Command {
 	lc := loadgen.Config{
 		URL: "http://127.0.0.1:8080", Rate: 100, Duration: 20 * time.Second, Warmup: 5 * time.Second,
-		MaxInFlight: 512, Deadline: 30 * time.Second, Product: "prod-load",
+		MaxInFlight: 512, Deadline: 30 * time.Second, Product: "prod-load", CancelWithin: 500 * time.Millisecond,
 	}
 	var asJSON, hopsOut bool
 	var step, maxRate float64
@@ -88,6 +88,12 @@ longer keeps up, and the knee is reported.`,
 				}
 			}
 			fmt.Fprint(out, loadgen.Table(results))
+			for _, r := range results {
+				if c := r.Cancels; c != nil {
+					fmt.Fprintf(out, "cancels at %.0f/s: %d sent, %d accepted, %d refused (shipped), %d errors; outcomes %v\n",
+						r.TargetRate, c.Sent, c.Accepted, c.Refused, c.Errors, r.Outcomes)
+				}
+			}
 			if hopsOut {
 				for _, r := range results {
 					fmt.Fprint(out, loadgen.HopTable(r))
@@ -112,6 +118,8 @@ longer keeps up, and the knee is reported.`,
 	fs.StringVar(&lc.Product, "product", lc.Product, "product every order buys (created with ample stock)")
 	fs.Float64Var(&step, "step", 0, "raise the rate by this much per run until the system stops keeping up")
 	fs.Float64Var(&maxRate, "max-rate", 5000, "highest rate --step tries")
+	fs.Float64Var(&lc.CancelRate, "cancel-rate", 0, "share of accepted orders to cancel (0 to 1), each at a random moment within --cancel-within")
+	fs.DurationVar(&lc.CancelWithin, "cancel-within", lc.CancelWithin, "how long after its acceptance an order may be cancelled")
 	fs.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
 	return cmd
 }

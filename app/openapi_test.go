@@ -191,6 +191,9 @@ func TestOpenAPIContract(t *testing.T) {
 	}
 	c.check(t, r.url, call{name: "list, next page", method: "GET", path: "/orders?limit=1&cursor=" + page.NextCursor, key: u1, status: 200})
 	c.check(t, r.url, call{name: "list as admin", method: "GET", path: "/orders?user_id=u1&status=SHIPPED", key: e.keyFor("admin"), status: 200})
+	// A cancel, and its repeat, of an order that has not shipped.
+	c.check(t, r.url, call{name: "cancel", method: "POST", path: "/orders/" + bare.String() + "/cancel", key: u1, status: 202})
+	c.check(t, r.url, call{name: "cancel again", method: "POST", path: "/orders/" + bare.String() + "/cancel", key: u1, status: 202})
 
 	// Errors a client can cause, each in the one error format.
 	for _, cl := range []call{
@@ -211,6 +214,9 @@ func TestOpenAPIContract(t *testing.T) {
 		{name: "list, bad cursor", method: "GET", path: "/orders?cursor=nope", key: u1, status: 400},
 		{name: "list another user's", method: "GET", path: "/orders?user_id=u2", key: u1, status: 403},
 		{name: "not your events", method: "GET", path: "/orders/" + id + "/events", key: u2, status: 404},
+		{name: "cancel a shipped order", method: "POST", path: "/orders/" + id + "/cancel", key: u1, status: 409},
+		{name: "cancel, not yours", method: "POST", path: "/orders/" + id + "/cancel", key: u2, status: 404},
+		{name: "cancel, not a uuid", method: "POST", path: "/orders/42/cancel", key: u1, status: 400, invalid: true},
 		{name: "stream without key", method: "GET", path: "/live/stream", status: 401},
 		{name: "re-drive as a user", method: "POST", path: "/admin/dead-letters/1/replay", key: u1, status: 404},
 		{name: "re-drive, bad id", method: "POST", path: "/admin/dead-letters/x/replay", key: e.keyFor("admin"), status: 400, invalid: true},

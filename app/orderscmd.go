@@ -28,9 +28,9 @@ import (
 func ordersCommand(cfg *Config) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "orders",
-		Short: "Show an order with its audit trail, or follow the saga's events live",
+		Short: "Show, cancel or follow orders",
 	}
-	cmd.AddCommand(ordersGetCommand(cfg), ordersTailCommand(cfg))
+	cmd.AddCommand(ordersGetCommand(cfg), ordersCancelCommand(cfg), ordersTailCommand(cfg))
 	return cmd
 }
 
@@ -41,38 +41,88 @@ func ordersGetCommand(cfg *Config) *cobra.Command {
 		Short:   "Show an order, its items and its audit trail, from PostgreSQL",
 		Example: "  prozess orders get 01a2154b-12fe-7269-98f9-3dd93c718619",
 		Args:    cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			id, err := uuid.Parse(args[0])
-			if err != nil {
-				return fmt.Errorf("ORDER_ID %q is not an order id (a UUID)", args[0])
+		RunE: cfg.withOrder(func(ctx context.Context, out io.Writer, pool *pgxpool.Pool, id uuid.UUID) error {
+			o, err := api.ReadOrder(ctx, pool, id)
+			if errors.Is(err, api.ErrNotFound) {
+				return fmt.Errorf("order %s: no such order", id)
 			}
-			return cfg.withDB(func(ctx context.Context, out io.Writer, _ *slog.Logger, pool *pgxpool.Pool) error {
-				o, err := api.ReadOrder(ctx, pool, id)
-				if errors.Is(err, api.ErrNotFound) {
-					return fmt.Errorf("order %s: no such order", id)
-				}
-				if err != nil {
-					return err
-				}
-				evs, err := api.ReadEvents(ctx, pool, id)
-				if err != nil {
-					return err
-				}
-				if asJSON {
-					enc := json.NewEncoder(out)
-					enc.SetIndent("", "  ")
-					return enc.Encode(struct {
-						api.Order
-						Events []api.AuditEvent `json:"events"`
-					}{o, evs})
-				}
-				printOrder(out, o, evs)
-				return nil
-			})(cmd, args)
-		},
+			if err != nil {
+				return err
+			}
+			evs, err := api.ReadEvents(ctx, pool, id)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				enc := json.NewEncoder(out)
+				enc.SetIndent("", "  ")
+				return enc.Encode(struct {
+					api.Order
+					Events []api.AuditEvent `json:"events"`
+				}{o, evs})
+			}
+			printOrder(out, o, evs)
+			return nil
+		}),
 	}
 	cfg.connectionFlags(cmd.Flags())
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+// withOrder is withDB for the commands of one ORDER_ID, which it reads
+// first, so a mistyped id is an error before any connection is made.
+func (c *Config) withOrder(fn func(ctx context.Context, out io.Writer, pool *pgxpool.Pool, id uuid.UUID) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		id, err := uuid.Parse(args[0])
+		if err != nil {
+			return fmt.Errorf("ORDER_ID %q is not an order id (a UUID)", args[0])
+		}
+		return c.withDB(func(ctx context.Context, out io.Writer, _ *slog.Logger, pool *pgxpool.Pool) error {
+			return fn(ctx, out, pool, id)
+		})(cmd, args)
+	}
+}
+
+// ordersCancelCommand is `prozess orders cancel`: an operator's cancel,
+// the same transaction as an admin's POST /orders/{id}/cancel.
+func ordersCancelCommand(cfg *Config) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "cancel ORDER_ID",
+		Short: "Cancel an order, as POST /orders/{id}/cancel does for an admin",
+		Long: `Record a cancel for an order and emit its OrderCancelRequested, in one
+PostgreSQL transaction; the running saga does the rest: no charge before
+payment, a refund after it, the stock given back. A repeat, or an order that
+has ended CANCELLED, changes nothing; a shipped order is refused.`,
+		Example: "  prozess orders cancel 01a2154b-12fe-7269-98f9-3dd93c718619",
+		Args:    cobra.ExactArgs(1),
+		RunE: cfg.withOrder(func(ctx context.Context, out io.Writer, pool *pgxpool.Pool, id uuid.UUID) error {
+			res, emitted, err := api.CancelOrder(ctx, pool, cfg.Topic, id, "operator (prozess orders cancel)", func(string) bool { return true })
+			switch {
+			case errors.Is(err, api.ErrNotFound):
+				return fmt.Errorf("order %s: no such order", id)
+			case errors.Is(err, api.ErrShipped):
+				return fmt.Errorf("order %s has shipped: it can no longer be cancelled", id)
+			case err != nil:
+				return err
+			}
+			if emitted {
+				// Wake the relay now rather than at its next poll.
+				if _, err := pool.Exec(ctx, `SELECT pg_notify('prozess_outbox', '')`); err != nil {
+					return fmt.Errorf("waking the relay (the cancel is recorded; its poll will send it): %w", err)
+				}
+				fmt.Fprintf(out, "order %s: cancel requested (it was %s); the saga cancels it: follow it with prozess orders get %s\n", id, res.Status, id)
+				return nil
+			}
+			fmt.Fprintf(out, "order %s: nothing to do, it is %s", id, res.Status)
+			if res.CancelRequestedAt != nil {
+				fmt.Fprintf(out, " and its cancel was requested at %s", res.CancelRequestedAt.UTC().Format(time.RFC3339))
+			}
+			fmt.Fprintln(out)
+			return nil
+		}),
+	}
+	cfg.connectionFlags(cmd.Flags())
 	return cmd
 }
 

@@ -72,6 +72,7 @@ const (
 	RuleOnce     = "effects at most once"
 	RuleShipped  = "shipped only when paid"
 	RuleReleased = "declined orders released once"
+	RuleRefund   = "refunds only for cancelled, unshipped orders"
 	RuleTrail    = "audit trail is a lifecycle path"
 	RuleCache    = "status cache agrees"
 	RuleOutbox   = "outbox drains"
@@ -105,6 +106,7 @@ func Run(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Report, error) {
 		{RuleOnce, func() error { return r.once(ctx, pool, w) }},
 		{RuleShipped, func() error { return r.shipped(ctx, pool, w) }},
 		{RuleReleased, func() error { return r.released(ctx, pool, w, secs) }},
+		{RuleRefund, func() error { return r.refunds(ctx, pool, w, secs) }},
 		{RuleTrail, func() error { return r.trail(ctx, pool, w) }},
 		{RuleCache, func() error { return r.cache(ctx, pool, cfg) }},
 		{RuleOutbox, func() error { return r.outbox(ctx, pool, cfg.Deadline) }},
@@ -253,15 +255,21 @@ func (r *Report) shipped(ctx context.Context, pool *pgxpool.Pool, w window) erro
 	})
 }
 
-// released: every declined order's stock given back (once the deadline has
-// passed), and never a release for an order that was not declined.
+// released: every declined or refunded order's stock given back (once the
+// deadline has passed), and never a release for an order that was neither.
 func (r *Report) released(ctx context.Context, pool *pgxpool.Pool, w window, secs float64) error {
 	err := each(ctx, pool, `
-		SELECT p.order_id, count(r.*) FILTER (WHERE r.released_at IS NULL)
+		SELECT p.order_id, count(r.*) FILTER (WHERE r.released_at IS NULL), p.status
 		FROM orders o JOIN payments p ON p.order_id = o.id JOIN reservations r ON r.order_id = o.id
-		WHERE `+w.where+` AND p.status = 'DECLINED' AND p.created_at < now() - make_interval(secs => $3)
-		GROUP BY p.order_id HAVING count(r.*) FILTER (WHERE r.released_at IS NULL) > 0`, w.with(secs), func(v []any) {
-		r.add(RuleReleased, str(v[0]), "declined, but %s reservation lines still held", str(v[1]))
+		LEFT JOIN refunds f ON f.order_id = o.id
+		WHERE `+w.where+` AND ((p.status = 'DECLINED' AND p.created_at < now() - make_interval(secs => $3))
+		   OR f.created_at < now() - make_interval(secs => $3))
+		GROUP BY p.order_id, p.status HAVING count(r.*) FILTER (WHERE r.released_at IS NULL) > 0`, w.with(secs), func(v []any) {
+		what := "declined"
+		if v[2] != "DECLINED" {
+			what = "refunded"
+		}
+		r.add(RuleReleased, str(v[0]), "%s, but %s reservation lines still held", what, str(v[1]))
 	})
 	if err != nil {
 		return err
@@ -270,8 +278,42 @@ func (r *Report) released(ctx context.Context, pool *pgxpool.Pool, w window, sec
 		SELECT r.order_id, coalesce(p.status, 'no payment')
 		FROM orders o JOIN reservations r ON r.order_id = o.id LEFT JOIN payments p ON p.order_id = o.id
 		WHERE `+w.where+` AND r.released_at IS NOT NULL AND p.status IS DISTINCT FROM 'DECLINED'
+		  AND NOT EXISTS (SELECT 1 FROM refunds f WHERE f.order_id = r.order_id)
 		GROUP BY r.order_id, p.status`, w.args, func(v []any) {
-		r.add(RuleReleased, str(v[0]), "stock released but payment is %s", v[1])
+		r.add(RuleReleased, str(v[0]), "stock released but payment is %s and nothing was refunded", v[1])
+	})
+}
+
+// refunds: a refund gives back the order's own completed payment, for an
+// order someone asked to cancel, that delivery withheld and did not ship,
+// and that ends CANCELLED; a cancel request and a shipment never meet; a
+// withheld order is refunded (once the deadline has passed).
+func (r *Report) refunds(ctx context.Context, pool *pgxpool.Pool, w window, secs float64) error {
+	return each(ctx, pool, `
+		SELECT o.id,
+		       CASE
+		         WHEN s.order_id IS NOT NULL AND w.order_id IS NOT NULL THEN 'both shipped and withheld'
+		         WHEN s.order_id IS NOT NULL AND o.cancel_requested_at IS NOT NULL THEN 'shipped although its cancel was recorded'
+		         WHEN f.order_id IS NOT NULL AND s.order_id IS NOT NULL THEN 'refunded and shipped'
+		         WHEN f.order_id IS NOT NULL AND (p.status IS DISTINCT FROM 'COMPLETED' OR p.id <> f.payment_id OR p.amount_cents <> f.amount_cents)
+		           THEN 'refund does not match a completed payment of the order (payment ' || coalesce(p.status, 'none') || ')'
+		         WHEN f.order_id IS NOT NULL AND o.cancel_requested_at IS NULL THEN 'refunded without a cancel request'
+		         WHEN f.order_id IS NOT NULL AND w.order_id IS NULL THEN 'refunded without delivery withholding it'
+		         WHEN f.order_id IS NOT NULL AND o.status <> 'CANCELLED' AND f.created_at < now() - make_interval(secs => $3)
+		           THEN 'refunded but ' || o.status
+		         WHEN w.order_id IS NOT NULL AND f.order_id IS NULL AND w.withheld_at < now() - make_interval(secs => $3)
+		           THEN 'withheld from shipping but never refunded'
+		       END
+		FROM orders o
+		LEFT JOIN payments p ON p.order_id = o.id
+		LEFT JOIN shipments s ON s.order_id = o.id
+		LEFT JOIN withheld_shipments w ON w.order_id = o.id
+		LEFT JOIN refunds f ON f.order_id = o.id
+		WHERE `+w.where+` AND (f.order_id IS NOT NULL OR w.order_id IS NOT NULL OR (s.order_id IS NOT NULL AND o.cancel_requested_at IS NOT NULL))
+		ORDER BY o.id`, w.with(secs), func(v []any) {
+		if v[1] != nil {
+			r.add(RuleRefund, str(v[0]), "%s", v[1])
+		}
 	})
 }
 
@@ -294,27 +336,41 @@ var expiredPaths = [][]event.Type{
 	{event.OrderCreated, event.InventoryFailed, event.PaymentFailed},
 }
 
+// cancelPaths are the further path of an order with an
+// OrderCancelRequested (left out like an expiry): one cancelled before its
+// charge takes the expiry's paths; one cancelled after it and before its
+// shipment is withheld by delivery, refunded by payment and released.
+var cancelPaths = [][]event.Type{
+	{event.OrderCreated, event.InventoryReserved, event.PaymentCompleted, event.ShipmentCancelled, event.PaymentRefunded, event.InventoryReleased},
+}
+
 // ValidTrail reports whether a trail is a prefix of a lifecycle path.
 // Re-drive entries (deadletter.TrailType) are no saga events and are left
-// out; an OrderExpired, at most one, allows the expiry's paths too.
+// out; an OrderExpired, at most one, allows the expiry's paths too; an
+// OrderCancelRequested, at most one, allows those and the refund's path.
 func ValidTrail(trail []event.Type) bool {
-	expired := 0
+	expired, cancelled := 0, 0
 	saga := make([]event.Type, 0, len(trail))
 	for _, t := range trail {
 		switch t {
 		case event.OrderExpired:
 			expired++
+		case event.OrderCancelRequested:
+			cancelled++
 		case deadletter.TrailType:
 		default:
 			saga = append(saga, t)
 		}
 	}
-	candidates := paths
-	switch {
-	case expired > 1:
+	if expired > 1 || cancelled > 1 {
 		return false
-	case expired == 1:
+	}
+	candidates := paths
+	if expired+cancelled > 0 {
 		candidates = append(slices.Clip(paths), expiredPaths...)
+	}
+	if cancelled == 1 {
+		candidates = append(candidates, cancelPaths...)
 	}
 	for _, p := range candidates {
 		if len(saga) <= len(p) && slices.Equal(saga, p[:len(saga)]) {

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	mrand "math/rand/v2"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -40,6 +41,13 @@ type Config struct {
 	Deadline    time.Duration // how long after the last send orders may take to finish
 	Product     string        // what every order buys, one unit
 	APIKey      string        // sent as Authorization: Bearer
+	// CancelRate is the share (0 to 1) of accepted orders the run cancels
+	// (POST /orders/{id}/cancel), each at a random moment within
+	// CancelWithin of its acceptance, so cancels race every step of the
+	// saga: some before the charge, some between charge and shipment
+	// (refunded), some after the shipment (409).
+	CancelRate   float64
+	CancelWithin time.Duration
 }
 
 // Result is what a run measured.
@@ -55,11 +63,21 @@ type Result struct {
 	Post        Summary        `json:"post_latency"`
 	EndToEnd    Summary        `json:"end_to_end_latency"`
 	Outcomes    map[string]int `json:"outcomes"`
+	Cancels     *Cancels       `json:"cancels,omitempty"`
 	Cost        *Cost          `json:"per_order_cost,omitempty"`
 	FirstErrors []string       `json:"first_errors,omitempty"`
 	// Hops breaks the shipped orders' end-to-end latency into stretches
 	// (see hops.go).
 	Hops []Hop `json:"hops,omitempty"`
+}
+
+// Cancels counts a run's cancel requests by answer: accepted (202, the
+// order will end CANCELLED), refused (409, it had shipped), and errors.
+type Cancels struct {
+	Sent     int `json:"sent"`
+	Accepted int `json:"accepted"`
+	Refused  int `json:"refused"`
+	Errors   int `json:"errors"`
 }
 
 // Cost is what one order cost the database, from its own statistics.
@@ -88,6 +106,12 @@ type Runner struct {
 func New(ctx context.Context, cfg Config, log *slog.Logger) (*Runner, error) {
 	if cfg.Rate <= 0 || cfg.Duration <= 0 || cfg.MaxInFlight <= 0 {
 		return nil, fmt.Errorf("--rate, --duration and --max-inflight must be positive")
+	}
+	if cfg.CancelRate < 0 || cfg.CancelRate > 1 {
+		return nil, fmt.Errorf("--cancel-rate %v is not between 0 and 1", cfg.CancelRate)
+	}
+	if cfg.CancelRate > 0 && cfg.CancelWithin <= 0 {
+		return nil, fmt.Errorf("--cancel-within must be positive with --cancel-rate")
 	}
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
@@ -139,7 +163,7 @@ func (r *Runner) observe(ctx context.Context) {
 			}
 			r.stamps[string(rec.Key)][typ] = st
 			r.mu.Unlock()
-			if typ != event.OrderShipped && typ != event.InventoryFailed && typ != event.PaymentFailed {
+			if typ != event.OrderShipped && typ != event.InventoryFailed && typ != event.PaymentFailed && typ != event.PaymentRefunded {
 				return
 			}
 			r.mu.Lock()
@@ -228,6 +252,7 @@ func (r *Runner) unfinished() int {
 // then if fewer than MaxInFlight are outstanding, dropped otherwise.
 func (r *Runner) send(ctx context.Context, d time.Duration, measure bool, res *Result) {
 	var inflight, sent, accepted, errs, dropped atomic.Int64
+	var cancels [4]atomic.Int64 // sent, accepted, refused, errors
 	var postMu sync.Mutex
 	var post []time.Duration
 	var firstErrs []string
@@ -278,6 +303,13 @@ func (r *Runner) send(ctx context.Context, d time.Duration, measure bool, res *R
 				return
 			}
 			accepted.Add(1)
+			if r.cfg.CancelRate > 0 && mrand.Float64() < r.cfg.CancelRate {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					r.cancel(ctx, id, &cancels)
+				}()
+			}
 			if !measure {
 				return
 			}
@@ -293,6 +325,47 @@ func (r *Runner) send(ctx context.Context, d time.Duration, measure bool, res *R
 	res.Sent, res.Accepted, res.Errors, res.Dropped = int(sent.Load()), int(accepted.Load()), int(errs.Load()), int(dropped.Load())
 	res.Post = Summarize(post)
 	res.FirstErrors = firstErrs
+	if r.cfg.CancelRate > 0 {
+		res.Cancels = &Cancels{Sent: int(cancels[0].Load()), Accepted: int(cancels[1].Load()),
+			Refused: int(cancels[2].Load()), Errors: int(cancels[3].Load())}
+	}
+}
+
+// cancel asks for order id to be cancelled after a random wait within
+// CancelWithin, and counts the answer in n (sent, accepted, refused,
+// errors).
+func (r *Runner) cancel(ctx context.Context, id string, n *[4]atomic.Int64) {
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(time.Duration(mrand.Int64N(int64(r.cfg.CancelWithin)))):
+	}
+	n[0].Add(1)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, r.cfg.URL+"/orders/"+id+"/cancel", nil)
+	if err != nil {
+		n[3].Add(1)
+		return
+	}
+	if r.cfg.APIKey != "" {
+		req.Header.Set("Authorization", "Bearer "+r.cfg.APIKey)
+	}
+	resp, err := r.http.Do(req)
+	if err != nil {
+		n[3].Add(1)
+		r.log.Warn("cancel failed", "order_id", id, "err", err)
+		return
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	switch resp.StatusCode {
+	case http.StatusAccepted:
+		n[1].Add(1)
+	case http.StatusConflict:
+		n[2].Add(1)
+	default:
+		n[3].Add(1)
+		r.log.Warn("cancel refused", "order_id", id, "status", resp.StatusCode, "body", string(bytes.TrimSpace(b)))
+	}
 }
 
 func (r *Runner) post(ctx context.Context, body []byte) (string, error) {

@@ -134,6 +134,7 @@ func (a *API) Register(e *echo.Echo) {
 	orders.GET("", a.listOrders)
 	orders.GET("/:id", a.getOrder)
 	orders.GET("/:id/events", a.orderEvents)
+	orders.POST("/:id/cancel", a.cancelOrder)
 	e.GET("/products", a.products, a.dbBound) // the catalogue is public
 	e.GET("/live", a.livePage)                // the page asks for a key itself
 	e.GET("/live/stream", a.liveStream, a.authenticate)
@@ -147,7 +148,7 @@ func (a *API) Register(e *echo.Echo) {
 	e.GET("/", func(c echo.Context) error {
 		return c.JSON(http.StatusOK, map[string]any{
 			"service": "prozess",
-			"endpoints": []string{"POST /orders", "GET /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products",
+			"endpoints": []string{"POST /orders", "GET /orders", "GET /orders/{id}", "GET /orders/{id}/events", "POST /orders/{id}/cancel", "GET /products",
 				"GET /live", "GET /live/stream", "GET /openapi.json",
 				"POST /admin/dead-letters/{id}/replay", "POST /admin/parked/{id}/replay",
 				"POST /admin/dead-letters/replay", "POST /admin/parked/replay"},

@@ -15,6 +15,7 @@ import (
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/modules/statuscache"
+	"github.com/prozess/prozess/schema/schematest"
 )
 
 // createOrder places one order as user and returns its id.
@@ -204,5 +205,36 @@ func TestLiveStreamCarriesOnlyTheKeysOrders(t *testing.T) {
 	}
 	if got := admin.until(t, "admin", last); !slices.Equal(got, []uuid.UUID{theirs, theirs, theirsOld, mine, mine}) {
 		t.Errorf("the admin's stream carried orders %v, want %v", got, []uuid.UUID{theirs, theirs, theirsOld, mine, mine})
+	}
+}
+
+// Cancelling another user's order is 404, as reading it is, and stamps
+// and emits nothing; its owner's cancel is 202 and emits one
+// OrderCancelRequested however often it is repeated, by the owner or an
+// admin.
+func TestCancelAnotherUsersOrderIs404(t *testing.T) {
+	ts := server(t)
+	id := createOrder(t, ts, "u1")
+	cancel := func(user string) (int, string) {
+		t.Helper()
+		code, b, _ := ts.do(t, http.MethodPost, "/orders/"+id.String()+"/cancel", user, "")
+		return code, string(b)
+	}
+	cancels := func() int64 {
+		return schematest.Int(t, ts.pool, `SELECT count(*) FROM outbox WHERE key = $1 AND position('OrderCancelRequested'::bytea IN header_bytes) > 0`, []byte(id.String()))
+	}
+	if code, b := cancel("u2"); code != http.StatusNotFound || !strings.Contains(b, `"not_found"`) {
+		t.Fatalf("u2 cancelling u1's order: %d %s, want 404 not_found", code, b)
+	}
+	if n := schematest.Int(t, ts.pool, `SELECT count(*) FROM orders WHERE id = $1 AND cancel_requested_at IS NOT NULL`, id); n != 0 || cancels() != 0 {
+		t.Fatalf("u2's refused cancel stamped %d orders, emitted %d events", n, cancels())
+	}
+	for _, user := range []string{"u1", "u1", "admin"} {
+		if code, b := cancel(user); code != http.StatusAccepted || !strings.Contains(b, `"cancel_requested_at"`) {
+			t.Fatalf("%s cancelling u1's order: %d %s, want 202 with the cancel time", user, code, b)
+		}
+	}
+	if n := cancels(); n != 1 {
+		t.Fatalf("%d OrderCancelRequested in the outbox, want 1", n)
 	}
 }

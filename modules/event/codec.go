@@ -131,7 +131,7 @@ func (e Event) check() error {
 		v = new(Created)
 	case InventoryReserved:
 		v = new(Reserved)
-	case InventoryFailed, PaymentFailed:
+	case InventoryFailed, PaymentFailed, ShipmentCancelled:
 		v = new(Failed)
 	case PaymentCompleted:
 		v = new(Paid)
@@ -141,6 +141,10 @@ func (e Event) check() error {
 		v = new(Shipped)
 	case OrderExpired:
 		v = new(Expired)
+	case OrderCancelRequested:
+		v = new(CancelRequested)
+	case PaymentRefunded:
+		v = new(Refunded)
 	}
 	return e.Decode(v)
 }

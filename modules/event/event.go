@@ -34,10 +34,26 @@ const (
 	// reached payment: payment answers PaymentFailed unless it has decided
 	// already, and the usual compensation follows. It moves no status.
 	OrderExpired Type = "OrderExpired"
+	// OrderCancelRequested is the order's owner (or an admin) asking for
+	// the order to stop (POST /orders/{id}/cancel), emitted by the api in
+	// the transaction that stamps orders.cancel_requested_at. Payment
+	// answers it as it answers OrderExpired (a declined decision unless it
+	// has decided already); delivery reads the stamp, not the event. It
+	// moves no status.
+	OrderCancelRequested Type = "OrderCancelRequested"
+	// ShipmentCancelled is delivery declining to ship a paid order whose
+	// cancel it saw before shipping: payment answers it with a refund. It
+	// moves no status (the order stays PAID until the refund).
+	ShipmentCancelled Type = "ShipmentCancelled"
+	// PaymentRefunded is payment giving a completed charge back, once, for
+	// a cancelled order delivery did not ship; inventory releases the
+	// stock as it does after PaymentFailed. The order is CANCELLED.
+	PaymentRefunded Type = "PaymentRefunded"
 )
 
 // Types lists every event type the saga knows, in lifecycle order.
-var Types = []Type{OrderCreated, InventoryReserved, InventoryFailed, PaymentCompleted, PaymentFailed, InventoryReleased, OrderShipped, OrderExpired}
+var Types = []Type{OrderCreated, InventoryReserved, InventoryFailed, PaymentCompleted, PaymentFailed, InventoryReleased, OrderShipped, OrderExpired,
+	OrderCancelRequested, ShipmentCancelled, PaymentRefunded}
 
 // Known reports whether t is one of the saga's event types.
 func (t Type) Known() bool {
@@ -147,6 +163,18 @@ type Expired struct {
 	Deadline string `json:"deadline"` // the --saga-deadline that passed, as a Go duration
 }
 
+// CancelRequested is the payload of OrderCancelRequested.
+type CancelRequested struct {
+	RequestedBy string `json:"requested_by"` // the user, or "admin" / "admin key ID"
+}
+
+// Refunded is the payload of PaymentRefunded: the charge given back.
+type Refunded struct {
+	RefundID    uuid.UUID `json:"refund_id"`
+	PaymentID   uuid.UUID `json:"payment_id"`
+	AmountCents int64     `json:"amount_cents"`
+}
+
 // Paid is the payload of PaymentCompleted.
 type Paid struct {
 	PaymentID   uuid.UUID `json:"payment_id"`
@@ -219,6 +247,17 @@ func required(v any) error {
 	case *Expired:
 		if p.Deadline == "" {
 			return errors.New("deadline is required")
+		}
+	case *CancelRequested:
+		if p.RequestedBy == "" || len(p.RequestedBy) > 2*maxIDLen {
+			return fmt.Errorf("requested_by must be 1 to %d characters", 2*maxIDLen)
+		}
+	case *Refunded:
+		if p.RefundID == uuid.Nil || p.PaymentID == uuid.Nil {
+			return errors.New("refund_id and payment_id are required")
+		}
+		if p.AmountCents < 0 {
+			return errors.New("amount_cents must not be negative")
 		}
 	case *Shipped:
 		if p.ShipmentID == uuid.Nil || p.Carrier == "" || p.Tracking == "" {

@@ -4,7 +4,8 @@ package event
 type Status string
 
 // The lifecycle: CREATED -> INVENTORY_RESERVED -> PAID -> SHIPPED, or
-// CANCELLED (out of stock, or payment declined).
+// CANCELLED (out of stock, payment declined, the saga deadline, or a
+// cancel: before payment by a declined decision, after it by a refund).
 const (
 	StatusCreated   Status = "CREATED"
 	StatusReserved  Status = "INVENTORY_RESERVED"
@@ -34,7 +35,8 @@ func (s Status) Rank() int {
 func (s Status) Terminal() bool { return s == StatusShipped || s == StatusCancelled }
 
 // StatusAfter returns the status an event moves its order to, and false for
-// events that move no status (InventoryReleased follows CANCELLED).
+// events that move no status (InventoryReleased follows CANCELLED; an
+// OrderCancelRequested or ShipmentCancelled only asks for one).
 func StatusAfter(t Type) (Status, bool) {
 	switch t {
 	case OrderCreated:
@@ -45,7 +47,7 @@ func StatusAfter(t Type) (Status, bool) {
 		return StatusPaid, true
 	case OrderShipped:
 		return StatusShipped, true
-	case InventoryFailed, PaymentFailed:
+	case InventoryFailed, PaymentFailed, PaymentRefunded:
 		return StatusCancelled, true
 	}
 	return "", false
@@ -53,7 +55,8 @@ func StatusAfter(t Type) (Status, bool) {
 
 // OrderStatus is the status an order has once an event of type t has
 // happened to it: StatusAfter's, and CANCELLED after InventoryReleased,
-// which only follows PaymentFailed. For views of the event stream.
+// which only follows PaymentFailed or PaymentRefunded. For views of the
+// event stream.
 func (t Type) OrderStatus() Status {
 	if st, ok := StatusAfter(t); ok {
 		return st

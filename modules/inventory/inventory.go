@@ -1,5 +1,6 @@
 // Package inventory is the saga participant that owns stock: it reserves
-// every item of a new order or none, and gives stock back when payment fails.
+// every item of a new order or none, and gives stock back when payment fails
+// or is refunded.
 package inventory
 
 import (
@@ -16,7 +17,7 @@ import (
 // Name is the participant's name, its event source and consumer group suffix.
 const Name = "inventory"
 
-// Inventory handles OrderCreated and PaymentFailed.
+// Inventory handles OrderCreated, PaymentFailed and PaymentRefunded.
 type Inventory struct {
 	log *slog.Logger
 }
@@ -26,7 +27,7 @@ func New(log *slog.Logger) *Inventory { return &Inventory{log: log} }
 
 // Handles reports the event types inventory acts on.
 func (*Inventory) Handles(t event.Type) bool {
-	return t == event.OrderCreated || t == event.PaymentFailed
+	return t == event.OrderCreated || t == event.PaymentFailed || t == event.PaymentRefunded
 }
 
 // Handle applies a batch inside the consumer's transaction and returns the
@@ -44,7 +45,9 @@ func (inv *Inventory) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) 
 				return nil, event.Reject(ev, err)
 			}
 			orders = append(orders, order{id: ev.OrderID, created: c})
-		case event.PaymentFailed:
+		case event.PaymentFailed, event.PaymentRefunded:
+			// A refund is the paid order's compensation, as a decline is
+			// the unpaid one's: the stock goes back either way.
 			declined = append(declined, ev.OrderID)
 		}
 	}

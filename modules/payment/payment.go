@@ -27,7 +27,13 @@ const DeclineReason = "card declined (simulated)"
 // OrderExpired: the order is cancelled without being charged.
 const ExpiredReason = "saga deadline passed before payment"
 
-// Payment handles InventoryReserved.
+// CancelledReason is the reason of the PaymentFailed that answers an
+// OrderCancelRequested reaching payment before its charge: the order is
+// cancelled without being charged.
+const CancelledReason = "order cancelled before payment"
+
+// Payment handles InventoryReserved, OrderExpired, OrderCancelRequested and
+// ShipmentCancelled.
 type Payment struct {
 	log         *slog.Logger
 	declineRate float64
@@ -46,7 +52,7 @@ func New(log *slog.Logger, declineRate float64, rng *rand.Rand) (*Payment, error
 
 // Handles reports the event types payment acts on.
 func (*Payment) Handles(t event.Type) bool {
-	return t == event.InventoryReserved || t == event.OrderExpired
+	return t == event.InventoryReserved || t == event.OrderExpired || t == event.OrderCancelRequested || t == event.ShipmentCancelled
 }
 
 // Handle charges a batch of orders with one INSERT. A decline is a business
@@ -56,15 +62,18 @@ func (*Payment) Handles(t event.Type) bool {
 // changes nothing). Whichever of an order's InventoryReserved and
 // OrderExpired comes first in the topic decides; the other finds the
 // decision stored, so an expired order is never charged and a paid one
-// never cancelled.
+// never cancelled. An OrderCancelRequested is decided the same way (a
+// cancel after the charge is answered by delivery instead: it ships, or
+// sends ShipmentCancelled, which payment answers with a refund).
 func (p *Payment) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]event.Event, error) {
 	type charge struct {
 		order    uuid.UUID
 		id       uuid.UUID
 		amount   int64
 		declined bool
-		expired  bool
+		reason   string // why a decline that is no simulated one
 	}
+	var refunds []event.Event
 	var cs []charge
 	var orders, ids []uuid.UUID
 	var amounts []int64
@@ -83,7 +92,20 @@ func (p *Payment) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]e
 			if err := ev.Decode(&x); err != nil {
 				return nil, event.Reject(ev, err)
 			}
-			c = charge{order: ev.OrderID, declined: true, expired: true}
+			c = charge{order: ev.OrderID, declined: true, reason: ExpiredReason}
+		case event.OrderCancelRequested:
+			var x event.CancelRequested
+			if err := ev.Decode(&x); err != nil {
+				return nil, event.Reject(ev, err)
+			}
+			c = charge{order: ev.OrderID, declined: true, reason: CancelledReason}
+		case event.ShipmentCancelled:
+			var x event.Failed
+			if err := ev.Decode(&x); err != nil {
+				return nil, event.Reject(ev, err)
+			}
+			refunds = append(refunds, ev)
+			continue
 		default:
 			continue
 		}
@@ -94,8 +116,8 @@ func (p *Payment) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]e
 		c.id = id
 		status, reason := "COMPLETED", ""
 		switch {
-		case c.expired:
-			status, reason = "DECLINED", ExpiredReason
+		case c.reason != "":
+			status, reason = "DECLINED", c.reason
 		case c.declined:
 			status, reason = "DECLINED", DeclineReason
 		}
@@ -103,8 +125,9 @@ func (p *Payment) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]e
 		orders, ids, amounts = append(orders, c.order), append(ids, c.id), append(amounts, c.amount)
 		statuses, reasons = append(statuses, status), append(reasons, reason)
 	}
-	if len(cs) == 0 {
-		return nil, nil
+	out, err := p.refund(ctx, tx, refunds)
+	if err != nil || len(cs) == 0 {
+		return out, err
 	}
 	rows, err := tx.Query(ctx, `
 		INSERT INTO payments (order_id, id, amount_cents, status, reason)
@@ -122,21 +145,22 @@ func (p *Payment) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]e
 	for _, id := range stored {
 		decided[id] = true
 	}
-	var out []event.Event
 	for _, c := range cs {
 		if !decided[c.id] {
 			// Decided before under another event id: that decision's event
 			// is already in the outbox, so emitting again would charge twice.
-			if c.expired {
-				p.log.InfoContext(ctx, "order expired after its payment was decided; the decision stands", "order_id", c.order)
+			if c.reason != "" {
+				p.log.InfoContext(ctx, "order expired or cancelled after its payment was decided; the decision stands", "order_id", c.order, "reason", c.reason)
 			} else {
-				p.log.WarnContext(ctx, "payment already decided", "order_id", c.order)
+				// Expected after an expiry or a cancel decided first; else a
+				// redelivery the inbox no longer remembered.
+				p.log.InfoContext(ctx, "payment already decided (expired or cancelled first, or a redelivery): no charge", "order_id", c.order)
 			}
 			continue
 		}
 		var ev event.Event
-		if c.expired {
-			ev, err = event.New(event.PaymentFailed, c.order, Name, event.Failed{Reason: ExpiredReason})
+		if c.reason != "" {
+			ev, err = event.New(event.PaymentFailed, c.order, Name, event.Failed{Reason: c.reason})
 		} else if c.declined {
 			ev, err = event.New(event.PaymentFailed, c.order, Name, event.Failed{Reason: DeclineReason})
 		} else {
@@ -146,6 +170,52 @@ func (p *Payment) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]e
 			return nil, err
 		}
 		out = append(out, ev)
+	}
+	return out, nil
+}
+
+// refund gives back the completed payment of each order delivery declined
+// to ship, with one INSERT: the refund row (one per order, ON CONFLICT) is
+// the decision, so a redelivered ShipmentCancelled refunds nothing more.
+// An order without a completed payment has nothing to refund (delivery
+// only withholds paid orders, so that is a record from elsewhere, logged).
+func (p *Payment) refund(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]event.Event, error) {
+	if len(evs) == 0 {
+		return nil, nil
+	}
+	orders, ids := make([]uuid.UUID, len(evs)), make([]uuid.UUID, len(evs))
+	for i, ev := range evs {
+		id, err := uuid.NewV7()
+		if err != nil {
+			return nil, fmt.Errorf("new refund id: %w", err)
+		}
+		orders[i], ids[i] = ev.OrderID, id
+	}
+	rows, err := tx.Query(ctx, `
+		INSERT INTO refunds (order_id, id, payment_id, amount_cents)
+		SELECT p.order_id, v.id, p.id, p.amount_cents
+		FROM unnest($1::uuid[], $2::uuid[]) AS v(o, id) JOIN payments p ON p.order_id = v.o AND p.status = 'COMPLETED'
+		ON CONFLICT (order_id) DO NOTHING
+		RETURNING order_id, id, payment_id, amount_cents`, orders, ids)
+	if err != nil {
+		return nil, fmt.Errorf("recording %d refunds: %w", len(evs), err)
+	}
+	var out []event.Event
+	refunded := map[uuid.UUID]bool{}
+	var order uuid.UUID
+	var r event.Refunded
+	if _, err := pgx.ForEachRow(rows, []any{&order, &r.RefundID, &r.PaymentID, &r.AmountCents}, func() error {
+		ev, err := event.New(event.PaymentRefunded, order, Name, r)
+		refunded[order] = true
+		out = append(out, ev)
+		return err
+	}); err != nil {
+		return nil, fmt.Errorf("recording %d refunds: %w", len(evs), err)
+	}
+	for _, id := range orders {
+		if !refunded[id] {
+			p.log.WarnContext(ctx, "shipment cancelled, but no refund due: refunded already, or never charged", "order_id", id)
+		}
 	}
 	return out, nil
 }

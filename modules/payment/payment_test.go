@@ -184,3 +184,60 @@ func TestExpiryAndChargeDecideOnce(t *testing.T) {
 		})
 	}
 }
+
+// A refund is decided once per order, in its own row, and only for a
+// completed payment: ShipmentCancelled twice (two event ids, as after an
+// inbox prune), in one batch and in two, refunds the charge once; for a
+// declined order it refunds nothing. A cancel reaching payment after its
+// charge changes nothing there (delivery answers it).
+func TestRefundOncePerCompletedPayment(t *testing.T) {
+	pool := schematest.NewPool(t)
+	p := newPayment(t, 0)
+	ctx := context.Background()
+	withheld := func(order uuid.UUID) event.Event {
+		ev, err := event.New(event.ShipmentCancelled, order, "delivery", event.Failed{Reason: "order cancelled before shipping"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ev
+	}
+	cancel := func(order uuid.UUID) event.Event {
+		ev, err := event.New(event.OrderCancelRequested, order, "api", event.CancelRequested{RequestedBy: "u1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ev
+	}
+	paid, declined := uuid.New(), uuid.New()
+	schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) {
+		return p.Handle(ctx, tx, []event.Event{reserved(t, paid), cancel(declined), reserved(t, declined)})
+	})
+	if out := schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) {
+		return p.Handle(ctx, tx, []event.Event{cancel(paid)})
+	}); len(out) != 0 {
+		t.Fatalf("a cancel after the charge emitted %+v, want nothing", out)
+	}
+	out := schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) {
+		return p.Handle(ctx, tx, []event.Event{withheld(paid), withheld(paid), withheld(declined)})
+	})
+	again := schematest.InTx(t, pool, func(tx pgx.Tx) ([]event.Event, error) {
+		return p.Handle(ctx, tx, []event.Event{withheld(paid)})
+	})
+	if len(out) != 1 || out[0].Type != event.PaymentRefunded || out[0].OrderID != paid || len(again) != 0 {
+		t.Fatalf("emitted %+v then %+v, want one PaymentRefunded for the paid order", out, again)
+	}
+	var r event.Refunded
+	if err := out[0].Decode(&r); err != nil || r.AmountCents != 4200 {
+		t.Fatalf("refund %+v (%v), want the 4200 cents charged", r, err)
+	}
+	if n := schematest.Int(t, pool, `SELECT count(*) FROM refunds f JOIN payments p USING (order_id)
+		WHERE f.order_id = $1 AND f.payment_id = p.id AND f.id = $2 AND f.amount_cents = 4200`, paid, r.RefundID); n != 1 {
+		t.Fatalf("%d matching refund rows, want 1", n)
+	}
+	if n := schematest.Int(t, pool, `SELECT count(*) FROM payments WHERE order_id = $1 AND status = 'DECLINED' AND reason = $2`, declined, payment.CancelledReason); n != 1 {
+		t.Fatalf("the order cancelled before its charge has no declined decision")
+	}
+	if n := schematest.Int(t, pool, `SELECT count(*) FROM refunds`); n != 1 {
+		t.Fatalf("%d refunds, want 1", n)
+	}
+}
