@@ -24,7 +24,7 @@ import (
 
 // CreateRequest is the body of POST /orders. Only these fields are accepted.
 type CreateRequest struct {
-	UserID string       `json:"user_id"`
+	UserID string       `json:"user_id,omitempty"` // sent, it must not be empty
 	Items  []event.Item `json:"items"`
 }
 
