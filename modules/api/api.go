@@ -19,6 +19,7 @@ import (
 	"github.com/redis/rueidis"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/modules/statuscache"
 )
 
@@ -141,11 +142,14 @@ func (a *API) Register(e *echo.Echo) {
 	e.GET("/openapi.json", func(c echo.Context) error {
 		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, OpenAPI)
 	})
+	e.GET("/asyncapi.json", func(c echo.Context) error {
+		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, event.AsyncAPI)
+	})
 	e.GET("/", func(c echo.Context) error {
 		return c.JSON(http.StatusOK, map[string]any{
 			"service": "prozess",
 			"endpoints": []string{"POST /orders", "GET /orders/{id}", "GET /orders/{id}/events", "GET /products",
-				"GET /live", "GET /live/stream", "GET /openapi.json",
+				"GET /live", "GET /live/stream", "GET /openapi.json", "GET /asyncapi.json",
 				"POST /admin/dead-letters/{id}/replay", "POST /admin/parked/{id}/replay"},
 		})
 	})
