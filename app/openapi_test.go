@@ -235,16 +235,18 @@ func TestOpenAPIContract(t *testing.T) {
 	}
 
 	// PostgreSQL not answering within 5 s (here a lock held on the
-	// catalogue) is 503 with Retry-After, as documented.
+	// catalogue and the orders) is 503 with Retry-After, as documented,
+	// for the live stream's snapshot too.
 	tx, err := e.pool.Begin(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer tx.Rollback(context.Background())
-	if _, err := tx.Exec(t.Context(), `LOCK TABLE products IN ACCESS EXCLUSIVE MODE`); err != nil {
+	if _, err := tx.Exec(t.Context(), `LOCK TABLE products, orders IN ACCESS EXCLUSIVE MODE`); err != nil {
 		t.Fatal(err)
 	}
 	c.check(t, r.url, call{name: "database too slow", method: "GET", path: "/products", status: 503})
+	c.check(t, r.url, call{name: "stream, database too slow", method: "GET", path: "/live/stream", key: u1, status: 503})
 }
 
 // sseStream reads Server-Sent Events messages.

@@ -166,9 +166,9 @@ var OpenAPI []byte
 var errDatabaseTimeout = &Error{Status: http.StatusServiceUnavailable, Code: "unavailable",
 	Message: "the database did not answer in time; retry (a POST with the same Idempotency-Key is safe to retry)"}
 
-// streamBound answers 503 as dbBound does when the key lookup of a live
-// stream times out; the stream itself lasts, so its context has no bound
-// (liveStream bounds its snapshot).
+// streamBound answers 503 as dbBound does when the key lookup or the
+// snapshot of a live stream times out; the stream itself lasts, so its
+// context has no bound (liveStream bounds its snapshot with dbTimeout).
 func (a *API) streamBound(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error { return a.unavailable(c, c.Request().Context(), next(c)) }
 }

@@ -272,7 +272,7 @@ func (a *API) liveStream(c echo.Context) error {
 	snap, err := a.snapshot(sctx, p)
 	cancel()
 	if err != nil {
-		return a.unavailable(c, sctx, err)
+		return err // a timeout is 503 (streamBound)
 	}
 	w := c.Response()
 	w.Header().Set("Content-Type", "text/event-stream")
