@@ -13,6 +13,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/saga"
+	"github.com/prozess/prozess/modules/deadletter"
 	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/schema/schematest"
 )
@@ -125,6 +126,9 @@ func TestPermanentErrorDeadLettersOnlyItsRecord(t *testing.T) {
 	if len(dls["inventory"]) != 1 || !strings.Contains(dls["inventory"][0], "23505") {
 		t.Fatalf("dead letters %v, want one from inventory for the unique violation (23505)", dls)
 	}
+	if code := deadletter.Code(dls["inventory"][0]); code != deadletter.CodeConstraintViolation {
+		t.Fatalf("dead letter code %s, want %s", code, deadletter.CodeConstraintViolation)
+	}
 	// Stock was taken once per order, the duplicate's never: (the status
 	// participant audits the duplicate, as it audits all that happened,
 	// so prozess check's trail rule is not the measure here).
@@ -168,6 +172,9 @@ func TestUnclassifiedErrorStallsOnlyItsRecordForPoisonAfter(t *testing.T) {
 	took := time.Since(start)
 	if !strings.Contains(reason, "the carrier refuses parcels of seven") || !strings.Contains(reason, "neither transient") {
 		t.Fatalf("dead letter reason %q", reason)
+	}
+	if code := deadletter.Code(reason); code != deadletter.CodeKeptFailing {
+		t.Fatalf("dead letter code %s, want %s (reason %q)", code, deadletter.CodeKeptFailing, reason)
 	}
 	if took < cfg.PoisonAfter {
 		t.Fatalf("dead-lettered after %s, before --poison-after %s", took, cfg.PoisonAfter)
@@ -317,6 +324,13 @@ func TestListedPoisonIsDeadLetteredByteExactWhileTheBatchGoesOn(t *testing.T) {
 	for key, want := range map[string]string{"status/3": "schema version", "inventory/3": "schema version", "status/4": "22P05", "status/5": "22021"} {
 		if got, ok := reasons[key]; !ok || !strings.Contains(got, want) {
 			t.Errorf("dead letter %s: %q, want one mentioning %q (all: %v)", key, got, want, reasons)
+		}
+	}
+	// What an order's owner is told of each (GET /orders/{id}'s code).
+	for key, want := range map[string]string{"status/3": deadletter.CodeUnsupportedVersion, "inventory/3": deadletter.CodeUnsupportedVersion,
+		"status/4": deadletter.CodeDataError, "status/5": deadletter.CodeDataError} {
+		if got := deadletter.Code(reasons[key]); got != want {
+			t.Errorf("dead letter %s: code %s, want %s (reason %q)", key, got, want, reasons[key])
 		}
 	}
 	if len(dls) != 4 {

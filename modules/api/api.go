@@ -19,6 +19,7 @@ import (
 	"github.com/redis/rueidis"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/prozess/prozess/modules/event"
 	"github.com/prozess/prozess/modules/statuscache"
 )
 
@@ -129,15 +130,19 @@ func (a *API) Run(ctx context.Context) error {
 
 // Register adds the API's routes to e.
 func (a *API) Register(e *echo.Echo) {
-	orders := e.Group("/orders", a.dbBound, a.authenticate)
-	orders.POST("", a.createOrder)
-	orders.GET("", a.listOrders)
-	orders.GET("/:id", a.getOrder)
-	orders.GET("/:id/events", a.orderEvents)
-	orders.POST("/:id/cancel", a.cancelOrder)
+	// Each route names its middleware itself: an echo group with
+	// middleware catches every method on its paths (to run that
+	// middleware), so TRACE /orders was answered 404 where the router
+	// answers 405 with Allow.
+	bound := []echo.MiddlewareFunc{a.dbBound, a.authenticate}
+	e.POST("/orders", a.createOrder, bound...)
+	e.GET("/orders", a.listOrders, bound...)
+	e.GET("/orders/:id", a.getOrder, bound...)
+	e.GET("/orders/:id/events", a.orderEvents, bound...)
+	e.POST("/orders/:id/cancel", a.cancelOrder, bound...)
 	e.GET("/products", a.products, a.dbBound) // the catalogue is public
 	e.GET("/live", a.livePage)                // the page asks for a key itself
-	e.GET("/live/stream", a.liveStream, a.authenticate)
+	e.GET("/live/stream", a.liveStream, a.streamBound, a.authenticate)
 	e.POST("/admin/dead-letters/:id/replay", a.redrive, a.dbBound, a.authenticate)
 	e.POST("/admin/parked/:id/replay", a.unpark, a.dbBound, a.authenticate)
 	e.POST("/admin/dead-letters/replay", a.redriveMatching, a.dbBound, a.authenticate)
@@ -145,11 +150,14 @@ func (a *API) Register(e *echo.Echo) {
 	e.GET("/openapi.json", func(c echo.Context) error {
 		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, OpenAPI)
 	})
+	e.GET("/asyncapi.json", func(c echo.Context) error {
+		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, event.AsyncAPI)
+	})
 	e.GET("/", func(c echo.Context) error {
 		return c.JSON(http.StatusOK, map[string]any{
 			"service": "prozess",
 			"endpoints": []string{"POST /orders", "GET /orders", "GET /orders/{id}", "GET /orders/{id}/events", "POST /orders/{id}/cancel", "GET /products",
-				"GET /live", "GET /live/stream", "GET /openapi.json",
+				"GET /live", "GET /live/stream", "GET /openapi.json", "GET /asyncapi.json",
 				"POST /admin/dead-letters/{id}/replay", "POST /admin/parked/{id}/replay",
 				"POST /admin/dead-letters/replay", "POST /admin/parked/replay"},
 		})
@@ -167,6 +175,13 @@ var OpenAPI []byte
 var errDatabaseTimeout = &Error{Status: http.StatusServiceUnavailable, Code: "unavailable",
 	Message: "the database did not answer in time; retry (a POST with the same Idempotency-Key is safe to retry)"}
 
+// streamBound answers 503 as dbBound does when the key lookup or the
+// snapshot of a live stream times out; the stream itself lasts, so its
+// context has no bound (liveStream bounds its snapshot with dbTimeout).
+func (a *API) streamBound(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error { return a.unavailable(c, c.Request().Context(), next(c)) }
+}
+
 // dbBound gives a request dbTimeout for its work (the live stream, which
 // lasts, goes without), and answers 503 with Retry-After when it runs out.
 func (a *API) dbBound(next echo.HandlerFunc) echo.HandlerFunc {
@@ -174,14 +189,19 @@ func (a *API) dbBound(next echo.HandlerFunc) echo.HandlerFunc {
 		ctx, cancel := context.WithTimeout(c.Request().Context(), dbTimeout)
 		defer cancel()
 		c.SetRequest(c.Request().WithContext(ctx))
-		err := next(c)
-		// The key lookup, shared by concurrent requests, has a bound of
-		// its own: its timeout counts too.
-		if err != nil && (errors.Is(ctx.Err(), context.DeadlineExceeded) || errors.Is(err, context.DeadlineExceeded)) {
-			a.log.WarnContext(ctx, "database did not answer in time", "method", c.Request().Method, "path", c.Path(), "err", err)
-			c.Response().Header().Set("Retry-After", "1")
-			return errDatabaseTimeout
-		}
-		return err
+		return a.unavailable(c, ctx, next(c))
 	}
+}
+
+// unavailable turns err into the 503 of errDatabaseTimeout, with
+// Retry-After, when ctx ran out or err is a timeout (the key lookup,
+// shared by concurrent requests, has a bound of its own: its timeout
+// counts too); any other err is returned as it is.
+func (a *API) unavailable(c echo.Context, ctx context.Context, err error) error {
+	if err != nil && (errors.Is(ctx.Err(), context.DeadlineExceeded) || errors.Is(err, context.DeadlineExceeded)) {
+		a.log.WarnContext(ctx, "database did not answer in time", "method", c.Request().Method, "path", c.Path(), "err", err)
+		c.Response().Header().Set("Retry-After", "1")
+		return errDatabaseTimeout
+	}
+	return err
 }

@@ -124,6 +124,9 @@ func TestBadInputIsRefusedAndChangesNothing(t *testing.T) {
 		{"unknown item field", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":1,"price_cents":0}]}`, 400, "invalid_json"},
 		{"wrong type", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":"2"}]}`, 400, "invalid_json"},
 		{"bad user", `{"user_id":"<script>","items":[` + item + `]}`, 400, "invalid_user_id"},
+		{"empty user", `{"user_id":"","items":[` + item + `]}`, 400, "invalid_user_id"},
+		{"null user", `{"user_id":null,"items":[` + item + `]}`, 400, "invalid_user_id"},
+		{"user not a string", `{"user_id":7,"items":[` + item + `]}`, 400, "invalid_json"},
 		{"no items", `{"user_id":"u1","items":[]}`, 400, "no_items"},
 		{"items missing", `{"user_id":"u1"}`, 400, "no_items"},
 		{"too many items", `{"user_id":"u1","items":[` + many + `]}`, 400, "too_many_items"},
@@ -132,7 +135,10 @@ func TestBadInputIsRefusedAndChangesNothing(t *testing.T) {
 		{"qty absurd", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":1000001}]}`, 400, "invalid_qty"},
 		{"qty overflow", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":99999999999999999999}]}`, 400, "invalid_json"},
 		{"empty product", `{"user_id":"u1","items":[{"product_id":"","qty":1}]}`, 400, "invalid_product_id"},
-		{"duplicate product", `{"user_id":"u1","items":[` + item + `,` + item + `]}`, 400, "duplicate_product"},
+		{"product id with a space", `{"user_id":"u1","items":[{"product_id":"prod mouse","qty":1}]}`, 400, "invalid_product_id"},
+		{"product id with a NUL", `{"user_id":"u1","items":[{"product_id":"prod-\u0000","qty":1}]}`, 400, "invalid_product_id"},
+		{"product id of 64 bytes over 64", `{"user_id":"u1","items":[{"product_id":"` + strings.Repeat("é", 33) + `","qty":1}]}`, 400, "invalid_product_id"},
+		{"one product over 1000 in all", `{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":600},{"product_id":"prod-mouse","qty":401}]}`, 422, "qty_over_limit"},
 		{"unknown product", `{"user_id":"u1","items":[{"product_id":"prod-unicorn","qty":1}]}`, 422, "unknown_product"},
 		{"oversized body", `{"user_id":"u1","items":[` + item + `],"pad":"` + strings.Repeat("x", api.MaxBodyBytes) + `"}`, 413, "body_too_large"},
 	} {
@@ -151,6 +157,13 @@ func TestBadInputIsRefusedAndChangesNothing(t *testing.T) {
 	}
 	t.Run("bad idempotency key", func(t *testing.T) {
 		status, body := post(t, srv, `{"user_id":"u1","items":[`+item+`]}`, strings.Repeat("k", 300))
+		if status != 400 || !strings.Contains(string(body), "invalid_idempotency_key") {
+			t.Fatalf("got %d %s", status, body)
+		}
+	})
+	t.Run("empty idempotency key", func(t *testing.T) {
+		// Sent empty is not left out: the document says 1 to 255.
+		status, body, _ := srv.do(t, http.MethodPost, "/orders", "u1", `{"items":[`+item+`]}`, "Idempotency-Key", "")
 		if status != 400 || !strings.Contains(string(body), "invalid_idempotency_key") {
 			t.Fatalf("got %d %s", status, body)
 		}
@@ -178,6 +191,62 @@ func TestUnknownRoutesAndOrdersAnswerJSON(t *testing.T) {
 		if code != tc.status || !strings.Contains(string(b), `"code":"`+tc.code+`"`) {
 			t.Errorf("GET %s: %d %s, want %d %s", tc.path, code, b, tc.status, tc.code)
 		}
+	}
+}
+
+// A method the document does not list on a path it does is 405 with Allow
+// (not 404, as it was for every path under /orders), in the one error
+// format, with or without a key.
+func TestUnlistedMethodsAre405WithAllow(t *testing.T) {
+	srv := server(t)
+	id := "/orders/0192f0c4-0000-7000-8000-000000000000"
+	for _, tc := range []struct{ method, path, allow string }{
+		{"TRACE", "/orders", "POST"},
+		{"DELETE", "/orders", "POST"},
+		{"PUT", id, "GET"},
+		{"PATCH", id + "/events", "GET"},
+		{"TRACE", "/products", "GET"},
+		{"DELETE", "/live/stream", "GET"},
+		{"GET", "/admin/dead-letters/1/replay", "POST"},
+	} {
+		for _, user := range []string{"u1", ""} {
+			code, b, hdr := srv.do(t, tc.method, tc.path, user, "")
+			if code != 405 || !strings.Contains(string(b), `"code":"method_not_allowed"`) || !strings.Contains(hdr.Get("Allow"), tc.allow) {
+				t.Errorf("%s %s (key %q): %d Allow %q %s, want 405 allowing %s", tc.method, tc.path, user, code, hdr.Get("Allow"), b, tc.allow)
+			}
+		}
+	}
+}
+
+// Lines naming the same product become one line with their quantities
+// added, in the order, its items and its OrderCreated; the answer says
+// where the order is (Location).
+func TestSameProductOnTwoLinesIsOneLine(t *testing.T) {
+	srv := server(t)
+	status, body, hdr := srv.do(t, http.MethodPost, "/orders", "u1",
+		`{"items":[{"product_id":"prod-mouse","qty":2},{"product_id":"prod-keyboard","qty":1},{"product_id":"prod-mouse","qty":3}]}`)
+	if status != 201 {
+		t.Fatalf("%d %s", status, body)
+	}
+	var created api.CreateResponse
+	if err := json.Unmarshal(body, &created); err != nil {
+		t.Fatal(err)
+	}
+	if loc := hdr.Get("Location"); loc != "/orders/"+created.OrderID.String() {
+		t.Fatalf("Location %q for order %s", loc, created.OrderID)
+	}
+	if n := schematest.Int(t, srv.pool, `SELECT qty FROM order_items WHERE order_id = $1 AND product_id = 'prod-mouse'`, created.OrderID); n != 5 {
+		t.Fatalf("prod-mouse qty %d, want 2+3", n)
+	}
+	if n := schematest.Int(t, srv.pool, `SELECT amount_cents FROM orders WHERE id = $1`, created.OrderID); n != 5*2999+8999 {
+		t.Fatalf("amount %d", n)
+	}
+	var payload string
+	if err := srv.pool.QueryRow(t.Context(), `SELECT convert_from(value, 'UTF8') FROM outbox`).Scan(&payload); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(payload, `"items":[{"product_id":"prod-mouse","qty":5},{"product_id":"prod-keyboard","qty":1}]`) {
+		t.Fatalf("OrderCreated payload %s, want the lines merged in first-seen order", payload)
 	}
 }
 

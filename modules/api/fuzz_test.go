@@ -15,6 +15,8 @@ func FuzzDecodeCreate(f *testing.F) {
 	for _, s := range []string{
 		`{"user_id":"u1","items":[{"product_id":"prod-mouse","qty":2}]}`,
 		`{"items":[{"product_id":"p","qty":1},{"product_id":"q","qty":1000}]}`,
+		`{"items":[{"product_id":"p","qty":1},{"product_id":"p","qty":999},{"product_id":"p","qty":1}]}`,
+		`{"user_id":"","items":[{"product_id":"p","qty":1}]}`,
 		`{"user_id":"u1","items":[{"product_id":"p","qty":0}]}`,
 		`{"user_id":"u1","items":[{"product_id":"p","qty":1}],"admin":true}`,
 		`{"user_id":"<script>","items":[]}`,

@@ -24,7 +24,7 @@ import (
 
 // CreateRequest is the body of POST /orders. Only these fields are accepted.
 type CreateRequest struct {
-	UserID string       `json:"user_id"`
+	UserID string       `json:"user_id,omitempty"` // sent, it must not be empty
 	Items  []event.Item `json:"items"`
 }
 
@@ -77,6 +77,10 @@ type Product struct {
 var (
 	userIDPattern = regexp.MustCompile(`^[A-Za-z0-9._@:-]{1,64}$`)
 	keyPattern    = regexp.MustCompile(`^[\x21-\x7e]{1,255}$`)
+	// productIDPattern is what openapi.json says a product id is:
+	// printable ASCII, so its 64 characters are the event contract's 64
+	// bytes and PostgreSQL can hold it (no NUL).
+	productIDPattern = regexp.MustCompile(`^[\x21-\x7e]{1,64}$`)
 )
 
 func (a *API) createOrder(c echo.Context) error {
@@ -96,8 +100,11 @@ func (a *API) createOrder(c echo.Context) error {
 		return &Error{Status: http.StatusForbidden, Code: "forbidden",
 			Message: "user_id does not match the API key's user; orders are placed as the key's user"}
 	}
+	// A header sent empty is not a header left out: both would otherwise
+	// place an order without a key, and the document says 1 to 255.
+	keys, sent := c.Request().Header["Idempotency-Key"]
 	key := c.Request().Header.Get("Idempotency-Key")
-	if key != "" && !keyPattern.MatchString(key) {
+	if sent && (len(keys) != 1 || !keyPattern.MatchString(key)) {
 		return badRequest("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 printable ASCII characters")
 	}
 	ctx := c.Request().Context()
@@ -119,23 +126,47 @@ func (a *API) createOrder(c echo.Context) error {
 	}
 	a.cacheOrder(ctx, res.order)
 	a.log.InfoContext(ctx, "order created", "order_id", res.order.OrderID, "user_id", req.UserID, "amount_cents", res.order.AmountCents)
-	return c.JSON(http.StatusCreated, CreateResponse{OrderID: res.order.OrderID, Status: event.StatusCreated})
+	return created(c, res.order.OrderID)
+}
+
+// created answers 201 with the order and where to read it (Location, as
+// RFC 9110 asks of a 201).
+func created(c echo.Context, id uuid.UUID) error {
+	c.Response().Header().Set(echo.HeaderLocation, "/orders/"+id.String())
+	return c.JSON(http.StatusCreated, CreateResponse{OrderID: id, Status: event.StatusCreated})
 }
 
 // replay answers a repeated Idempotency-Key exactly as the first request was
 // answered, as Stripe and the IETF Idempotency-Key draft do.
 func replay(c echo.Context, id uuid.UUID) error {
 	c.Response().Header().Set("Idempotent-Replayed", "true")
-	return c.JSON(http.StatusCreated, CreateResponse{OrderID: id, Status: event.StatusCreated})
+	return created(c, id)
 }
 
 // decodeCreate reads a POST /orders body strictly: one JSON object, known
 // fields only, every field valid.
 func decodeCreate(body io.Reader) (CreateRequest, error) {
+	// user_id is kept raw: left out, it is the key's user, but sent as ""
+	// or null it is no user id at all (openapi.json: a string matching
+	// the pattern), not a way of leaving it out.
+	var wire struct {
+		UserID json.RawMessage `json:"user_id"`
+		Items  []event.Item    `json:"items"`
+	}
 	var req CreateRequest
 	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
+	err := dec.Decode(&wire)
+	if err == nil && wire.UserID != nil {
+		if err = json.Unmarshal(wire.UserID, &req.UserID); err == nil && req.UserID == "" {
+			return req, badRequest("invalid_user_id", "user_id, when given, must be 1 to 64 characters of letters, digits and ._@:-")
+		}
+		if err != nil {
+			err = &json.UnmarshalTypeError{Value: "user_id", Field: "user_id"}
+		}
+	}
+	req.Items = wire.Items
+	if err != nil {
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
 			return req, &Error{Status: http.StatusRequestEntityTooLarge, Code: "body_too_large", Message: fmt.Sprintf("request body over %d bytes", tooLarge.Limit)}
@@ -145,7 +176,10 @@ func decodeCreate(body io.Reader) (CreateRequest, error) {
 	if dec.More() {
 		return req, badRequest("invalid_json", "request body has data after the JSON object")
 	}
-	return req, req.validate()
+	if err := req.validate(); err != nil {
+		return req, err
+	}
+	return req, req.mergeLines()
 }
 
 // jsonProblem says what was wrong with the JSON without echoing Go types.
@@ -176,19 +210,41 @@ func (r CreateRequest) validate() error {
 	if len(r.Items) > event.MaxItems {
 		return badRequest("too_many_items", fmt.Sprintf("items lists %d products, at most %d", len(r.Items), event.MaxItems))
 	}
-	seen := make(map[string]bool, len(r.Items))
 	for i, it := range r.Items {
-		if it.ProductID == "" || len(it.ProductID) > 64 {
-			return badRequest("invalid_product_id", fmt.Sprintf("items[%d].product_id must be 1 to 64 characters", i))
+		if !productIDPattern.MatchString(it.ProductID) {
+			return badRequest("invalid_product_id", fmt.Sprintf("items[%d].product_id must be 1 to 64 printable ASCII characters", i))
 		}
-		if seen[it.ProductID] {
-			return badRequest("duplicate_product", fmt.Sprintf("items[%d].product_id %q is listed twice; give one line a larger qty", i, it.ProductID))
-		}
-		seen[it.ProductID] = true
 		if it.Qty <= 0 || it.Qty > event.MaxQty {
 			return badRequest("invalid_qty", fmt.Sprintf("items[%d].qty must be 1 to %d", i, event.MaxQty))
 		}
 	}
+	return nil
+}
+
+// mergeLines makes one line of the lines that name the same product, as a
+// shop's basket does when the same thing is added twice, in the order the
+// products first appear: the order, its events and the stock reservation
+// then have one line per product (the saga's participants rely on that).
+// A product's merged quantity is bounded as a line's is (the event
+// contract's MaxQty): over it is 422, a well-formed order the shop will not
+// take, which no schema can express for a sum of lines.
+func (r *CreateRequest) mergeLines() error {
+	at := make(map[string]int, len(r.Items))
+	merged := r.Items[:0:0]
+	for _, it := range r.Items {
+		i, ok := at[it.ProductID]
+		if !ok {
+			at[it.ProductID] = len(merged)
+			merged = append(merged, it)
+			continue
+		}
+		merged[i].Qty += it.Qty
+		if merged[i].Qty > event.MaxQty {
+			return &Error{Status: http.StatusUnprocessableEntity, Code: "qty_over_limit",
+				Message: fmt.Sprintf("product %q: %d in all over its lines, at most %d of one product per order", it.ProductID, merged[i].Qty, event.MaxQty)}
+		}
+	}
+	r.Items = merged
 	return nil
 }
 
@@ -229,7 +285,7 @@ func (a *API) getOrder(c echo.Context) error {
 					a.cacheOrder(ctx, o) // behind: a lost status update
 				}
 				c.Response().Header().Set("X-Prozess-Source", "cache")
-				return c.JSON(http.StatusOK, o)
+				return c.JSON(http.StatusOK, o.viewedBy(principal(c)))
 			}
 			// A dead letter or a parked record the cache was not told
 			// of: PostgreSQL answers, and the entry is held below.
@@ -244,7 +300,23 @@ func (a *API) getOrder(c echo.Context) error {
 		return errNotFound
 	}
 	c.Response().Header().Set("X-Prozess-Source", "database")
-	return c.JSON(http.StatusOK, o)
+	return c.JSON(http.StatusOK, o.viewedBy(principal(c)))
+}
+
+// viewedBy is o as p may see it: an admin sees each dead letter's reason
+// (PostgreSQL's error, with table and constraint names, byte-exact), the
+// order's owner only its code and participant (deadletter.Entry.ForOwner):
+// errors shown to users never show SQL.
+func (o Order) viewedBy(p Principal) Order {
+	if p.Admin || len(o.DeadLetters) == 0 {
+		return o
+	}
+	dls := make([]deadletter.Entry, len(o.DeadLetters))
+	for i, d := range o.DeadLetters {
+		dls[i] = d.ForOwner()
+	}
+	o.DeadLetters = dls
+	return o
 }
 
 // confirm is what a cache hit is checked against before it is answered:

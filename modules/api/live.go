@@ -268,9 +268,11 @@ func (a *API) liveStream(c echo.Context) error {
 	p := principal(c)
 	s := a.live.add(p) // before the snapshot, so nothing falls between
 	defer a.live.remove(s)
-	snap, err := a.snapshot(c.Request().Context(), p)
+	sctx, cancel := context.WithTimeout(c.Request().Context(), dbTimeout)
+	snap, err := a.snapshot(sctx, p)
+	cancel()
 	if err != nil {
-		return err
+		return err // a timeout is 503 (streamBound)
 	}
 	w := c.Response()
 	w.Header().Set("Content-Type", "text/event-stream")

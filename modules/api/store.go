@@ -102,7 +102,22 @@ func (a *API) loadEvents(ctx context.Context, id uuid.UUID, p Principal) ([]Audi
 	if err != nil {
 		return nil, fmt.Errorf("reading order %s: %w", id, err)
 	}
-	return ReadEvents(ctx, a.pool, id)
+	evs, err := ReadEvents(ctx, a.pool, id)
+	if err != nil || p.Admin {
+		return evs, err
+	}
+	// The owner's view: a re-drive's entry without the dead letter's
+	// reason or the admin key that did it (see Order.viewedBy).
+	for i, e := range evs {
+		if e.Type != deadletter.TrailType {
+			continue
+		}
+		if evs[i].Data, err = deadletter.ForOwnerTrail(e.Data); err != nil {
+			return nil, fmt.Errorf("order %s: %w", id, err)
+		}
+		evs[i].Source = "admin"
+	}
+	return evs, nil
 }
 
 // ReadEvents reads an order's audit trail, oldest first, with no access

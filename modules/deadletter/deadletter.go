@@ -82,12 +82,14 @@ func printable(s string) string {
 	return strings.ReplaceAll(strings.ToValidUTF8(s, "\uFFFD"), "\x00", "\uFFFD")
 }
 
-// Entry is one dead letter as an order's readers see it.
+// Entry is one dead letter as an order's readers see it. Reason and
+// ReplayedBy are for admins and operators; ForOwner leaves them out.
 type Entry struct {
 	ID          int64      `json:"id"`
 	OrderID     *uuid.UUID `json:"order_id,omitempty"`
 	Participant string     `json:"participant"`
-	Reason      string     `json:"reason"`
+	Code        string     `json:"code"` // Code(Reason)
+	Reason      string     `json:"reason,omitempty"`
 	Type        string     `json:"event_type"`
 	At          time.Time  `json:"dead_lettered_at"`
 	ReplayedAt  *time.Time `json:"replayed_at,omitempty"`
@@ -103,6 +105,7 @@ func scanEntries(rows pgx.Rows, err error) ([]Entry, error) {
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (Entry, error) {
 		var e Entry
 		err := r.Scan(&e.ID, &e.OrderID, &e.Participant, &e.Reason, &e.Type, &e.At, &e.ReplayedAt, &e.ReplayedBy)
+		e.Code = Code(e.Reason)
 		return e, err
 	})
 }
@@ -242,6 +245,7 @@ func Redrive(ctx context.Context, pool *pgxpool.Pool, id int64, by string, guard
 		if err != nil {
 			return fmt.Errorf("reading dead letter %d: %w", id, err)
 		}
+		e.Code = Code(e.Reason)
 		if e.ReplayedAt != nil {
 			return ErrReplayed
 		}
