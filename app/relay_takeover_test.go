@@ -1,14 +1,10 @@
 package app_test
 
 import (
-	"context"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/twmb/franz-go/pkg/kadm"
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/app/saga/sagatest"
@@ -127,52 +123,16 @@ func (p *proc) seen(match func(map[string]any) bool) (map[string]any, bool) {
 // returns how many records it holds and each event id's count.
 func topicEventIDs(t *testing.T, brokers []string, topic string) (int64, map[string]int) {
 	t.Helper()
-	adm, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer adm.Close()
-	ends, err := kadm.NewClient(adm).ListEndOffsets(t.Context(), topic)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := map[int32]int64{}
-	ends.Each(func(o kadm.ListedOffset) {
-		if o.Offset > 0 {
-			want[o.Partition] = o.Offset
-		}
-	})
-	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumeTopics(topic), kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-	defer cancel()
-	var records int64
+	records := readTopic(t, brokers, topic)
 	ids := map[string]int{}
-	for len(want) > 0 {
-		fs := cl.PollFetches(ctx)
-		if ctx.Err() != nil {
-			t.Fatalf("reading %s: %v (partitions left: %v)", topic, ctx.Err(), want)
+	for _, r := range records {
+		for _, h := range r.Headers {
+			if h.Key == "ce_id" {
+				ids[string(h.Value)]++
+			}
 		}
-		fs.EachRecord(func(r *kgo.Record) {
-			end, ok := want[r.Partition]
-			if !ok || r.Offset >= end {
-				return
-			}
-			records++
-			for _, h := range r.Headers {
-				if h.Key == "ce_id" {
-					ids[string(h.Value)]++
-				}
-			}
-			if r.Offset == end-1 {
-				delete(want, r.Partition)
-			}
-		})
 	}
-	return records, ids
+	return int64(len(records)), ids
 }
 
 // A leader stopped inside its settling transaction (idle in transaction,
