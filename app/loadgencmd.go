@@ -17,6 +17,9 @@ func loadgenCommand(cfg *Config) *cobra.Command {
 		MaxInFlight: 512, Deadline: 30 * time.Second, Product: "prod-load",
 	}
 	var asJSON, hopsOut bool
+	var products, lines int
+	var zipf float64
+	var seed uint64
 	var step, maxRate float64
 	cmd := &cobra.Command{
 		Use:   "loadgen",
@@ -28,7 +31,7 @@ latency percentiles, throughput, errors, dropped and unfinished orders, and
 the database's transactions, WAL fsyncs and WAL bytes per order.
 With --step, the rate rises by --step until --max-rate or until the system no
 longer keeps up, and the knee is reported.`,
-		Example: "  prozess loadgen --rate 500 --duration 30s --kafka-brokers 127.0.0.1:9092\n  prozess loadgen --rate 200 --step 200 --max-rate 3000 --duration 10s",
+		Example: "  prozess loadgen --rate 500 --duration 30s --kafka-brokers 127.0.0.1:9092\n  prozess loadgen --rate 1200 --duration 10s --products 1000 --lines 3\n  prozess loadgen --rate 200 --step 200 --max-rate 3000 --duration 10s",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := telemetry.NewLogger(cfg.LogLevel, cfg.LogFormat)
@@ -43,7 +46,16 @@ longer keeps up, and the knee is reported.`,
 			}
 			lc.Topic = cfg.Topic
 			ctx := cmd.Context()
-			if err := loadgen.EnsureProduct(ctx, lc.DatabaseURL, lc.Product); err != nil {
+			if products > 1 {
+				if lc.Catalogue, err = loadgen.NewCatalogue(products, lines, zipf, seed); err != nil {
+					return err
+				}
+				if err := lc.Catalogue.Ensure(ctx, lc.DatabaseURL); err != nil {
+					return err
+				}
+			} else if products < 1 {
+				return fmt.Errorf("--products %d: give 1 (every order buys --product, the hot-row worst case) or more (a catalogue)", products)
+			} else if err := loadgen.EnsureProduct(ctx, lc.DatabaseURL, lc.Product); err != nil {
 				return err
 			}
 			if lc.APIKey == "" {
@@ -109,7 +121,12 @@ longer keeps up, and the knee is reported.`,
 	fs.IntVar(&lc.MaxInFlight, "max-inflight", lc.MaxInFlight, "requests in flight at most; more are dropped, never delayed")
 	fs.DurationVar(&lc.Deadline, "deadline", lc.Deadline, "how long orders may take to finish after the last send")
 	fs.StringVar(&lc.APIKey, "api-key", "", "API key to send; empty creates one for user loadgen (the server's --rate-limit must allow --rate)")
-	fs.StringVar(&lc.Product, "product", lc.Product, "product every order buys (created with ample stock)")
+	fs.StringVar(&lc.Product, "product", lc.Product, "product every order buys (created with ample stock) when --products is 1")
+	fs.IntVar(&products, "products", 1, "1: every order buys one unit of --product (one hot stock row, the worst case); more: a catalogue of that many products "+
+		"("+loadgen.CataloguePrefix+"0000 ..., created with ample stock) bought with Zipf-skewed popularity")
+	fs.IntVar(&lines, "lines", 3, "with --products > 1: each order has 1 to this many distinct lines (uniformly), of 1 or 2 units each")
+	fs.Float64Var(&zipf, "zipf", 1.1, "with --products > 1: the popularity exponent s (> 1): the k-th most popular product sells about k^-s as often as the first")
+	fs.Uint64Var(&seed, "seed", 1, "with --products > 1: seed of the order mix (the same seed and flags send the same orders)")
 	fs.Float64Var(&step, "step", 0, "raise the rate by this much per run until the system stops keeping up")
 	fs.Float64Var(&maxRate, "max-rate", 5000, "highest rate --step tries")
 	fs.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
