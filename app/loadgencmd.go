@@ -16,7 +16,7 @@ func loadgenCommand(cfg *Config) *cobra.Command {
 		URL: "http://127.0.0.1:8080", Rate: 100, Duration: 20 * time.Second, Warmup: 5 * time.Second,
 		MaxInFlight: 512, Deadline: 30 * time.Second, Product: "prod-load",
 	}
-	var asJSON, hopsOut bool
+	var asJSON, hopsOut, probe bool
 	var products, lines int
 	var zipf float64
 	var seed uint64
@@ -31,7 +31,7 @@ latency percentiles, throughput, errors, dropped and unfinished orders, and
 the database's transactions, WAL fsyncs and WAL bytes per order.
 With --step, the rate rises by --step until --max-rate or until the system no
 longer keeps up, and the knee is reported.`,
-		Example: "  prozess loadgen --rate 500 --duration 30s --kafka-brokers 127.0.0.1:9092\n  prozess loadgen --rate 1200 --duration 10s --products 1000 --lines 3\n  prozess loadgen --rate 200 --step 200 --max-rate 3000 --duration 10s",
+		Example: "  prozess loadgen --rate 500 --duration 30s --kafka-brokers 127.0.0.1:9092\n  prozess loadgen --rate 1200 --duration 10s --products 1000 --lines 3\n  prozess loadgen --probe --rate 20 --duration 10s --kafka-brokers 127.0.0.1:19092\n  prozess loadgen --rate 200 --step 200 --max-rate 3000 --duration 10s",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := telemetry.NewLogger(cfg.LogLevel, cfg.LogFormat)
@@ -41,11 +41,25 @@ longer keeps up, and the knee is reported.`,
 			if lc.Kafka, err = cfg.kafka(); err != nil {
 				return err
 			}
+			ctx := cmd.Context()
+			if probe {
+				res, err := loadgen.Probe(ctx, loadgen.ProbeConfig{Kafka: lc.Kafka, Rate: lc.Rate, Duration: lc.Duration,
+					Partitions: cfg.Partitions, ReplicationFactor: cfg.ReplicationFactor})
+				if asJSON {
+					enc := json.NewEncoder(cmd.OutOrStdout())
+					enc.SetIndent("", "  ")
+					if jerr := enc.Encode(res); jerr != nil {
+						return jerr
+					}
+				} else if res.Sent > 0 {
+					fmt.Fprint(cmd.OutOrStdout(), loadgen.ProbeTable(lc.Rate, res))
+				}
+				return err
+			}
 			if lc.DatabaseURL, err = cfg.databaseURL(); err != nil {
 				return err
 			}
 			lc.Topic = cfg.Topic
-			ctx := cmd.Context()
 			if products > 1 {
 				if lc.Catalogue, err = loadgen.NewCatalogue(products, lines, zipf, seed); err != nil {
 					return err
@@ -112,6 +126,9 @@ longer keeps up, and the knee is reported.`,
 		},
 	}
 	fs := cmd.Flags()
+	fs.BoolVar(&probe, "probe", false, "measure the broker alone instead, with a plain client: records at --rate for --duration to a fresh topic "+
+		"(6 partitions, replication factor 3 or the brokers when fewer; deleted afterwards), produced with acks=all and consumed as a participant does; prints produce and produce-to-consume latency, "+
+		"the floor under each saga hop of --hops; needs no database")
 	fs.BoolVar(&hopsOut, "hops", false, "also print where each shipped order's time went, stretch by stretch (outbox, relay, broker and fetch, handler), from the events' own timestamps")
 	cfg.connectionFlags(fs)
 	fs.StringVar(&lc.URL, "url", lc.URL, "the api's base URL")
