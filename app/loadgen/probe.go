@@ -84,15 +84,12 @@ func Probe(ctx context.Context, cfg ProbeConfig) (ProbeResult, error) {
 		return res, fmt.Errorf("probe: %w", err)
 	}
 	defer consumer.Close()
-	// Warm both up (metadata, connections, the first fetch) before timing.
-	if err := producer.ProduceSync(ctx, &kgo.Record{Key: []byte("warm-up"), Value: stampValue(time.Now())}).FirstErr(); err != nil {
-		return res, fmt.Errorf("probe: producing to %s: %w", topic, err)
-	}
-
 	var mu sync.Mutex
 	var produce, e2e []time.Duration
 	cctx, stopConsumer := context.WithCancel(ctx)
-	consumed := make(chan struct{})
+	defer stopConsumer()
+	consumed, warm := make(chan struct{}), make(chan struct{})
+	var warmOnce sync.Once
 	go func() {
 		defer close(consumed)
 		for {
@@ -102,7 +99,11 @@ func Probe(ctx context.Context, cfg ProbeConfig) (ProbeResult, error) {
 			}
 			now := time.Now()
 			fs.EachRecord(func(r *kgo.Record) {
-				if string(r.Key) == "warm-up" || len(r.Value) != 8 {
+				if string(r.Key) == "warm-up" {
+					warmOnce.Do(func() { close(warm) })
+					return
+				}
+				if len(r.Value) != 8 {
 					return
 				}
 				mu.Lock()
@@ -111,12 +112,23 @@ func Probe(ctx context.Context, cfg ProbeConfig) (ProbeResult, error) {
 			})
 		}
 	}()
+	// Warm both up (metadata, connections, the consumer's first fetches)
+	// before timing: the schedule starts once the warm-up record is read.
+	if err := producer.ProduceSync(ctx, &kgo.Record{Key: []byte("warm-up"), Value: stampValue(time.Now())}).FirstErr(); err != nil {
+		return res, fmt.Errorf("probe: producing to %s: %w", topic, err)
+	}
+	select {
+	case <-warm:
+	case <-time.After(30 * time.Second):
+		return res, fmt.Errorf("probe: the consumer did not read %s within 30s", topic)
+	case <-ctx.Done():
+		return res, ctx.Err()
+	}
 	var wg sync.WaitGroup
 	for i, due := range Schedule(time.Now(), cfg.Rate, cfg.Duration) {
 		if wait := time.Until(due); wait > 0 {
 			select {
 			case <-ctx.Done():
-				stopConsumer()
 				return res, ctx.Err()
 			case <-time.After(wait):
 			}
