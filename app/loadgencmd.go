@@ -143,7 +143,7 @@ longer keeps up, and the knee is reported.`,
 		"("+loadgen.CataloguePrefix+"0000 ..., created with ample stock) bought with Zipf-skewed popularity")
 	fs.IntVar(&lines, "lines", 3, "with --products > 1: each order has 1 to this many distinct lines (uniformly), of 1 or 2 units each")
 	fs.Float64Var(&zipf, "zipf", 1.1, "with --products > 1: the popularity exponent s (> 1): the k-th most popular product sells about k^-s as often as the first")
-	fs.Uint64Var(&seed, "seed", 1, "with --products > 1: seed of the order mix (the same seed and flags send the same orders)")
+	fs.Uint64Var(&seed, "order-seed", 1, "with --products > 1: seed of the order mix (the same seed and flags send the same orders)")
 	fs.Float64Var(&step, "step", 0, "raise the rate by this much per run until the system stops keeping up")
 	fs.Float64Var(&maxRate, "max-rate", 5000, "highest rate --step tries")
 	fs.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
