@@ -12,6 +12,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/prozess/prozess/schema"
 )
 
 // OpenDB connects to PostgreSQL, creating the database first if it is
@@ -47,6 +49,7 @@ func openDB(ctx context.Context, url string, statementTimeout time.Duration, log
 		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %s", where, oneLine(err))
 	}
 	cfg.MaxConns = max(cfg.MaxConns, 16)
+	schema.ConfigurePool(cfg)
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %s", where, oneLine(err))

@@ -39,7 +39,8 @@ type Config struct {
 	Warmup      time.Duration // sent at Rate before measuring, not counted
 	MaxInFlight int           // requests over this are dropped, never delayed
 	Deadline    time.Duration // how long after the last send orders may take to finish
-	Product     string        // what every order buys, one unit
+	Product     string        // what every order buys, one unit, when Catalogue is nil
+	Catalogue   *Catalogue    // when set, what orders buy instead: many products, skewed
 	APIKey      string        // sent as Authorization: Bearer
 	// CancelRate is the share (0 to 1) of accepted orders the run cancels
 	// (POST /orders/{id}/cancel), each at a random moment within
@@ -258,6 +259,13 @@ func (r *Runner) send(ctx context.Context, d time.Duration, measure bool, res *R
 	var firstErrs []string
 	var wg sync.WaitGroup
 	body, _ := json.Marshal(map[string]any{"items": []event.Item{{ProductID: r.cfg.Product, Qty: 1}}})
+	orderBody := func() []byte { return body }
+	if c := r.cfg.Catalogue; c != nil {
+		orderBody = func() []byte {
+			b, _ := json.Marshal(map[string]any{"items": c.Order()})
+			return b
+		}
+	}
 	progress := time.NewTicker(time.Second)
 	defer progress.Stop()
 	started := time.Now()
@@ -288,7 +296,7 @@ func (r *Runner) send(ctx context.Context, d time.Duration, measure bool, res *R
 		inflight.Add(1)
 		sent.Add(1)
 		wg.Add(1)
-		go func(due time.Time) {
+		go func(due time.Time, body []byte) {
 			defer wg.Done()
 			defer inflight.Add(-1)
 			id, err := r.post(ctx, body)
@@ -319,7 +327,7 @@ func (r *Runner) send(ctx context.Context, d time.Duration, measure bool, res *R
 			r.mu.Lock()
 			r.due[id] = due
 			r.mu.Unlock()
-		}(due)
+		}(due, orderBody())
 	}
 	wg.Wait()
 	res.Sent, res.Accepted, res.Errors, res.Dropped = int(sent.Load()), int(accepted.Load()), int(errs.Load()), int(dropped.Load())
@@ -437,11 +445,8 @@ func EnsureProduct(ctx context.Context, url, id string) error {
 		return fmt.Errorf("cannot reach PostgreSQL to prepare %s: %w", id, err)
 	}
 	defer conn.Close(ctx)
-	_, err = conn.Exec(ctx, `
-		INSERT INTO products (id, name, price_cents, stock, received) VALUES ($1, 'Load test item', 100, 1000000000, 1000000000)
-		ON CONFLICT (id) DO UPDATE SET
-			stock = products.stock + GREATEST(0, 1000000000 - products.stock),
-			received = products.received + GREATEST(0, 1000000000 - products.stock)`, id)
+	_, err = conn.Exec(ctx, restock+` VALUES ($1, 'Load test item', 100, `+ampleStock+`, `+ampleStock+`)
+		ON CONFLICT (id) DO UPDATE SET `+topUp, id)
 	if err != nil {
 		return fmt.Errorf("preparing product %s: %w", id, err)
 	}

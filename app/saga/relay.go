@@ -73,13 +73,14 @@ type Relay struct {
 	outcomes []outcome // the producer's answers, not yet settled
 
 	// Used by the leading loop alone (one lead at a time):
-	inflight map[int64]flight   // outbox id -> its record, handed to the producer
-	held     map[int64]*backoff // outbox id -> when to try it again
-	alone    map[int64]bool     // ids to send alone: refused for good in company
-	perPart  int                // records in flight per partition at most
-	parts    map[string]int32   // partitions per topic, to tell a key's partition
-	partsAt  time.Time          // when parts was read
-	warnedAt time.Time          // when records long in flight were last logged
+	inflight map[int64]flight                // outbox id -> its record, handed to the producer
+	held     map[int64]*backoff              // outbox id -> when to try it again
+	alone    map[int64]bool                  // ids to send alone: refused for good in company
+	perPart  int                             // records in flight per partition at most
+	parts    map[string]int32                // partitions per topic, to tell a key's partition
+	hashers  map[string]kgo.TopicPartitioner // per topic, for partitionOf
+	partsAt  time.Time                       // when parts was read
+	warnedAt time.Time                       // when records long in flight were last logged
 }
 
 // flight is a record handed to the producer, not settled yet.
@@ -572,7 +573,18 @@ func (r *Relay) partitionOf(topic string, key []byte) int32 {
 	if key == nil || n <= 0 {
 		return -1
 	}
-	return int32(kgo.StickyKeyPartitioner(nil).ForTopic(topic).Partition(&kgo.Record{Key: key}, int(n)))
+	// One partitioner per topic, kept: making one seeds a random source
+	// (for records without a key), which cost more than the rest of a
+	// round's per-row work together.
+	tp := r.hashers[topic]
+	if tp == nil {
+		if r.hashers == nil {
+			r.hashers = map[string]kgo.TopicPartitioner{}
+		}
+		tp = kgo.StickyKeyPartitioner(nil).ForTopic(topic)
+		r.hashers[topic] = tp
+	}
+	return int32(tp.Partition(&kgo.Record{Key: key}, int(n)))
 }
 
 // refreshPartitions reads how many partitions the topics the relay

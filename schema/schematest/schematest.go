@@ -197,7 +197,12 @@ func NewDatabase(t testing.TB) string {
 func NewPool(t testing.TB) *pgxpool.Pool {
 	t.Helper()
 	url := NewDatabase(t)
-	pool, err := pgxpool.New(context.Background(), url)
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		t.Fatalf("test database URL: %v", err)
+	}
+	schema.ConfigurePool(cfg) // as the binary's pools are (app.OpenDB)
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
 	if err != nil {
 		t.Fatalf("connecting to test database: %v", err)
 	}
