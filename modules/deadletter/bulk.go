@@ -185,6 +185,7 @@ func RedriveMatching(ctx context.Context, pool *pgxpool.Pool, f Filter, limit in
 		var d dl
 		_, err = pgx.ForEachRow(rows, []any{&d.e.ID, &d.e.OrderID, &d.e.Participant, &d.e.Reason, &d.e.Type, &d.e.At, &d.e.ReplayedAt,
 			&d.e.ReplayedBy, &d.topic, &d.key, &d.value, &d.header}, func() error {
+			d.e.Code = Code(d.e.Reason)
 			dls = append(dls, d)
 			d = dl{}
 			return nil
