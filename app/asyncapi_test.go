@@ -214,14 +214,15 @@ func TestAsyncAPIDocumentsEveryEventType(t *testing.T) {
 }
 
 // Every record a real saga run writes to the topic (orders that ship, one
-// out of stock, one that expires at its deadline and is compensated: every
-// event type) matches the AsyncAPI document served at /asyncapi.json:
-// headers, payload and key.
+// out of stock, one that expires at its deadline and is compensated, one
+// cancelled after payment and refunded: every event type) matches the
+// AsyncAPI document served at /asyncapi.json: headers, payload and key.
 func TestSagaRecordsMatchTheAsyncAPIDocument(t *testing.T) {
 	e := newEnv(t)
 	cfg := e.config()
 	cfg.SagaDeadline = 3 * time.Second
-	r := e.start(cfg)
+	cfg.KafkaBrokers = e.broker() // delivery joins later, on the same broker
+	r := e.start(cfg, "api", "inventory", "payment", "status")
 	resp, err := http.Get(r.url + "/asyncapi.json")
 	if err != nil {
 		t.Fatal(err)
@@ -243,6 +244,17 @@ func TestSagaRecordsMatchTheAsyncAPIDocument(t *testing.T) {
 	r.awaitOrderDeadLetter(t, stuck, "payment")
 	r.await(t, stuck, 30*time.Second)
 	schematest.Exec(t, e.pool, `ALTER TABLE payments DROP CONSTRAINT bad_deploy`)
+	// An order cancelled once paid, while delivery is down: OrderCancelRequested,
+	// then (delivery back) ShipmentCancelled, PaymentRefunded and InventoryReleased.
+	refunded := r.order(t, "u1", "", mouse(1)).OrderID.String()
+	if o := r.awaitStatus(t, refunded, event.StatusPaid, 30*time.Second); o.Status != event.StatusPaid {
+		t.Fatalf("order %s is %s, want PAID before its cancel", refunded, o.Status)
+	}
+	r.cancelAccepted(t, refunded, "u1")
+	e.start(cfg, "delivery")
+	if o := r.await(t, refunded, 30*time.Second); o.Status != event.StatusCancelled {
+		t.Fatalf("the order cancelled after payment ended %s, want CANCELLED", o.Status)
+	}
 	var ids []string
 	for range 3 {
 		ids = append(ids, r.order(t, "u1", "", mouse(1), event.Item{ProductID: "prod-keyboard", Qty: 2}).OrderID.String())

@@ -78,16 +78,22 @@ func encodeCursor(q listQuery, after uuid.UUID) string {
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
-var errInvalidCursor = badRequest("invalid_cursor",
-	"cursor is not a next_cursor of this listing; start again without one (a cursor keeps the status and user_id it was made with)")
+// errInvalidCursor answers a cursor that is not a next_cursor of the
+// listing asked for. It is 422, not 400: a cursor is opaque, so any
+// non-empty string is well-formed (the document can say no more), and one
+// this listing did not hand out is a request the server understands and
+// cannot serve, as an unknown product in POST /orders is. An empty cursor
+// is malformed (400, as the document's minLength says).
+var errInvalidCursor = &Error{Status: http.StatusUnprocessableEntity, Code: "invalid_cursor",
+	Message: "cursor is not a next_cursor of this listing; start again without one (a cursor keeps the status and user_id it was made with)"}
 
 // listParams are GET /orders' query parameters.
 var listParams = map[string]bool{"status": true, "limit": true, "cursor": true, "user_id": true}
 
 // parseList validates GET /orders' query for principal p: unknown or
 // repeated parameters, a status outside the lifecycle, a limit out of
-// range and a cursor of another listing are 400; another user's orders
-// are 403 for anyone but an admin.
+// range and an empty cursor are 400, a cursor of another listing 422;
+// another user's orders are 403 for anyone but an admin.
 func parseList(p Principal, params map[string][]string) (listQuery, error) {
 	for name, vs := range params {
 		if !listParams[name] {
@@ -129,6 +135,9 @@ func parseList(p Principal, params map[string][]string) (listQuery, error) {
 		q.limit = n
 	}
 	if c, ok := get("cursor"); ok {
+		if c == "" {
+			return listQuery{}, badRequest("invalid_cursor", "cursor is empty; leave it out for the first page")
+		}
 		b, err := base64.RawURLEncoding.DecodeString(c)
 		var cur cursor
 		if err != nil || json.Unmarshal(b, &cur) != nil || cur.V != cursorVersion || cur.After == uuid.Nil ||

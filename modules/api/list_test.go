@@ -215,8 +215,8 @@ func TestListShowsOnlyTheCallersOrders(t *testing.T) {
 	ca := list(t, ts, "admin", "limit=1").NextCursor
 	for _, c := range []string{c1, ca} {
 		code, b, _ := ts.do(t, http.MethodGet, "/orders?cursor="+url.QueryEscape(c), "u2", "")
-		if code != http.StatusBadRequest || !strings.Contains(string(b), `"invalid_cursor"`) {
-			t.Errorf("u2 with another listing's cursor: %d %s, want 400 invalid_cursor", code, b)
+		if code != http.StatusUnprocessableEntity || !strings.Contains(string(b), `"invalid_cursor"`) {
+			t.Errorf("u2 with another listing's cursor: %d %s, want 422 invalid_cursor", code, b)
 		}
 	}
 }
@@ -240,32 +240,33 @@ func TestListRefusesBadParameters(t *testing.T) {
 	after := cur["after"]
 	for _, tc := range []struct {
 		query, code string
+		status      int
 	}{
-		{"status=NOPE", "invalid_status"},
-		{"status=shipped", "invalid_status"},
-		{"status=", "invalid_status"},
-		{"limit=0", "invalid_limit"},
-		{"limit=101", "invalid_limit"},
-		{"limit=-1", "invalid_limit"},
-		{"limit=ten", "invalid_limit"},
-		{"limit=", "invalid_limit"},
-		{"cursor=", "invalid_cursor"},
-		{"cursor=%25%25%25", "invalid_cursor"},
-		{"cursor=" + forge(`not json`), "invalid_cursor"},
-		{"cursor=" + forge(`{"v":2,"scope":"user:u1","after":"`+fmt.Sprint(after)+`"}`), "invalid_cursor"},
-		{"cursor=" + forge(`{"v":1,"scope":"user:u1"}`), "invalid_cursor"},
-		{"cursor=" + forge(`{"v":1,"scope":"user:u1","after":"42"}`), "invalid_cursor"},
-		{"cursor=" + url.QueryEscape(next) + "&status=CREATED", "invalid_cursor"}, // a cursor of the unfiltered listing
-		{"user_id=%3Cscript%3E", "invalid_user_id"},
-		{"limit=5&limit=6", "repeated_parameter"},
-		{"offset=20", "unknown_parameter"},
+		{"status=NOPE", "invalid_status", http.StatusBadRequest},
+		{"status=shipped", "invalid_status", http.StatusBadRequest},
+		{"status=", "invalid_status", http.StatusBadRequest},
+		{"limit=0", "invalid_limit", http.StatusBadRequest},
+		{"limit=101", "invalid_limit", http.StatusBadRequest},
+		{"limit=-1", "invalid_limit", http.StatusBadRequest},
+		{"limit=ten", "invalid_limit", http.StatusBadRequest},
+		{"limit=", "invalid_limit", http.StatusBadRequest},
+		{"cursor=", "invalid_cursor", http.StatusBadRequest},
+		{"cursor=%25%25%25", "invalid_cursor", http.StatusUnprocessableEntity},
+		{"cursor=" + forge(`not json`), "invalid_cursor", http.StatusUnprocessableEntity},
+		{"cursor=" + forge(`{"v":2,"scope":"user:u1","after":"`+fmt.Sprint(after)+`"}`), "invalid_cursor", http.StatusUnprocessableEntity},
+		{"cursor=" + forge(`{"v":1,"scope":"user:u1"}`), "invalid_cursor", http.StatusUnprocessableEntity},
+		{"cursor=" + forge(`{"v":1,"scope":"user:u1","after":"42"}`), "invalid_cursor", http.StatusUnprocessableEntity},
+		{"cursor=" + url.QueryEscape(next) + "&status=CREATED", "invalid_cursor", http.StatusUnprocessableEntity}, // a cursor of the unfiltered listing
+		{"user_id=%3Cscript%3E", "invalid_user_id", http.StatusBadRequest},
+		{"limit=5&limit=6", "repeated_parameter", http.StatusBadRequest},
+		{"offset=20", "unknown_parameter", http.StatusBadRequest},
 	} {
 		code, b, _ := ts.do(t, http.MethodGet, "/orders?"+tc.query, "u1", "")
 		var e struct {
 			Error api.Error `json:"error"`
 		}
-		if code != http.StatusBadRequest || json.Unmarshal(b, &e) != nil || e.Error.Code != tc.code || e.Error.Message == "" {
-			t.Errorf("GET /orders?%s: %d %s, want 400 %s", tc.query, code, b, tc.code)
+		if code != tc.status || json.Unmarshal(b, &e) != nil || e.Error.Code != tc.code || e.Error.Message == "" {
+			t.Errorf("GET /orders?%s: %d %s, want %d %s", tc.query, code, b, tc.status, tc.code)
 		}
 	}
 	if code, b, _ := ts.do(t, http.MethodGet, "/orders", "", ""); code != http.StatusUnauthorized {

@@ -62,13 +62,17 @@ type LiveParked struct {
 }
 
 // LiveEvent is one saga event on a stream, with the status it leads to.
+// Status is left out for an event that moves no status (OrderExpired,
+// OrderCancelRequested, ShipmentCancelled) rather than sent as "": a
+// client generated from the document then has an optional status enum,
+// not one with a blank member it must treat as "no change".
 type LiveEvent struct {
 	EventID uuid.UUID    `json:"event_id"`
 	OrderID uuid.UUID    `json:"order_id"`
 	Type    event.Type   `json:"type"`
 	Source  string       `json:"source"`
 	Time    time.Time    `json:"time"`
-	Status  event.Status `json:"status"`
+	Status  event.Status `json:"status,omitempty"`
 }
 
 // LiveDeadLetter is one dead-lettered record on an admin's stream.

@@ -1,11 +1,15 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
 	"net/http"
+	"slices"
 	"strconv"
 	"time"
 
@@ -104,39 +108,75 @@ const (
 type BulkRequest struct {
 	Filter deadletter.FilterText `json:"filter"`
 	DryRun *bool                 `json:"dry_run"`
-	Limit  int                   `json:"limit,omitempty"`
+	Limit  *int                  `json:"limit,omitempty"`
 }
 
 var errAdminOnly = &Error{Status: http.StatusForbidden, Code: "forbidden", Message: "bulk re-drives are for admin keys only"}
 
+// filterNonEmpty are the filter's string fields the document gives a
+// format, pattern or enum: given as "" they are refused, not read as
+// absent (leaving a field out is how a filter matches any value), as is
+// null for any field (encoding/json would read it as absent too).
+var filterNonEmpty = []string{"participant", "event_type", "since", "until", "order_id"}
+
+// givenEmpty names the first field of a bulk re-drive's body (decoded
+// already) that is null, or "" where filterNonEmpty says it may not be.
+func givenEmpty(body []byte) string {
+	var given map[string]json.RawMessage
+	_ = json.Unmarshal(body, &given)
+	var filter map[string]json.RawMessage
+	_ = json.Unmarshal(given["filter"], &filter)
+	for _, name := range slices.Sorted(maps.Keys(given)) {
+		if string(given[name]) == "null" {
+			return name
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(filter)) {
+		if v := string(filter[name]); v == "null" || v == `""` && slices.Contains(filterNonEmpty, name) {
+			return "filter." + name
+		}
+	}
+	return ""
+}
+
 // decodeBulk reads a bulk re-drive's body strictly and validates it.
 func (a *API) decodeBulk(c echo.Context) (deadletter.Filter, int, bool, error) {
+	body, err := io.ReadAll(c.Request().Body)
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
+		return deadletter.Filter{}, 0, false, &Error{Status: http.StatusRequestEntityTooLarge, Code: "body_too_large", Message: fmt.Sprintf("request body over %d bytes", tooLarge.Limit)}
+	case err != nil:
+		return deadletter.Filter{}, 0, false, fmt.Errorf("reading a bulk re-drive's body: %w", err)
+	}
 	var req BulkRequest
-	dec := json.NewDecoder(c.Request().Body)
+	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			return deadletter.Filter{}, 0, false, &Error{Status: http.StatusRequestEntityTooLarge, Code: "body_too_large", Message: fmt.Sprintf("request body over %d bytes", tooLarge.Limit)}
-		}
 		return deadletter.Filter{}, 0, false, badRequest("invalid_json", "request body is not a valid re-drive: "+jsonProblem(err))
 	}
 	if dec.More() {
 		return deadletter.Filter{}, 0, false, badRequest("invalid_json", "request body has data after the JSON object")
 	}
+	if field := givenEmpty(body); field != "" {
+		return deadletter.Filter{}, 0, false, badRequest("invalid_json", field+" is null or empty; leave it out instead")
+	}
 	if req.DryRun == nil {
 		return deadletter.Filter{}, 0, false, badRequest("dry_run_required", `dry_run is required: true to see what would be re-driven, false to re-drive it`)
 	}
 	limit := defaultBulk
-	if req.Limit != 0 {
-		if req.Limit < 1 || req.Limit > maxBulk {
+	if req.Limit != nil {
+		if *req.Limit < 1 || *req.Limit > maxBulk {
 			return deadletter.Filter{}, 0, false, badRequest("invalid_limit", fmt.Sprintf("limit must be 1 to %d", maxBulk))
 		}
-		limit = req.Limit
+		limit = *req.Limit
 	}
 	f, err := req.Filter.Parse(a.participants)
 	var fe *deadletter.FilterError
-	if errors.As(err, &fe) {
+	switch {
+	case errors.As(err, &fe) && fe.Window:
+		return deadletter.Filter{}, 0, false, &Error{Status: http.StatusUnprocessableEntity, Code: "invalid_filter", Message: "filter." + fe.Field + ": " + fe.Message}
+	case errors.As(err, &fe):
 		return deadletter.Filter{}, 0, false, badRequest("invalid_filter", "filter."+fe.Field+": "+fe.Message)
 	}
 	return f, limit, *req.DryRun, err

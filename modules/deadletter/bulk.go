@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
@@ -52,9 +53,13 @@ const MaxIDs = 1000
 
 // FilterError is a filter that cannot be applied: Field names the
 // offending field, as the JSON body and the command's flag name it.
+// Window marks a filter whose fields are each well-formed but whose time
+// window is empty (until not after since): the API answers that 422, as a
+// request it understands and will not run, rather than 400.
 type FilterError struct {
 	Field   string
 	Message string
+	Window  bool
 }
 
 func (e *FilterError) Error() string { return e.Field + ": " + e.Message }
@@ -72,11 +77,12 @@ func (f Filter) Validate(participants []string) error {
 	if f.EventType != "" && !typePattern.MatchString(f.EventType) {
 		return &FilterError{Field: "event_type", Message: "must be 1 to 128 letters, digits and ._:- (a ce_type, e.g. PaymentCompleted)"}
 	}
-	if f.Reason != "" && (len(f.Reason) > 500 || printable(f.Reason) != f.Reason) {
-		return &FilterError{Field: "reason", Message: "must be at most 500 bytes of UTF-8 text without NUL"}
+	if f.Reason != "" && (utf8.RuneCountInString(f.Reason) > 500 || printable(f.Reason) != f.Reason) {
+		// Characters, not bytes, as the document's maxLength counts them.
+		return &FilterError{Field: "reason", Message: "must be at most 500 characters of UTF-8 text without NUL"}
 	}
 	if f.Since != nil && f.Until != nil && !f.Since.Before(*f.Until) {
-		return &FilterError{Field: "until", Message: "must be after since"}
+		return &FilterError{Field: "until", Message: "must be after since", Window: true}
 	}
 	if f.OrderID != nil && *f.OrderID == uuid.Nil {
 		return &FilterError{Field: "order_id", Message: "must be an order id"}

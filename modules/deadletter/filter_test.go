@@ -2,6 +2,7 @@ package deadletter_test
 
 import (
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/prozess/prozess/modules/deadletter"
@@ -19,6 +20,7 @@ func TestFilterRefusesWhatCannotMatch(t *testing.T) {
 		{"unknown participant", deadletter.FilterText{Participant: "deliveryy"}, "participant"},
 		{"event type with a space", deadletter.FilterText{EventType: "Order Shipped"}, "event_type"},
 		{"reason with NUL", deadletter.FilterText{Reason: "a\x00b"}, "reason"},
+		{"reason over 500 characters", deadletter.FilterText{Reason: strings.Repeat("a", 501)}, "reason"},
 		{"since not RFC 3339", deadletter.FilterText{Since: "yesterday"}, "since"},
 		{"until not RFC 3339", deadletter.FilterText{Until: "2026-01-02"}, "until"},
 		{"window backwards", deadletter.FilterText{Since: "2026-01-02T00:00:00Z", Until: "2026-01-01T00:00:00Z"}, "until"},
@@ -34,12 +36,21 @@ func TestFilterRefusesWhatCannotMatch(t *testing.T) {
 		if !errors.As(err, &fe) || fe.Field != tc.field || fe.Message == "" {
 			t.Errorf("%s: %v, want a FilterError for %s", tc.name, err, tc.field)
 		}
+		// Only a window that is empty is well-formed (the API's 422).
+		if want := strings.Contains(tc.name, "window"); fe != nil && fe.Window != want {
+			t.Errorf("%s: Window %v, want %v", tc.name, fe.Window, want)
+		}
 	}
 	f, err := deadletter.FilterText{Participant: "delivery", EventType: "PaymentCompleted", Reason: "23514",
 		Since: "2026-01-01T00:00:00Z", Until: "2026-01-02T00:00:00.5Z", OrderID: "01a22e0a-dc12-7b8f-9d18-b48f997dbca8",
 		IDs: []int64{1, 2}, ThroughID: 9}.Parse(participants)
 	if err != nil || f.Since == nil || f.Until == nil || f.OrderID == nil || f.OrderID.String() != "01a22e0a-dc12-7b8f-9d18-b48f997dbca8" {
 		t.Fatalf("a good filter: %+v, %v", f, err)
+	}
+	// 500 characters is the limit, however many bytes they take (the
+	// document's maxLength counts characters).
+	if _, err := (deadletter.FilterText{Reason: strings.Repeat("é", 500)}).Parse(participants); err != nil {
+		t.Fatalf("a reason of 500 two-byte characters: %v", err)
 	}
 	if _, err := (deadletter.FilterText{}).Parse(participants); err != nil {
 		t.Fatalf("the empty filter (everything): %v", err)
