@@ -1,6 +1,7 @@
 package app
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"os"
@@ -70,6 +71,10 @@ type Config struct {
 
 	// Fault, when set, is called at the consumers' fault points (tests).
 	Fault saga.FaultFunc
+	// KafkaDial, when set, opens every connection the System's Kafka
+	// clients make to a broker (saga.Conn.Dial): tests route one instance
+	// through a fault proxy while the others reach the broker directly.
+	KafkaDial func(ctx context.Context, network, addr string) (net.Conn, error)
 	// TracerProvider, when set, traces with it instead of what the OTEL_
 	// environment variables say (tests export to memory).
 	TracerProvider trace.TracerProvider

@@ -2,13 +2,21 @@ package app_test
 
 import (
 	"context"
-	"io"
+	"errors"
+	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	neturl "net/url"
+	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/Shopify/toxiproxy/v2"
+	"github.com/rs/zerolog"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
@@ -23,109 +31,80 @@ import (
 	"github.com/prozess/prozess/schema/schematest"
 )
 
-// blackhole is a TCP proxy that can cut the network between its clients
-// and its target the way a partition does: connections stay open, nothing
-// is reset or closed, and nothing gets through (bytes and closes wait)
-// until it heals. What was sent meanwhile is delivered after, as TCP's
-// retransmissions would.
-type blackhole struct {
-	ln     net.Listener
-	target string
-	mu     sync.Mutex
-	healed chan struct{} // closed while the network is whole
+// cutter is toxiproxy (github.com/Shopify/toxiproxy/v2), in process, in
+// front of some addresses: a proxy each on a free port, cut and healed
+// together. A cut is toxiproxy's timeout toxic with timeout 0 in both
+// directions, a blackhole: connections stay open, and nothing gets
+// through either way (not even a close) until heal removes it. Healing
+// closes the connections that were held, whose bytes were dropped: neither
+// end could go on with them, as after a long partition.
+type cutter struct {
+	t       *testing.T
+	proxies map[string]*toxiproxy.Proxy // by the address each stands in front of
 }
 
-func newBlackhole(t *testing.T, target string) *blackhole {
+func newCutter(t *testing.T, upstreams ...string) *cutter {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
+	c := &cutter{t: t, proxies: map[string]*toxiproxy.Proxy{}}
+	for _, up := range upstreams {
+		if c.proxies[up] != nil {
+			continue
+		}
+		p := toxiproxy.NewProxy(srv, up, "127.0.0.1:0", up)
+		if err := srv.Collection.Add(p, true); err != nil {
+			t.Fatalf("toxiproxy in front of %s: %v", up, err)
+		}
+		c.proxies[up] = p
 	}
-	b := &blackhole{ln: ln, target: target, healed: make(chan struct{})}
-	close(b.healed)
-	go b.serve()
 	t.Cleanup(func() {
-		b.heal()
-		ln.Close()
+		if err := srv.Collection.Clear(); err != nil {
+			t.Errorf("stopping toxiproxy: %v", err)
+		}
 	})
-	return b
+	return c
 }
 
-func (b *blackhole) addr() string { return b.ln.Addr().String() }
+// addr is where to connect to reach upstream through its proxy.
+func (c *cutter) addr(upstream string) string { return c.proxies[upstream].Listen }
 
-// cut starts dropping everything.
-func (b *blackhole) cut() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	select {
-	case <-b.healed:
-		b.healed = make(chan struct{})
-	default:
+// dial is a Kafka client's dialer (app.Config.KafkaDial) that reaches
+// every broker through its proxy; an address without one is refused, so
+// no connection goes around the cut.
+func (c *cutter) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	p := c.proxies[addr]
+	if p == nil {
+		return nil, fmt.Errorf("no toxiproxy in front of %s (only %v)", addr, slices.Sorted(maps.Keys(c.proxies)))
 	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, p.Listen)
 }
 
-// heal lets everything through again.
-func (b *blackhole) heal() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	select {
-	case <-b.healed:
-	default:
-		close(b.healed)
-	}
-}
+var cutDirections = []string{"upstream", "downstream"}
 
-// through waits until the network is whole.
-func (b *blackhole) through() {
-	b.mu.Lock()
-	ch := b.healed
-	b.mu.Unlock()
-	<-ch
-}
-
-func (b *blackhole) serve() {
-	for {
-		c, err := b.ln.Accept()
-		if err != nil {
-			return
-		}
-		go b.pipe(c)
-	}
-}
-
-func (b *blackhole) pipe(c net.Conn) {
-	b.through()
-	up, err := net.Dial("tcp", b.target)
-	if err != nil {
-		c.Close()
-		return
-	}
-	var once sync.Once
-	closeBoth := func() {
-		b.through()
-		once.Do(func() { c.Close(); up.Close() })
-	}
-	forward := func(dst, src net.Conn) {
-		defer closeBoth()
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := src.Read(buf)
-			if n > 0 {
-				b.through()
-				if _, werr := dst.Write(buf[:n]); werr != nil {
-					return
-				}
-			}
-			if err != nil {
-				if err != io.EOF {
-					return
-				}
-				return
+// cut starts dropping everything, both ways.
+func (c *cutter) cut() {
+	c.t.Helper()
+	for up, p := range c.proxies {
+		for _, dir := range cutDirections {
+			toxic := fmt.Sprintf(`{"name": "cut-%[1]s", "type": "timeout", "stream": "%[1]s", "attributes": {"timeout": 0}}`, dir)
+			if _, err := p.Toxics.AddToxicJson(strings.NewReader(toxic)); err != nil {
+				c.t.Fatalf("cutting %s %s: %v", up, dir, err)
 			}
 		}
 	}
-	go forward(up, c)
-	forward(c, up)
+}
+
+// heal lets everything through again; healing a whole network does nothing.
+func (c *cutter) heal() {
+	c.t.Helper()
+	for up, p := range c.proxies {
+		for _, dir := range cutDirections {
+			if err := p.Toxics.RemoveToxic(context.Background(), "cut-"+dir); err != nil && !errors.Is(err, toxiproxy.ErrToxicNotFound) {
+				c.t.Errorf("healing %s %s: %v", up, dir, err)
+			}
+		}
+	}
 }
 
 // groupMembers counts the members of a stable group (-1 while it is not).
@@ -140,6 +119,109 @@ func groupMembers(t *testing.T, adm *kadm.Client, group string) int {
 		return -1
 	}
 	return len(g.Members)
+}
+
+// awaitMembers waits until group is stable with n members and returns how
+// long that took.
+func awaitMembers(t *testing.T, adm *kadm.Client, group string, n int, within time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for groupMembers(t, adm, group) != n {
+		if time.Since(start) > within {
+			t.Fatalf("group %s not stable with %d members within %s", group, n, within)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+// ordersDuringCut places n orders through r, one every gap, and times each
+// until it is SHIPPED or CANCELLED in PostgreSQL, for up to 30 s after the
+// last is placed. It returns them in the order placed, how many finished
+// within 30 s of being placed, and the slowest of those.
+func ordersDuringCut(t *testing.T, e *env, r *running, n int, gap time.Duration) (ids []uuid.UUID, within int, slowest time.Duration) {
+	t.Helper()
+	placed := map[uuid.UUID]time.Time{}
+	finished := map[uuid.UUID]time.Duration{}
+	poll := func() {
+		var open []uuid.UUID
+		for _, id := range ids {
+			if _, ok := finished[id]; !ok {
+				open = append(open, id)
+			}
+		}
+		rows, err := e.pool.Query(t.Context(), `SELECT id FROM orders WHERE id = ANY($1) AND status IN ('SHIPPED', 'CANCELLED')`, open)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var id uuid.UUID
+			if err := rows.Scan(&id); err != nil {
+				t.Fatal(err)
+			}
+			finished[id] = time.Since(placed[id])
+		}
+	}
+	for range n {
+		id := r.order(t, "u1", "", mouse(1)).OrderID
+		placed[id] = time.Now()
+		ids = append(ids, id)
+		poll()
+		time.Sleep(gap)
+	}
+	for time.Since(placed[ids[len(ids)-1]]) < 30*time.Second && len(finished) < len(ids) {
+		poll()
+		time.Sleep(100 * time.Millisecond)
+	}
+	for _, id := range ids {
+		if d, ok := finished[id]; ok && d <= 30*time.Second {
+			within++
+			slowest = max(slowest, d)
+		}
+	}
+	return ids, within, slowest
+}
+
+// settlesAfterCut checks what a healed cut left, by the client's own
+// record (accepted, every order the test placed) and by prozess check:
+// every accepted order finishes (none lost), PostgreSQL has no order but
+// these, 12 orders placed after the heal finish too, and check finds
+// nothing doubled or stuck. rejoined is the healed instance's participant:
+// it must have applied some of the new orders' events, as a member again.
+func settlesAfterCut(t *testing.T, e *env, r *running, accepted []uuid.UUID, healedAt time.Time, rejoined *saga.ConsumerStats) {
+	t.Helper()
+	for _, id := range accepted {
+		r.await(t, id.String(), 60*time.Second)
+	}
+	applied := rejoined.Applied.Load()
+	var after []uuid.UUID
+	for range 12 {
+		after = append(after, r.order(t, "u1", "", mouse(1)).OrderID)
+	}
+	for _, id := range after {
+		r.await(t, id.String(), 60*time.Second)
+	}
+	accepted = append(accepted, after...)
+	since := rejoined.Applied.Load() - applied
+	t.Logf("all %d accepted orders settled %s after healing; the rejoined instance applied %d events since",
+		len(accepted), time.Since(healedAt).Round(10*time.Millisecond), since)
+	if since == 0 {
+		t.Error("the healed instance applied none of the 12 orders' events placed after it rejoined")
+	}
+	if n := e.count(`SELECT count(*) FROM orders`); n != int64(len(accepted)) {
+		t.Errorf("%d orders in PostgreSQL, %d accepted", n, len(accepted))
+	}
+	rdb, _ := schematest.NewRedis(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	rep, err := check.Run(ctx, e.pool, check.Config{Deadline: 30 * time.Second, Redis: rdb, Prefix: e.prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Violations) > 0 {
+		t.Errorf("prozess check after the cut:\n%s", rep.Text())
+	}
 }
 
 // With two inventory instances, one cut off from PostgreSQL (a blackhole:
@@ -161,11 +243,12 @@ func TestInventoryCutOffFromPostgresGivesItsPartitionsUp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	proxy := newBlackhole(t, dbURL.Host)
-	dbURL.Host = proxy.addr()
+	proxy := newCutter(t, dbURL.Host)
+	dbURL.Host = proxy.addr(dbURL.Host)
 	cut := cfg
 	cut.DatabaseURL = dbURL.String()
 	cutOff := e.start(cut, "inventory")
+	t.Cleanup(proxy.heal) // before cutOff stops, should the test end cut
 
 	cl, err := kgo.NewClient(kgo.SeedBrokers(cfg.KafkaBrokers...))
 	if err != nil {
@@ -174,103 +257,119 @@ func TestInventoryCutOffFromPostgresGivesItsPartitionsUp(t *testing.T) {
 	defer cl.Close()
 	adm := kadm.NewClient(cl)
 	group := cfg.GroupPrefix + "inventory"
-	awaitMembers := func(n int, within time.Duration) time.Duration {
-		start := time.Now()
-		for groupMembers(t, adm, group) != n {
-			if time.Since(start) > within {
-				t.Fatalf("inventory's group not stable with %d members within %s", n, within)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-		return time.Since(start)
-	}
-	awaitMembers(2, 60*time.Second)
+	awaitMembers(t, adm, group, 2, 60*time.Second)
+	var accepted []uuid.UUID
 	for range 4 {
-		main.await(t, main.order(t, "u1", "", mouse(1)).OrderID.String(), 60*time.Second)
+		id := main.order(t, "u1", "", mouse(1)).OrderID
+		accepted = append(accepted, id)
+		main.await(t, id.String(), 60*time.Second)
 	}
 
 	// Cut it off; place 30 orders, one every 300ms, and time each.
 	const outage = 45 * time.Second // > session timeout (10s), statement timeout (30s)
 	proxy.cut()
 	cutAt := time.Now()
-	placed := map[uuid.UUID]time.Time{}
-	finished := map[uuid.UUID]time.Duration{}
-	var order []uuid.UUID
-	poll := func() {
-		var ids []uuid.UUID
-		for _, id := range order {
-			if _, ok := finished[id]; !ok {
-				ids = append(ids, id)
-			}
-		}
-		rows, err := e.pool.Query(t.Context(), `SELECT id FROM orders WHERE id = ANY($1) AND status IN ('SHIPPED', 'CANCELLED')`, ids)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer rows.Close()
-		for rows.Next() {
-			var id uuid.UUID
-			if err := rows.Scan(&id); err != nil {
-				t.Fatal(err)
-			}
-			finished[id] = time.Since(placed[id])
-		}
-	}
-	for range 30 {
-		id := main.order(t, "u1", "", mouse(1)).OrderID
-		placed[id] = time.Now()
-		order = append(order, id)
-		poll()
-		time.Sleep(300 * time.Millisecond)
-	}
-	for time.Since(placed[order[len(order)-1]]) < 30*time.Second && len(finished) < len(order) {
-		poll()
-		time.Sleep(100 * time.Millisecond)
-	}
-	within, slowest := 0, time.Duration(0)
-	for _, id := range order {
-		if d, ok := finished[id]; ok && d <= 30*time.Second {
-			within++
-			slowest = max(slowest, d)
-		}
-	}
+	during, within, slowest := ordersDuringCut(t, e, main, 30, 300*time.Millisecond)
+	accepted = append(accepted, during...)
+	gaveUp := cutOff.sys.Stats()["inventory"].GaveUp.Load()
 	t.Logf("cut off from PostgreSQL: %d of %d orders placed meanwhile finished within 30s (slowest of those %s); gave up %d time(s)",
-		within, len(order), slowest.Round(10*time.Millisecond), cutOff.sys.Stats()["inventory"].GaveUp.Load())
+		within, len(during), slowest.Round(10*time.Millisecond), gaveUp)
 	if within < 27 {
-		t.Errorf("only %d of %d orders placed while an inventory was cut off finished within 30s; want 27", within, len(order))
+		t.Errorf("only %d of %d orders placed while an inventory was cut off finished within 30s; want 27", within, len(during))
 	}
-	if n := cutOff.sys.Stats()["inventory"].GaveUp.Load(); n == 0 {
+	if gaveUp == 0 {
 		t.Error("the cut-off inventory never gave its partitions up")
 	}
 	time.Sleep(time.Until(cutAt.Add(outage)))
 	proxy.heal()
 	healedAt := time.Now()
-	t.Logf("healed after %s; rejoined the group %s later", time.Since(cutAt).Round(time.Second), awaitMembers(2, 60*time.Second).Round(10*time.Millisecond))
+	t.Logf("healed after %s; rejoined the group %s later", time.Since(cutAt).Round(time.Second), awaitMembers(t, adm, group, 2, 60*time.Second).Round(10*time.Millisecond))
+	settlesAfterCut(t, e, main, accepted, healedAt, cutOff.sys.Stats()["inventory"])
+}
 
-	// Everything finishes, once; the cut-off instance works again.
-	for _, id := range order {
-		main.await(t, id.String(), 60*time.Second)
+// With two payment instances, one cut off from the broker (a blackhole
+// between it and the broker: its connections stay open, nothing answers,
+// nothing is reset; it still reaches PostgreSQL) for longer than the
+// session timeout: the broker ends the silent member's session, so the
+// healthy instance owns every partition within about the session timeout
+// and at least 9 in 10 orders placed meanwhile finish within 30 s, instead
+// of the cut-off instance's share waiting for the network to heal. Once
+// healed it rejoins, and nothing is lost, doubled or stuck.
+//
+// A broker advertises its own address, so a proxy only at bootstrap would
+// be gone around: the cut-off instance's Kafka clients dial every broker
+// address through toxiproxy (app.Config.KafkaDial), the rest directly.
+func TestPaymentCutOffFromTheBrokerGivesItsPartitionsUp(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.KafkaBrokers = e.broker()
+	cfg.Partitions = 6
+	main := e.start(cfg, "api", "inventory", "delivery", "status")
+	// main's relay publishes the outbox, so the cut stops only payment.
+	for deadline := time.Now().Add(30 * time.Second); value(scrape(t, "http://"+main.sys.AdminAddr()+"/metrics"), "prozess_relay_leader ") != 1; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the first system's relay did not take the outbox lock within 30s")
+		}
 	}
-	applied := cutOff.sys.Stats()["inventory"].Applied.Load()
-	var after []uuid.UUID
-	for range 12 {
-		after = append(after, main.order(t, "u1", "", mouse(1)).OrderID)
-	}
-	for _, id := range after {
-		main.await(t, id.String(), 60*time.Second)
-	}
-	t.Logf("all settled %s after healing; the rejoined instance applied %d events since",
-		time.Since(healedAt).Round(10*time.Millisecond), cutOff.sys.Stats()["inventory"].Applied.Load()-applied)
-	rdb, _ := schematest.NewRedis(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	rep, err := check.Run(ctx, e.pool, check.Config{Deadline: 30 * time.Second, Redis: rdb, Prefix: e.prefix})
+	e.start(cfg, "payment")
+
+	cl, err := kgo.NewClient(kgo.SeedBrokers(cfg.KafkaBrokers...))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rep.Violations) > 0 {
-		t.Errorf("prozess check after the cut:\n%s", rep.Text())
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	brokers, err := adm.ListBrokers(t.Context())
+	if err != nil {
+		t.Fatal(err)
 	}
+	upstreams := slices.Clone(cfg.KafkaBrokers) // bootstrap, then what each broker advertises
+	for _, b := range brokers {
+		upstreams = append(upstreams, net.JoinHostPort(b.Host, strconv.Itoa(int(b.Port))))
+	}
+	proxy := newCutter(t, upstreams...)
+	cut := cfg
+	cut.KafkaDial = proxy.dial
+	cutOff := e.start(cut, "payment")
+	t.Cleanup(proxy.heal) // before cutOff stops, should the test end cut
+
+	group := cfg.GroupPrefix + "payment"
+	awaitMembers(t, adm, group, 2, 60*time.Second)
+	var accepted []uuid.UUID
+	for range 4 {
+		id := main.order(t, "u1", "", mouse(1)).OrderID
+		accepted = append(accepted, id)
+		main.await(t, id.String(), 60*time.Second)
+	}
+
+	// Cut it off; time how long until the group is the healthy instance
+	// alone, while 30 orders are placed, one every 300ms.
+	const outage = 45 * time.Second // > session timeout (10s) + 30s of orders
+	proxy.cut()
+	cutAt := time.Now()
+	alone := make(chan time.Duration, 1)
+	go func() {
+		for groupMembers(t, adm, group) != 1 && time.Since(cutAt) < outage && t.Context().Err() == nil {
+			time.Sleep(100 * time.Millisecond)
+		}
+		alone <- time.Since(cutAt)
+	}()
+	during, within, slowest := ordersDuringCut(t, e, main, 30, 300*time.Millisecond)
+	accepted = append(accepted, during...)
+	gaveUpIn := <-alone
+	t.Logf("cut off from the broker: the group was the healthy payment alone %s after the cut (session timeout %s); %d of %d orders placed meanwhile finished within 30s (slowest of those %s)",
+		gaveUpIn.Round(10*time.Millisecond), cfg.SessionTimeout, within, len(during), slowest.Round(10*time.Millisecond))
+	if within < 27 {
+		t.Errorf("only %d of %d orders placed while a payment was cut off from the broker finished within 30s; want 27", within, len(during))
+	}
+	if gaveUpIn > cfg.SessionTimeout+5*time.Second {
+		t.Errorf("the cut-off payment's partitions moved %s after the cut; want within about the session timeout (%s)", gaveUpIn, cfg.SessionTimeout)
+	}
+	time.Sleep(time.Until(cutAt.Add(outage)))
+	proxy.heal()
+	healedAt := time.Now()
+	t.Logf("healed after %s; rejoined the group %s later", time.Since(cutAt).Round(time.Second), awaitMembers(t, adm, group, 2, 60*time.Second).Round(10*time.Millisecond))
+	settlesAfterCut(t, e, main, accepted, healedAt, cutOff.sys.Stats()["payment"])
 }
 
 // blocker is a participant that, once, stops inside its batch transaction
@@ -314,8 +413,8 @@ func TestCutOffMidBatchReleasesItsLocks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	proxy := newBlackhole(t, dbURL.Host)
-	dbURL.Host = proxy.addr()
+	proxy := newCutter(t, dbURL.Host)
+	dbURL.Host = proxy.addr(dbURL.Host)
 	cutPool, err := pgxpool.New(t.Context(), dbURL.String())
 	if err != nil {
 		t.Fatal(err)

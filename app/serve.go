@@ -199,6 +199,7 @@ func NewSystem(ctx context.Context, cfg Config, names []string, log *slog.Logger
 	if len(cfg.KafkaBrokers) == 0 {
 		s.kafka = saga.Conn{Brokers: s.brokers}
 	}
+	s.kafka.Dial = cfg.KafkaDial
 	if err := saga.EnsureTopics(startCtx, s.kafka, saga.Topics{Topic: cfg.Topic, DLQ: cfg.DLQTopic(), Partitions: cfg.Partitions,
 		ReplicationFactor: cfg.ReplicationFactor, MinInSync: cfg.MinInSync, DLQRetention: cfg.DLQRetention, Strict: cfg.StrictTopics}, log); err != nil {
 		return nil, err

@@ -1,7 +1,9 @@
 package saga
 
 import (
+	"context"
 	"crypto/tls"
+	"net"
 
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/sasl"
@@ -16,6 +18,11 @@ type Conn struct {
 	Brokers []string
 	TLS     *tls.Config    // nil: plaintext
 	SASL    sasl.Mechanism // nil: no authentication
+	// Dial, when set, opens every connection to a broker (the addresses
+	// the brokers advertise as well as Brokers): a route of one process's
+	// own, such as the fault proxy a test puts between one instance and
+	// the cluster. Plaintext only: franz-go refuses it together with TLS.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Opts are the client options that connect to the cluster, then extra.
@@ -23,6 +30,9 @@ func (c Conn) Opts(extra ...kgo.Opt) []kgo.Opt {
 	opts := []kgo.Opt{kgo.SeedBrokers(c.Brokers...)}
 	if c.TLS != nil {
 		opts = append(opts, kgo.DialTLSConfig(c.TLS.Clone()))
+	}
+	if c.Dial != nil {
+		opts = append(opts, kgo.Dialer(c.Dial))
 	}
 	if c.SASL != nil {
 		opts = append(opts, kgo.SASL(c.SASL))
