@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -39,7 +40,7 @@ func openDB(ctx context.Context, url string, statementTimeout time.Duration, log
 	if statementTimeout > 0 {
 		cfg.ConnConfig.RuntimeParams["statement_timeout"] = strconv.FormatInt(statementTimeout.Milliseconds(), 10)
 	}
-	where := fmt.Sprintf("%s:%d", cfg.ConnConfig.Host, cfg.ConnConfig.Port)
+	where := addrsOf(cfg.ConnConfig)
 	if err := ensureDatabase(ctx, cfg.ConnConfig, log, create); err != nil {
 		var missing *missingDatabase
 		if errors.As(err, &missing) {
@@ -59,6 +60,19 @@ func openDB(ctx context.Context, url string, statementTimeout time.Duration, log
 		return nil, fmt.Errorf("cannot reach PostgreSQL at %s: %s", where, oneLine(err))
 	}
 	return pool, nil
+}
+
+// addrsOf lists every server a URL names, for errors: a multi-host URL
+// (a primary and its standbys) may fail on any of them, and naming only
+// the first would send an operator to the wrong server.
+func addrsOf(cc *pgx.ConnConfig) string {
+	addrs := []string{fmt.Sprintf("%s:%d", cc.Host, cc.Port)}
+	for _, f := range cc.Fallbacks { // pgx lists a host twice for sslmode=prefer
+		if a := fmt.Sprintf("%s:%d", f.Host, f.Port); !slices.Contains(addrs, a) {
+			addrs = append(addrs, a)
+		}
+	}
+	return strings.Join(addrs, ",")
 }
 
 // missingDatabase is the database a command that creates none did not find.

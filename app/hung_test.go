@@ -36,11 +36,12 @@ func ownRedis(t *testing.T) (string, *exec.Cmd) {
 
 // timed is one request's answer and how long it took.
 type timed struct {
-	what   string
-	code   int
-	source string
-	body   []byte
-	took   time.Duration
+	what       string
+	code       int
+	source     string
+	retryAfter string
+	body       []byte
+	took       time.Duration
 }
 
 func (r *running) timedDo(t *testing.T, method, path, user, key string, body []byte) timed {
@@ -62,7 +63,8 @@ func (r *running) timedDo(t *testing.T, method, path, user, key string, body []b
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	return timed{what: what, code: resp.StatusCode, source: resp.Header.Get("X-Prozess-Source"), body: b, took: time.Since(start)}
+	return timed{what: what, code: resp.StatusCode, source: resp.Header.Get("X-Prozess-Source"), retryAfter: resp.Header.Get("Retry-After"),
+		body: b, took: time.Since(start)}
 }
 
 // With Redis hung (SIGSTOPped: its connections open, nothing answering),

@@ -33,6 +33,15 @@ func classify(err error) failure {
 	}
 	var pg *pgconn.PgError
 	if errors.As(err, &pg) && len(pg.Code) == 5 {
+		if pg.Code == "25006" {
+			// read_only_sql_transaction: the server is a standby (a
+			// failover not finished, or a URL without
+			// target_session_attrs=read-write reaching one) or was made
+			// read-only: the world's state, which passes. Left unknown, a
+			// record retried alone past --poison-after would be
+			// dead-lettered for it.
+			return transient
+		}
 		switch pg.Code[:2] {
 		case "22", "23": // data exception, integrity constraint violation
 			return permanent

@@ -8,12 +8,16 @@ import (
 	"context"
 	_ "embed" // the OpenAPI document
 	"errors"
+	"io"
 	"log/slog"
+	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/labstack/echo/v4"
 	"github.com/redis/rueidis"
@@ -193,15 +197,58 @@ func (a *API) dbBound(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
-// unavailable turns err into the 503 of errDatabaseTimeout, with
-// Retry-After, when ctx ran out or err is a timeout (the key lookup,
-// shared by concurrent requests, has a bound of its own: its timeout
-// counts too); any other err is returned as it is.
+// errDatabaseUnavailable answers a request PostgreSQL could not take at
+// all: no server --database-url names accepts connections, or writes (a
+// failover under way), or the server is read-only or shutting down.
+var errDatabaseUnavailable = &Error{Status: http.StatusServiceUnavailable, Code: "unavailable",
+	Message: "the database is unavailable for the moment; retry (a POST with the same Idempotency-Key is safe to retry)"}
+
+// unavailable turns err into a 503 with Retry-After when ctx ran out or
+// err is a timeout (the key lookup, shared by concurrent requests, has a
+// bound of its own: its timeout counts too), or when the database could
+// not take the request at all (databaseDown); any other err is returned
+// as it is. Both pass: a client that retries 503s, as the API's document
+// says, rides out a failover.
 func (a *API) unavailable(c echo.Context, ctx context.Context, err error) error {
-	if err != nil && (errors.Is(ctx.Err(), context.DeadlineExceeded) || errors.Is(err, context.DeadlineExceeded)) {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
 		a.log.WarnContext(ctx, "database did not answer in time", "method", c.Request().Method, "path", c.Path(), "err", err)
 		c.Response().Header().Set("Retry-After", "1")
 		return errDatabaseTimeout
 	}
+	if databaseDown(err) {
+		a.log.WarnContext(ctx, "database unavailable", "method", c.Request().Method, "path", c.Path(), "err", err)
+		c.Response().Header().Set("Retry-After", "1")
+		return errDatabaseUnavailable
+	}
 	return err
+}
+
+// databaseDown says whether err means PostgreSQL could not take the
+// request, rather than refused it: no connection could be made (to any
+// host of a multi-host URL), the connection broke mid-request (the server
+// died), the server is read-only (25006: a standby, or a primary being
+// demoted), shutting down or starting (57P01-57P03), or another
+// connection exception (class 08), or the request was never sent (a
+// pooled connection found closed). Before, these were 500s, which a
+// client cannot tell from a bug.
+func databaseDown(err error) bool {
+	var connErr *pgconn.ConnectError
+	if errors.As(err, &connErr) || pgconn.SafeToRetry(err) {
+		// SafeToRetry: nothing was sent, as on a pooled connection
+		// found closed ("conn closed") when the server died.
+		return true
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch pgErr.Code {
+		case "25006", "57P01", "57P02", "57P03":
+			return true
+		}
+		return strings.HasPrefix(pgErr.Code, "08")
+	}
+	var netErr net.Error
+	return errors.As(err, &netErr) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF)
 }
