@@ -399,23 +399,7 @@ func failover(t *testing.T, synchronous bool) *failoverRun {
 	f := &failoverRun{e: e, r: r, pool: pool, pair: pair, initial: r.stock(t)}
 	body, _ := json.Marshal(api.CreateRequest{UserID: "u1", Items: []event.Item{mouse(1)}})
 	f.c = &orderClient{r: r, body: body, refused: map[string]int{}}
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for w := range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				f.c.place(fmt.Sprintf("w%d-%d", w, i), time.Now().Add(45*time.Second))
-			}
-		}()
-	}
-	halt := sync.OnceFunc(func() { close(stop); wg.Wait() })
+	halt := clients(4, func(w, i int) { f.c.place(fmt.Sprintf("w%d-%d", w, i), time.Now().Add(45*time.Second)) })
 	defer halt()
 	if f.copies[0], err = statuscache.Identity(t.Context(), pool); err != nil {
 		t.Fatal(err)

@@ -244,18 +244,8 @@ func signalServer(t *testing.T, postmaster int, sig syscall.Signal) {
 	if err := syscall.Kill(postmaster, sig); err != nil {
 		t.Fatal(err)
 	}
-	procs, _ := filepath.Glob("/proc/[0-9]*/stat")
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			continue
-		}
-		// pid (comm) state ppid ...: comm may hold spaces, so after ")".
-		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-		if len(f) > 1 && f[1] == strconv.Itoa(postmaster) {
-			pid, _ := strconv.Atoi(strings.Split(p, "/")[2])
-			syscall.Kill(pid, sig)
-		}
+	for _, pid := range childrenOf(postmaster) {
+		syscall.Kill(pid, sig)
 	}
 }
 
@@ -291,28 +281,15 @@ func TestHungPostgresMidTransaction(t *testing.T) {
 	body, _ := json.Marshal(api.CreateRequest{UserID: "u1", Items: []event.Item{mouse(1)}})
 	var mu sync.Mutex
 	var outcomes []outcome
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for w := range 6 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				key := fmt.Sprintf("w%d-%d", w, i)
-				got := r.timedDo(t, http.MethodPost, "/orders", "u1", key, body)
-				var res api.CreateResponse
-				json.Unmarshal(got.body, &res)
-				mu.Lock()
-				outcomes = append(outcomes, outcome{key: key, code: got.code, id: res.OrderID.String(), took: got.took})
-				mu.Unlock()
-			}
-		}()
-	}
+	halt := clients(6, func(w, i int) {
+		key := fmt.Sprintf("w%d-%d", w, i)
+		got := r.timedDo(t, http.MethodPost, "/orders", "u1", key, body)
+		var res api.CreateResponse
+		json.Unmarshal(got.body, &res)
+		mu.Lock()
+		outcomes = append(outcomes, outcome{key: key, code: got.code, id: res.OrderID.String(), took: got.took})
+		mu.Unlock()
+	})
 	time.Sleep(time.Second)
 	signalServer(t, postmaster, syscall.SIGSTOP)
 	hung := time.Now()
@@ -328,8 +305,7 @@ func TestHungPostgresMidTransaction(t *testing.T) {
 	}
 	signalServer(t, postmaster, syscall.SIGCONT)
 	stopped = false
-	close(stop)
-	wg.Wait()
+	halt()
 	// Every request answered within the database bound (5 s) and a
 	// margin: accepted, or 503 to be retried.
 	const bound = 8 * time.Second
@@ -364,4 +340,27 @@ func TestHungPostgresMidTransaction(t *testing.T) {
 	}
 	e.awaitQuiet(60 * time.Second)
 	e.assertExactlyOnce(initial, r.stock(t))
+}
+
+// clients runs n clients, each calling do with its number and a count of
+// its calls, one call after another, until the returned halt is called;
+// halt waits for the calls under way and may be called more than once.
+func clients(n int, do func(w, i int)) (halt func()) {
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				do(w, i)
+			}
+		}()
+	}
+	return sync.OnceFunc(func() { close(stop); wg.Wait() })
 }
