@@ -40,6 +40,9 @@ func openDB(ctx context.Context, url string, statementTimeout time.Duration, log
 	if statementTimeout > 0 {
 		cfg.ConnConfig.RuntimeParams["statement_timeout"] = strconv.FormatInt(statementTimeout.Milliseconds(), 10)
 	}
+	// Every connection made from this config (the pool's, the relay's
+	// lease, the api's LISTEN: they copy it) notices a dead host.
+	cfg.ConnConfig.DialFunc = dbDialer().DialContext
 	where := addrsOf(cfg.ConnConfig)
 	if err := ensureDatabase(ctx, cfg.ConnConfig, log, create); err != nil {
 		var missing *missingDatabase

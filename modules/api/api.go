@@ -197,18 +197,30 @@ func (a *API) dbBound(next echo.HandlerFunc) echo.HandlerFunc {
 	}
 }
 
-// errDatabaseUnavailable answers a request PostgreSQL could not take at
-// all: no server --database-url names accepts connections, or writes (a
-// failover under way), or the server is read-only or shutting down.
+// errDatabaseUnavailable answers a request PostgreSQL did not take: no
+// server --database-url names accepts connections, or writes (a failover
+// under way), or the server refused the statement as read-only or
+// starting up, or the request never left a pooled connection found dead.
+// Nothing of it was applied.
 var errDatabaseUnavailable = &Error{Status: http.StatusServiceUnavailable, Code: "unavailable",
-	Message: "the database is unavailable for the moment; retry (a POST with the same Idempotency-Key is safe to retry)"}
+	Message: "the database is unavailable for the moment and nothing was done; retry (a POST with the same Idempotency-Key is safe to retry)"}
+
+// errDatabaseLost answers a request whose connection to PostgreSQL broke
+// while it was under way: the server died, was shut down, or ended the
+// session (57P01: also a commit waiting for its synchronous standby,
+// which is then committed on the primary). As after a timeout, nothing
+// was decided for certain.
+var errDatabaseLost = &Error{Status: http.StatusServiceUnavailable, Code: "unavailable",
+	Message: "the connection to the database was lost during the request, which may or may not have taken effect; " +
+		"retry with the same Idempotency-Key (safe), or look before placing an order sent without one again"}
 
 // unavailable turns err into a 503 with Retry-After when ctx ran out or
 // err is a timeout (the key lookup, shared by concurrent requests, has a
 // bound of its own: its timeout counts too), or when the database could
-// not take the request at all (databaseDown); any other err is returned
-// as it is. Both pass: a client that retries 503s, as the API's document
-// says, rides out a failover.
+// not take the request or its connection broke (databaseDown); any other
+// err is returned as it is, a 500 unless it says otherwise. A client that
+// retries 503s with its Idempotency-Key, as the API's document says,
+// rides out a failover.
 func (a *API) unavailable(c echo.Context, ctx context.Context, err error) error {
 	if err == nil {
 		return nil
@@ -218,37 +230,67 @@ func (a *API) unavailable(c echo.Context, ctx context.Context, err error) error 
 		c.Response().Header().Set("Retry-After", "1")
 		return errDatabaseTimeout
 	}
-	if databaseDown(err) {
-		a.log.WarnContext(ctx, "database unavailable", "method", c.Request().Method, "path", c.Path(), "err", err)
-		c.Response().Header().Set("Retry-After", "1")
-		return errDatabaseUnavailable
+	answer := errDatabaseUnavailable
+	switch databaseDown(err) {
+	case dbUp:
+		return err
+	case dbLost:
+		answer = errDatabaseLost
 	}
-	return err
+	a.log.WarnContext(ctx, "database unavailable", "method", c.Request().Method, "path", c.Path(), "err", err)
+	c.Response().Header().Set("Retry-After", "1")
+	return answer
 }
 
-// databaseDown says whether err means PostgreSQL could not take the
-// request, rather than refused it: no connection could be made (to any
-// host of a multi-host URL), the connection broke mid-request (the server
-// died), the server is read-only (25006: a standby, or a primary being
-// demoted), shutting down or starting (57P01-57P03), or another
-// connection exception (class 08), or the request was never sent (a
-// pooled connection found closed). Before, these were 500s, which a
-// client cannot tell from a bug.
-func databaseDown(err error) bool {
-	var connErr *pgconn.ConnectError
-	if errors.As(err, &connErr) || pgconn.SafeToRetry(err) {
-		// SafeToRetry: nothing was sent, as on a pooled connection
-		// found closed ("conn closed") when the server died.
-		return true
+// dbState is what an error says of the database behind a request.
+type dbState int
+
+const (
+	dbUp      dbState = iota // not the database's state: the request's own error, a bug, a misconfiguration
+	dbRefused                // the database did not take the request: nothing was applied
+	dbLost                   // the connection broke mid-request: it may have been applied
+)
+
+// databaseDown says whether err means PostgreSQL could not serve the
+// request, rather than refused it for what it is. Before, these were
+// 500s, which a client cannot tell from a bug. What it is not: an error
+// the api already answers (*Error), a client gone away, and every SQLSTATE
+// but the passing ones: a wrong password (28xxx), a missing database
+// (3D000) or a missing grant (42501) answer 500, since no retry mends a
+// misconfiguration; nor pgx's "conn busy", which only a bug causes.
+func databaseDown(err error) dbState {
+	var answered *Error
+	if errors.As(err, &answered) || errors.Is(err, context.Canceled) {
+		return dbUp
 	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
-		switch pgErr.Code {
-		case "25006", "57P01", "57P02", "57P03":
-			return true
+		switch {
+		case pgErr.Code == "25006", pgErr.Code == "57P03", strings.HasPrefix(pgErr.Code, "08"):
+			// read-only (a standby, a primary being demoted), starting
+			// up, a connection exception: the statement failed.
+			return dbRefused
+		case pgErr.Code == "57P01", pgErr.Code == "57P02":
+			// the session ended (shutdown, crash of another backend)
+			return dbLost
 		}
-		return strings.HasPrefix(pgErr.Code, "08")
+		return dbUp
+	}
+	var connErr *pgconn.ConnectError
+	if errors.As(err, &connErr) {
+		return dbRefused // no host of the URL took a connection
+	}
+	if pgconn.SafeToRetry(err) {
+		// Nothing was sent, as on a pooled connection found closed
+		// ("conn closed") when the server died.
+		if strings.HasSuffix(err.Error(), "conn busy") {
+			return dbUp
+		}
+		return dbRefused
 	}
 	var netErr net.Error
-	return errors.As(err, &netErr) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF)
+	if errors.As(err, &netErr) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+		return dbLost
+	}
+	return dbUp
 }
