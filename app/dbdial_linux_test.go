@@ -17,9 +17,8 @@ import (
 // config as the relay's lease and the api's LISTEN are, carries the
 // keepalives and the user timeout that notice a vanished host in seconds
 // (dbdial.go), read back from the kernel. What the kernel then does with
-// them (ends a connection whose peer is gone) is Linux's, not tested
-// here: a blackhole on loopback needs a firewall this machine's tests do
-// not have.
+// them, end a connection whose peer is gone, is
+// TestVanishedDatabaseHostIsNoticedInSeconds.
 func TestDatabaseConnectionsNoticeADeadHost(t *testing.T) {
 	t.Parallel()
 	url := schematest.NewDatabase(t) // sslmode=disable: the net.Conn is the TCP one
