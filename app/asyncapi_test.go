@@ -222,6 +222,7 @@ func TestSagaRecordsMatchTheAsyncAPIDocument(t *testing.T) {
 	cfg := e.config()
 	cfg.SagaDeadline = 3 * time.Second
 	cfg.KafkaBrokers = e.broker() // delivery joins later, on the same broker
+	cfg.Topic = "shop.orders-v2"  // not the default: the document must name it
 	r := e.start(cfg, "api", "inventory", "payment", "status")
 	resp, err := http.Get(r.url + "/asyncapi.json")
 	if err != nil {
@@ -229,8 +230,9 @@ func TestSagaRecordsMatchTheAsyncAPIDocument(t *testing.T) {
 	}
 	served, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "application/json" || !bytes.Equal(served, event.AsyncAPI) {
-		t.Fatalf("/asyncapi.json: %d %s, want the embedded document", resp.StatusCode, resp.Header.Get("Content-Type"))
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "application/json" || !bytes.Equal(served, event.AsyncAPIFor(cfg.Topic)) ||
+		!bytes.Contains(served, []byte(`"address": "`+cfg.Topic+`"`)) {
+		t.Fatalf("/asyncapi.json: %d %s, want the embedded document naming the topic %s", resp.StatusCode, resp.Header.Get("Content-Type"), cfg.Topic)
 	}
 	ec, err := loadEventContract(served)
 	if err != nil {

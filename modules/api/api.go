@@ -154,8 +154,9 @@ func (a *API) Register(e *echo.Echo) {
 	e.GET("/openapi.json", func(c echo.Context) error {
 		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, OpenAPI)
 	})
+	asyncAPI := event.AsyncAPIFor(a.topic)
 	e.GET("/asyncapi.json", func(c echo.Context) error {
-		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, event.AsyncAPI)
+		return c.Blob(http.StatusOK, echo.MIMEApplicationJSON, asyncAPI)
 	})
 	e.GET("/", func(c echo.Context) error {
 		return c.JSON(http.StatusOK, map[string]any{

@@ -2,6 +2,7 @@ package event_test
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"strings"
 	"testing"
@@ -146,5 +147,38 @@ func TestHeadersRoundTripByteExact(t *testing.T) {
 	}
 	if _, err := event.DecodeHeaders([]byte{5, 'a'}); err == nil {
 		t.Fatal("truncated headers decoded")
+	}
+}
+
+// The document served for a deployment names its topic, as the channel's
+// address and as its Kafka binding, and is otherwise the embedded one.
+func TestAsyncAPIForNamesTheTopic(t *testing.T) {
+	for _, topic := range []string{"order-events", "shop.orders-v2"} {
+		doc := event.AsyncAPIFor(topic)
+		var d struct {
+			Channels map[string]struct {
+				Address  string `json:"address"`
+				Bindings struct {
+					Kafka struct {
+						Topic string `json:"topic"`
+					} `json:"kafka"`
+				} `json:"bindings"`
+			} `json:"channels"`
+		}
+		if err := json.Unmarshal(doc, &d); err != nil {
+			t.Fatalf("%s: %v", topic, err)
+		}
+		if len(d.Channels) != 1 {
+			t.Fatalf("%s: %d channels, want the saga's one", topic, len(d.Channels))
+		}
+		for name, ch := range d.Channels {
+			if ch.Address != topic || ch.Bindings.Kafka.Topic != topic {
+				t.Errorf("%s: channel %s has address %q and Kafka topic %q, want both %q", topic, name, ch.Address, ch.Bindings.Kafka.Topic, topic)
+			}
+		}
+		back := bytes.ReplaceAll(doc, []byte(`"`+topic+`"`), []byte(`"order-events"`))
+		if !bytes.Equal(back, event.AsyncAPI) {
+			t.Errorf("%s: the document differs from the embedded one beyond the topic", topic)
+		}
 	}
 }
