@@ -13,7 +13,7 @@ import (
 )
 
 // A load run that cancels half of its orders, at random moments within
-// 300 ms of their acceptance, leaves a record `prozess check` finds clean:
+// 20 ms of their acceptance, leaves a record `prozess check` finds clean:
 // every accepted cancel ended its order CANCELLED (declined, or charged
 // and refunded), a refused one had shipped, and every order ended.
 func TestLoadgenCancellingAShareLeavesCheckClean(t *testing.T) {
@@ -22,7 +22,7 @@ func TestLoadgenCancellingAShareLeavesCheckClean(t *testing.T) {
 	r := e.start(cfg)
 	out, err := runCLI(t, "loadgen", "--url", r.url, "--database-url", e.dbURL, "--kafka-brokers", strings.Join(r.sys.Brokers(), ","),
 		"--topic", cfg.Topic, "--rate", "60", "--duration", "4s", "--warmup", "0", "--deadline", "30s",
-		"--cancel-rate", "0.5", "--cancel-within", "300ms", "--json", "--log-level", "warn")
+		"--cancel-rate", "0.5", "--cancel-within", "20ms", "--json", "--log-level", "warn")
 	if err != nil {
 		t.Fatalf("loadgen: %v\n%s", err, out)
 	}
@@ -38,6 +38,9 @@ func TestLoadgenCancellingAShareLeavesCheckClean(t *testing.T) {
 	// How the cancels split between before the charge, between charge and
 	// shipment, and after it depends on the machine's speed; that each
 	// ends right is held by check below and by TestCancelRacingChargeAndShipment.
+	// Within 20 ms, not more: on a fast machine (the clean room's embedded
+	// servers) an order ships in a few milliseconds, and cancels spread
+	// over 300 ms once all came after the shipment (122 of 122 refused).
 	if c == nil || c.Sent < run.Accepted/4 || c.Errors != 0 || c.Accepted == 0 || c.Accepted+c.Refused != c.Sent {
 		t.Fatalf("cancels %+v for %d accepted orders: want about half cancelled, some accepted, no errors", c, run.Accepted)
 	}
