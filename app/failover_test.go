@@ -406,16 +406,9 @@ func failover(t *testing.T, synchronous bool) *failoverRun {
 			t.Fatal("the standby has not replayed CREATE DATABASE within 10s")
 		}
 	}
-	url := pair.url("prozess")
-	e := &env{t: t, dbURL: url, dataDir: t.TempDir(), keys: map[string]string{}}
-	_, e.prefix = schematest.NewRedis(t)
+	e := envOn(t, pair.url("prozess"))
 	r := e.start(e.config())
-	pool, err := pgxpool.New(t.Context(), url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	e.pool = pool
+	pool := e.pool
 	e.keyFor("u1")
 	e.keyFor("admin")
 	// Stock for any number of orders: every order should ship.
@@ -427,9 +420,11 @@ func failover(t *testing.T, synchronous bool) *failoverRun {
 	f.c = &orderClient{r: r, body: body, refused: map[string]int{}}
 	halt := clients(4, func(w, i int) { f.c.place(fmt.Sprintf("w%d-%d", w, i), time.Now().Add(45*time.Second)) })
 	defer halt()
-	if f.copies[0], err = statuscache.Identity(t.Context(), pool); err != nil {
+	before, err := statuscache.Identity(t.Context(), pool)
+	if err != nil {
 		t.Fatal(err)
 	}
+	f.copies[0] = before
 	time.Sleep(1500 * time.Millisecond)
 	pair.stallReplication(t)
 	f.stalled = time.Now()

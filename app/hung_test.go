@@ -18,8 +18,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
-
 	"github.com/prozess/prozess/app/embedded"
 	"github.com/prozess/prozess/modules/api"
 	"github.com/prozess/prozess/modules/event"
@@ -265,15 +263,8 @@ type outcome struct {
 func TestHungPostgresMidTransaction(t *testing.T) {
 	t.Parallel()
 	url, postmaster := embeddedPostgres(t, "prozess")
-	_, prefix := schematest.NewRedis(t)
-	e := &env{t: t, dbURL: url, prefix: prefix, dataDir: t.TempDir(), keys: map[string]string{}}
+	e := envOn(t, url) // its pool connects once the system created the database
 	r := e.start(e.config())
-	pool, err := pgxpool.New(t.Context(), url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	e.pool = pool
 	initial := r.stock(t)
 	known := r.order(t, "u1", "known", mouse(1)).OrderID.String()
 	r.await(t, known, 30*time.Second)

@@ -183,6 +183,20 @@ func ordersDuringCut(t *testing.T, e *env, r *running, n int, gap time.Duration)
 	return ids, within, slowest
 }
 
+// shipOneByOne places n orders through r, one after another, each once
+// the one before has ended, and returns them: the system works before the
+// fault.
+func shipOneByOne(t *testing.T, r *running, n int) []uuid.UUID {
+	t.Helper()
+	var ids []uuid.UUID
+	for range n {
+		id := r.order(t, "u1", "", mouse(1)).OrderID
+		ids = append(ids, id)
+		r.await(t, id.String(), 60*time.Second)
+	}
+	return ids
+}
+
 // settlesAfterCut checks what a healed cut left, by the client's own
 // record (accepted, every order the test placed) and by prozess check:
 // every accepted order finishes (none lost), PostgreSQL has no order but
@@ -258,12 +272,7 @@ func TestInventoryCutOffFromPostgresGivesItsPartitionsUp(t *testing.T) {
 	adm := kadm.NewClient(cl)
 	group := cfg.GroupPrefix + "inventory"
 	awaitMembers(t, adm, group, 2, 60*time.Second)
-	var accepted []uuid.UUID
-	for range 4 {
-		id := main.order(t, "u1", "", mouse(1)).OrderID
-		accepted = append(accepted, id)
-		main.await(t, id.String(), 60*time.Second)
-	}
+	accepted := shipOneByOne(t, main, 4)
 
 	// Cut it off; place 30 orders, one every 300ms, and time each.
 	const outage = 45 * time.Second // > session timeout (10s), statement timeout (30s)
@@ -335,12 +344,7 @@ func TestPaymentCutOffFromTheBrokerGivesItsPartitionsUp(t *testing.T) {
 
 	group := cfg.GroupPrefix + "payment"
 	awaitMembers(t, adm, group, 2, 60*time.Second)
-	var accepted []uuid.UUID
-	for range 4 {
-		id := main.order(t, "u1", "", mouse(1)).OrderID
-		accepted = append(accepted, id)
-		main.await(t, id.String(), 60*time.Second)
-	}
+	accepted := shipOneByOne(t, main, 4)
 
 	// Cut it off; time how long until the group is the healthy instance
 	// alone, while 30 orders are placed, one every 300ms.

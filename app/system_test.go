@@ -74,19 +74,26 @@ func newBrokerFaultEnv(t *testing.T) *env {
 
 func envOf(t *testing.T) *env {
 	t.Helper()
-	url := schematest.NewDatabase(t)
+	e := envOn(t, schematest.NewDatabase(t))
+	if sagatest.Real() {
+		k := sagatest.New(t)
+		e.kafka = &k
+	}
+	return e
+}
+
+// envOn is an env on the database url names (which may not exist yet: the
+// pool connects when first used), with a Redis key prefix of its own and
+// kfake brokers.
+func envOn(t *testing.T, url string) *env {
+	t.Helper()
 	pool, err := pgxpool.New(context.Background(), url)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(pool.Close)
 	_, prefix := schematest.NewRedis(t)
-	e := &env{t: t, dbURL: url, prefix: prefix, dataDir: t.TempDir(), pool: pool, keys: map[string]string{}}
-	if sagatest.Real() {
-		k := sagatest.New(t)
-		e.kafka = &k
-	}
-	return e
+	return &env{t: t, dbURL: url, prefix: prefix, dataDir: t.TempDir(), pool: pool, keys: map[string]string{}}
 }
 
 func (e *env) config() app.Config {

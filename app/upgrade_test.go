@@ -21,7 +21,6 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/prozess/prozess/app/saga"
@@ -235,14 +234,7 @@ func TestRollingUpgradeWithAMigrationWhileTheOldServes(t *testing.T) {
 	t.Parallel()
 	exe, commit, migration := previousRelease(t)
 	t.Logf("previous release %.12s, without %s", commit, migration)
-	dbURL := emptyDatabase(t)
-	pool, err := pgxpool.New(t.Context(), dbURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	_, prefix := schematest.NewRedis(t)
-	e := &env{t: t, dbURL: dbURL, prefix: prefix, dataDir: t.TempDir(), pool: pool, keys: map[string]string{}}
+	e := envOn(t, emptyDatabase(t))
 	if sagatest.Real() {
 		k := sagatest.New(t)
 		e.kafka = &k
@@ -250,8 +242,8 @@ func TestRollingUpgradeWithAMigrationWhileTheOldServes(t *testing.T) {
 	cfg := e.config()
 	cfg.KafkaBrokers = e.broker()
 	env := []string{
-		"PROZESS_DATABASE_URL=" + dbURL,
-		"PROZESS_REDIS_ADDR=" + cfg.RedisAddr, "PROZESS_REDIS_PREFIX=" + prefix,
+		"PROZESS_DATABASE_URL=" + e.dbURL,
+		"PROZESS_REDIS_ADDR=" + cfg.RedisAddr, "PROZESS_REDIS_PREFIX=" + e.prefix,
 		"PROZESS_KAFKA_BROKERS=" + strings.Join(cfg.KafkaBrokers, ","),
 		"PROZESS_TOPIC=" + cfg.Topic, "PROZESS_GROUP_PREFIX=" + cfg.GroupPrefix,
 		"PROZESS_PARTITIONS=" + strconv.Itoa(int(cfg.Partitions)),
