@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -33,6 +34,7 @@ import (
 var (
 	faultsDuration = flag.Duration("faults.duration", 0, "run the fault suite's cycle of faults for this long (the long version); 0 runs each fault once")
 	faultsReport   = flag.String("faults.report", "", "write the fault suite's table (Markdown) to this file")
+	faultsRun      = flag.String("faults.run", "", "run only the faults whose names match this regular expression (to reproduce one)")
 )
 
 // servicesFaults is set where restarting the machine's PostgreSQL and Redis
@@ -409,6 +411,39 @@ func (w *offsetWatch) read() {
 	}
 }
 
+// lag says, per group and partition, how far the committed offset is behind
+// the log's end: where orders are stuck, it names the participant and the
+// partitions that stopped.
+func (w *offsetWatch) lag() string {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	lags, err := w.adm.Lag(ctx, w.groups...)
+	if err != nil {
+		return err.Error()
+	}
+	var b strings.Builder
+	for _, g := range w.groups {
+		l := lags[g]
+		if l.Error() != nil {
+			fmt.Fprintf(&b, "%s: %v\n", g, l.Error())
+			continue
+		}
+		fmt.Fprintf(&b, "%s (%s):", g, l.State)
+		for _, p := range l.Lag.Sorted() {
+			if p.Topic != w.topic {
+				continue
+			}
+			member := "nobody"
+			if !p.IsEmpty() {
+				member = p.Member.ClientID
+			}
+			fmt.Fprintf(&b, " %d:%d@%s", p.Partition, p.Lag, member)
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
 // halt stops the watch, reads the offsets a last time and returns every
 // rewind seen.
 func (w *offsetWatch) halt() []string {
@@ -664,6 +699,17 @@ func TestFaultSuite(t *testing.T) {
 		}},
 	}
 	faults = append(faults, clusterFaults(t, e)...)
+	if *faultsRun != "" {
+		only, err := regexp.Compile(*faultsRun)
+		if err != nil {
+			t.Fatalf("-faults.run: %v", err)
+		}
+		for i := range faults {
+			if faults[i].skip == "" && !only.MatchString(faults[i].name) {
+				faults[i].skip = "not matched by -faults.run"
+			}
+		}
+	}
 	var rows []row
 	index := map[string]int{}
 	cycleEnd := time.Now().Add(*faultsDuration)
@@ -694,6 +740,10 @@ func TestFaultSuite(t *testing.T) {
 			r.recovery = max(r.recovery, took)
 			if lost+doubled+stuck > 0 {
 				t.Errorf("%s: %d lost, %d doubled, %d stuck", f.name, lost, doubled, stuck)
+			}
+			if stuck > 0 {
+				t.Logf("lag per group, partition:member after %s:\n%s", f.name, offsets.lag())
+				d.dump()
 			}
 			// A participant that died by itself would be restarted by
 			// the next fault and never noticed.

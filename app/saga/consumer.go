@@ -319,13 +319,17 @@ func (c *Consumer) member(ctx context.Context) error {
 	c.progress.Store(time.Now().UnixNano())
 	go c.watch(work, giveUp)
 	holds := map[int32]*held{}
+	commits := c.startCommitter(cl)
+	defer commits.halt()
 	stop := func() {
+		commits.halt()
 		c.commitApplied(cl)
 		cl.AllowRebalance()
 	}
 	for {
 		c.forgetLost(cl, holds)
 		if work.Err() != nil {
+			commits.halt()
 			c.giveUp(cl)
 			return errGaveUp
 		}
@@ -382,7 +386,7 @@ func (c *Consumer) member(ctx context.Context) error {
 			cl.AllowRebalance()
 			return err
 		}
-		c.commitOffsets(cl)
+		commits.wake()
 		c.pause(cl, holds)
 		if ctx.Err() != nil {
 			stop()
@@ -609,20 +613,83 @@ func (c *Consumer) outOfRange(topic string, partition int32) error {
 		c.name, c.group, topic, partition, committed, start, max(0, start-committed))
 }
 
-// commitOffsets commits what was applied, without waiting for the broker:
-// the next batch is polled and applied while the commit travels (franz-go
-// keeps commits in order). The offsets still only ever follow the database
-// commit, and name only partitions this member still owns; a commit that
-// fails or is lost (a crash, a rebalance in between) only makes the records
-// come again, and the inbox skips them. On Apache Kafka an offset commit
-// waits for the offsets topic's replication, a round trip every hop used to
-// wait for.
-func (c *Consumer) commitOffsets(cl *kgo.Client) {
+// committer commits what was applied, without the member loop waiting for
+// the broker: the next batch is polled and applied while the commit
+// travels. The offsets still only ever follow the database commit, and name
+// only partitions this member still owns; a commit that fails or is lost (a
+// crash, a rebalance in between) only makes the records come again, and the
+// inbox skips them. On Apache Kafka an offset commit waits for the offsets
+// topic's replication, a round trip every hop used to wait for.
+//
+// One commit is in flight at a time, and the next one carries the newest
+// offsets, however many batches were applied meanwhile. A commit per batch
+// used to be queued behind the one in flight, and franz-go lets no member
+// join or rejoin its group while a commit is queued: with a group
+// coordinator that did not answer for a while (SIGSTOPped, restarting), a
+// member queued thousands, and once the coordinator answered again, its
+// rejoin waited for all of them to drain, one round trip each. The fault
+// suite saw orders stuck for 50 s on Apache Kafka after a coordinator was
+// frozen and resumed (TestSlowOffsetCommitsHoldNoRebalance).
+type committer struct {
+	c       *Consumer
+	cl      *kgo.Client
+	pending chan struct{} // one slot: a batch was applied since the last commit began
+	ctx     context.Context
+	cancel  context.CancelFunc
+	done    chan struct{}
+	once    sync.Once
+}
+
+// startCommitter starts committing for cl until halt.
+func (c *Consumer) startCommitter(cl *kgo.Client) *committer {
+	ctx, cancel := context.WithCancel(context.Background())
+	k := &committer{c: c, cl: cl, pending: make(chan struct{}, 1), ctx: ctx, cancel: cancel, done: make(chan struct{})}
+	go k.run()
+	return k
+}
+
+// wake asks for a commit of the offsets applied so far; it never blocks.
+func (k *committer) wake() {
+	select {
+	case k.pending <- struct{}{}:
+	default: // one is due already and will read the newest offsets
+	}
+}
+
+// halt stops committing and waits for the goroutine; a commit in flight is
+// cancelled (commitApplied, which follows at a stop, sends the last
+// offsets and waits for them).
+func (k *committer) halt() {
+	k.once.Do(func() {
+		k.cancel()
+		<-k.done
+	})
+}
+
+func (k *committer) run() {
+	defer close(k.done)
+	for {
+		select {
+		case <-k.ctx.Done():
+			return
+		case <-k.pending:
+		}
+		k.c.commitOffsets(k.ctx, k.cl)
+	}
+}
+
+// commitOffsets commits the applied offsets and waits for the answer.
+func (c *Consumer) commitOffsets(ctx context.Context, cl *kgo.Client) {
+	// The generation is read before the offsets: a rebalance in between
+	// makes the commit go nowhere rather than out in the new generation.
+	commitCtx := commitContext(ctx, cl)
 	offs := c.own.offsets(c.topic)
 	if offs == nil {
 		return
 	}
-	cl.CommitOffsets(commitContext(context.Background(), cl), offs, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, resp *kmsg.OffsetCommitResponse, err error) {
+	answered := make(chan struct{})
+	cl.CommitOffsets(commitCtx, offs, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, resp *kmsg.OffsetCommitResponse, err error) {
+		defer close(answered)
 		if err == nil && resp != nil {
 			for _, t := range resp.Topics {
 				for _, p := range t.Partitions {
@@ -632,10 +699,11 @@ func (c *Consumer) commitOffsets(cl *kgo.Client) {
 				}
 			}
 		}
-		if err != nil {
+		if err != nil && ctx.Err() == nil {
 			c.log.Warn("committing offsets failed; records will be redelivered and skipped", "err", err)
 		}
 	})
+	<-answered
 }
 
 // commitContext makes a commit go out only in the group generation its

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -12,7 +13,9 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/prozess/prozess/app/saga"
 	"github.com/prozess/prozess/app/saga/sagatest"
@@ -384,5 +387,102 @@ func TestShutdownDoesNotRewindRevokedPartitions(t *testing.T) {
 	stopA()
 	if got := committedAt(t, adm, group, k.Topic, moved); got != 10 {
 		t.Fatalf("partition %d's committed offset went from 10 back to %d when member A, which lost it, stopped", moved, got)
+	}
+}
+
+// A group coordinator that answers offset commits slowly (a frozen,
+// restarting or overloaded broker) must not hold the member's next
+// rebalance. Here every commit takes 300 ms while 300 records are applied
+// one per batch; then a second member joins. Before, every batch queued a
+// commit of its own behind the slow one, and franz-go lets no member
+// rejoin while a commit is queued: the second member waited for the whole
+// queue (300 x 300 ms, past the 60 s rebalance timeout). On Apache Kafka
+// the fault suite saw it as orders stuck for 50 s after a group
+// coordinator was SIGSTOPped and resumed. Now one commit is in flight at a
+// time, carrying the newest offsets, and the last of them still reaches
+// the broker with no batch after it.
+func TestSlowOffsetCommitsHoldNoRebalance(t *testing.T) {
+	t.Parallel()
+	// kfake's control hooks slow the commits: a broker of the test's own
+	// even when the suite runs on a real cluster.
+	cluster, err := kfake.NewCluster(kfake.NumBrokers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cluster.Close)
+	brokers := cluster.ListenAddrs()
+	pool := effectsPool(t)
+	topic := "slow-commits"
+	spec := saga.Topics{Topic: topic, DLQ: topic + ".dlq", Partitions: 3}
+	if err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: brokers}, spec, slog.New(slog.DiscardHandler)); err != nil {
+		t.Fatal(err)
+	}
+	var slow atomic.Bool
+	var commits atomic.Int64
+	slow.Store(true)
+	cluster.ControlKey(int16(kmsg.OffsetCommit), func(kmsg.Request) (kmsg.Response, error, bool) {
+		cluster.KeepControl()
+		commits.Add(1)
+		if slow.Load() {
+			cluster.SleepControl(func() { time.Sleep(300 * time.Millisecond) })
+		}
+		return nil, nil, false
+	})
+	newConsumer := func() *saga.Consumer {
+		c, err := saga.NewConsumer("slow", testLog(), pool, effects{}, saga.ConsumerConfig{Kafka: saga.Conn{Brokers: brokers},
+			Topic: topic, DLQTopic: spec.DLQ, Group: "slow", MaxBatch: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	a := newConsumer()
+	runConsumer(t, a)
+	generation(t, a)
+	var orders []uuid.UUID
+	for p := range int32(3) {
+		orders = append(orders, produceOrders(t, brokers, topic, p, newOrders(100)...)...)
+	}
+	if !await(60*time.Second, func() bool { return allOf(applied(t, pool), orders) }) {
+		t.Fatalf("%d of %d orders applied within 60s", len(applied(t, pool)), len(orders))
+	}
+	t.Logf("%d orders applied one per batch; %d offset commits reached the broker meanwhile", len(orders), commits.Load())
+	b := newConsumer()
+	runConsumer(t, b)
+	start := time.Now()
+	if !await(15*time.Second, b.Joined) {
+		t.Fatalf("a second member could not join within 15s: the first member's rebalance waits behind its queued commits")
+	}
+	t.Logf("second member joined %s after it started, commits still slow", time.Since(start).Round(10*time.Millisecond))
+	slow.Store(false)
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cl.Close)
+	adm := kadm.NewClient(cl)
+	ends, err := adm.ListEndOffsets(t.Context(), topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !await(15*time.Second, func() bool {
+		lags, err := adm.Lag(t.Context(), "slow")
+		lag := lags["slow"]
+		if err != nil || lag.Error() != nil {
+			return false
+		}
+		done := true
+		ends.Each(func(o kadm.ListedOffset) {
+			l, ok := lag.Lag.Lookup(topic, o.Partition)
+			done = done && ok && l.Commit.At == o.Offset
+		})
+		return done
+	}) {
+		t.Fatal("the group's committed offsets did not reach the end of the topic within 15s of the commits being fast again")
+	}
+	for o, n := range applied(t, pool) {
+		if n != 1 {
+			t.Errorf("order %s applied %d times", o, n)
+		}
 	}
 }
