@@ -346,6 +346,11 @@ func (c *Consumer) member(ctx context.Context) error {
 			stop()
 			return nil
 		}
+		// A revoke or loss can run while the poll waits (from here to
+		// AllowRebalance none can): what is held for those partitions
+		// must not be applied now, or its offsets would be committed
+		// again over the new owner's.
+		c.forgetLost(cl, holds)
 		lost := int32(-1)
 		fetches.EachError(func(t string, p int32, err error) {
 			switch {
@@ -666,6 +671,12 @@ func (k *committer) halt() {
 	})
 }
 
+// commitRetry is how long a failed commit waits before it is tried again
+// with the newest offsets, so that the last batch's offsets reach the broker
+// even when no batch follows (a commit dropped at a rebalance, a coordinator
+// that answered with an error).
+const commitRetry = time.Second
+
 func (k *committer) run() {
 	defer close(k.done)
 	for {
@@ -674,22 +685,32 @@ func (k *committer) run() {
 			return
 		case <-k.pending:
 		}
-		k.c.commitOffsets(k.ctx, k.cl)
+		if err := k.c.commitOffsets(k.ctx, k.cl); err != nil {
+			t := time.NewTimer(commitRetry)
+			select {
+			case <-k.ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+			k.wake()
+		}
 	}
 }
 
 // commitOffsets commits the applied offsets and waits for the answer.
-func (c *Consumer) commitOffsets(ctx context.Context, cl *kgo.Client) {
+func (c *Consumer) commitOffsets(ctx context.Context, cl *kgo.Client) (failed error) {
 	// The generation is read before the offsets: a rebalance in between
 	// makes the commit go nowhere rather than out in the new generation.
 	commitCtx := commitContext(ctx, cl)
 	offs := c.own.offsets(c.topic)
 	if offs == nil {
-		return
+		return nil
 	}
 	answered := make(chan struct{})
 	cl.CommitOffsets(commitCtx, offs, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, resp *kmsg.OffsetCommitResponse, err error) {
 		defer close(answered)
+		defer func() { failed = err }()
 		if err == nil && resp != nil {
 			for _, t := range resp.Topics {
 				for _, p := range t.Partitions {
@@ -700,10 +721,11 @@ func (c *Consumer) commitOffsets(ctx context.Context, cl *kgo.Client) {
 			}
 		}
 		if err != nil && ctx.Err() == nil {
-			c.log.Warn("committing offsets failed; records will be redelivered and skipped", "err", err)
+			c.log.Warn("committing offsets failed; retrying with the newest offsets (until then, a restart redelivers those records and the inbox skips them)", "err", err, "retry_in", commitRetry)
 		}
 	})
 	<-answered
+	return failed
 }
 
 // commitContext makes a commit go out only in the group generation its

@@ -417,15 +417,11 @@ func TestSlowOffsetCommitsHoldNoRebalance(t *testing.T) {
 	if err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: brokers}, spec, slog.New(slog.DiscardHandler)); err != nil {
 		t.Fatal(err)
 	}
-	var slow atomic.Bool
 	var commits atomic.Int64
-	slow.Store(true)
 	cluster.ControlKey(int16(kmsg.OffsetCommit), func(kmsg.Request) (kmsg.Response, error, bool) {
 		cluster.KeepControl()
 		commits.Add(1)
-		if slow.Load() {
-			cluster.SleepControl(func() { time.Sleep(300 * time.Millisecond) })
-		}
+		cluster.SleepControl(func() { time.Sleep(300 * time.Millisecond) })
 		return nil, nil, false
 	})
 	newConsumer := func() *saga.Consumer {
@@ -447,14 +443,6 @@ func TestSlowOffsetCommitsHoldNoRebalance(t *testing.T) {
 		t.Fatalf("%d of %d orders applied within 60s", len(applied(t, pool)), len(orders))
 	}
 	t.Logf("%d orders applied one per batch; %d offset commits reached the broker meanwhile", len(orders), commits.Load())
-	b := newConsumer()
-	runConsumer(t, b)
-	start := time.Now()
-	if !await(15*time.Second, b.Joined) {
-		t.Fatalf("a second member could not join within 15s: the first member's rebalance waits behind its queued commits")
-	}
-	t.Logf("second member joined %s after it started, commits still slow", time.Since(start).Round(10*time.Millisecond))
-	slow.Store(false)
 	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
 	if err != nil {
 		t.Fatal(err)
@@ -465,6 +453,9 @@ func TestSlowOffsetCommitsHoldNoRebalance(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Before the second member joins (it would commit what it takes
+	// over itself): the first member's newest offsets reach the broker,
+	// still slow, with no batch after them.
 	if !await(15*time.Second, func() bool {
 		lags, err := adm.Lag(t.Context(), "slow")
 		lag := lags["slow"]
@@ -478,11 +469,113 @@ func TestSlowOffsetCommitsHoldNoRebalance(t *testing.T) {
 		})
 		return done
 	}) {
-		t.Fatal("the group's committed offsets did not reach the end of the topic within 15s of the commits being fast again")
+		t.Fatal("the group's committed offsets did not reach the end of the topic within 15s of the last batch")
 	}
+	b := newConsumer()
+	runConsumer(t, b)
+	start := time.Now()
+	if !await(15*time.Second, b.Joined) {
+		t.Fatalf("a second member could not join within 15s: the first member's rebalance waits behind its queued commits")
+	}
+	t.Logf("second member joined %s after it started, commits still slow", time.Since(start).Round(10*time.Millisecond))
 	for o, n := range applied(t, pool) {
 		if n != 1 {
 			t.Errorf("order %s applied %d times", o, n)
 		}
+	}
+}
+
+// toggled fails the orders in fail while failing is set, and otherwise
+// applies like effects.
+type toggled struct {
+	effects
+	failing *atomic.Bool
+}
+
+func (h toggled) Handle(ctx context.Context, tx pgx.Tx, evs []event.Event) ([]event.Event, error) {
+	if h.failing.Load() {
+		for _, ev := range evs {
+			if h.fail[ev.OrderID] {
+				return nil, errors.New("failing for now")
+			}
+		}
+	}
+	return effects{}.Handle(ctx, tx, evs)
+}
+
+// Records held back for a partition (after a failure, waiting for their
+// retry) are dropped when the partition is revoked while the member waits
+// in its poll, not applied at the retry: applying them would note their
+// offsets as the member's again, and its next commits (the one at stop
+// included) would write them over the new owner's. Member A holds a
+// failing record on each partition, long enough for its retry waits to
+// reach seconds; member B joins meanwhile and takes one partition over;
+// the record stops failing; B goes further on that partition; A stops.
+// B's committed offset must not go back (it does, 14 -> 9, with the
+// cleanup, forgetLost, taken out). This passed before the cleanup was also
+// run after the poll, because a revoke during the poll's wait makes the
+// poll return early; the second call closes the narrower race a review
+// found, a poll returning at its deadline just after a revoke, which this
+// test cannot force.
+func TestHeldRecordsOfARevokedPartitionAreNotApplied(t *testing.T) {
+	t.Parallel()
+	k := sagatest.New(t)
+	pool := effectsPool(t)
+	adm := admin(t, k.Brokers)
+	spec := saga.Topics{Topic: k.Topic, DLQ: k.Topic + ".dlq", Partitions: 2}
+	if err := saga.EnsureTopics(t.Context(), saga.Conn{Brokers: k.Brokers}, spec, slog.New(slog.DiscardHandler)); err != nil {
+		t.Fatal(err)
+	}
+	group := k.GroupPrefix + "held"
+	var failing atomic.Bool
+	failing.Store(true)
+	fail := map[uuid.UUID]bool{}
+	for p := range int32(2) {
+		produceOrders(t, k.Brokers, k.Topic, p, newOrders(5)...)
+		f := uuid.New()
+		fail[f] = true
+		produceOrders(t, k.Brokers, k.Topic, p, f)
+		produceOrders(t, k.Brokers, k.Topic, p, newOrders(3)...)
+	}
+	newConsumer := func(name string, h saga.Handler) *saga.Consumer {
+		c, err := saga.NewConsumer(name, testLog(), pool, h, saga.ConsumerConfig{Kafka: saga.Conn{Brokers: k.Brokers},
+			Topic: k.Topic, DLQTopic: spec.DLQ, Group: group, PoisonAfter: time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	a := newConsumer("a", toggled{effects: effects{fail: fail}, failing: &failing})
+	stopA := runConsumer(t, a)
+	if !await(30*time.Second, func() bool {
+		return committedAt(t, adm, group, k.Topic, 0) == 5 && committedAt(t, adm, group, k.Topic, 1) == 5
+	}) {
+		t.Fatal("member A did not commit the records before the failing ones within 30s")
+	}
+	// Five failed tries: A's next retries wait 1.6-5 s each.
+	time.Sleep(4 * time.Second)
+	b := newConsumer("b", effects{})
+	runConsumer(t, b)
+	assigned := groupAssignment(t, adm, group, k.Topic, 2)
+	if len(assigned["prozess-b"]) != 1 {
+		t.Fatalf("assignment %v: want one partition each", assigned)
+	}
+	moved := assigned["prozess-b"][0]
+	failing.Store(false)
+	if !await(30*time.Second, func() bool { return committedAt(t, adm, group, k.Topic, moved) == 9 }) {
+		t.Fatal("member B did not commit the partition it took over within 30s")
+	}
+	produceOrders(t, k.Brokers, k.Topic, moved, newOrders(5)...)
+	if !await(30*time.Second, func() bool { return committedAt(t, adm, group, k.Topic, moved) == 14 }) {
+		t.Fatal("member B did not commit the partition's new records within 30s")
+	}
+	// A's retry of what it held is due within 5 s of the last try.
+	time.Sleep(6 * time.Second)
+	stopA()
+	if got := committedAt(t, adm, group, k.Topic, moved); got != 14 {
+		t.Fatalf("partition %d's committed offset went from 14 back to %d: member A applied and committed records it held for the partition after losing it", moved, got)
+	}
+	if got := committedAt(t, adm, group, k.Topic, 1-moved); got != 9 {
+		t.Fatalf("partition %d (kept by A): committed offset %d, want 9", 1-moved, got)
 	}
 }
