@@ -443,12 +443,7 @@ func TestSlowOffsetCommitsHoldNoRebalance(t *testing.T) {
 		t.Fatalf("%d of %d orders applied within 60s", len(applied(t, pool)), len(orders))
 	}
 	t.Logf("%d orders applied one per batch; %d offset commits reached the broker meanwhile", len(orders), commits.Load())
-	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cl.Close)
-	adm := kadm.NewClient(cl)
+	adm := admin(t, brokers)
 	ends, err := adm.ListEndOffsets(t.Context(), topic)
 	if err != nil {
 		t.Fatal(err)
@@ -457,15 +452,9 @@ func TestSlowOffsetCommitsHoldNoRebalance(t *testing.T) {
 	// over itself): the first member's newest offsets reach the broker,
 	// still slow, with no batch after them.
 	if !await(15*time.Second, func() bool {
-		lags, err := adm.Lag(t.Context(), "slow")
-		lag := lags["slow"]
-		if err != nil || lag.Error() != nil {
-			return false
-		}
 		done := true
 		ends.Each(func(o kadm.ListedOffset) {
-			l, ok := lag.Lag.Lookup(topic, o.Partition)
-			done = done && ok && l.Commit.At == o.Offset
+			done = done && committedAt(t, adm, "slow", topic, o.Partition) == o.Offset
 		})
 		return done
 	}) {
